@@ -1,0 +1,36 @@
+# One command each for a new user: `make demo` runs the pipeline on the shipped data and model,
+# `make test` runs the tests. Both install first (into .venv) when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build from local disk here; GPU users override, e.g. make install TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/python -m pip
+STAMP := $(VENV)/.dpo-installed
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_SPEC)
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/dpo run --config examples/demo.yaml
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/python bench/cache_ref_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

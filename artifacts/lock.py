@@ -1,0 +1,131 @@
+"""One writer per artifact directory, with a heartbeat so a dead holder's lock can be taken over.
+
+The lock file names its holder (host, pid, since) and carries a heartbeat the holder refreshes
+from a background thread. A lock whose heartbeat is older than ``timeout`` belongs to a job that
+died (pre-empted, node lost); it is taken over whatever host held it, because re-queued jobs land
+on other nodes. Takeover renames the stale file away first: rename is atomic, so of two jobs that
+race for a stale lock exactly one wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from ..pipeline.errors import LockHeldError
+
+LOCK_NAME = ".dpo.lock"
+log = logging.getLogger(__name__)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ArtifactLock:
+    def __init__(self, directory: str | os.PathLike, timeout_s: float = 600.0):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.timeout_s = timeout_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.since = 0.0
+
+    def _record(self) -> dict:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "since": self.since,
+            "heartbeat": _now(),
+        }
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            # A holder is mid-write, or crashed mid-write: judge it by the file's age instead.
+            try:
+                return {"heartbeat": self.path.stat().st_mtime, "host": "?", "pid": "?", "since": 0}
+            except FileNotFoundError:
+                return None
+
+    def acquire(self) -> ArtifactLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.since = _now()
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:
+                    continue
+                age = _now() - float(holder.get("heartbeat", 0))
+                if age <= self.timeout_s:
+                    raise LockHeldError(
+                        f"{self.directory} is being written by another job: host {holder.get('host')}, "
+                        f"pid {holder.get('pid')}, since {_iso(float(holder.get('since') or 0))}, "
+                        f"last heartbeat {age:.0f}s ago. If that job is dead, wait until its heartbeat "
+                        f"is older than --lock-timeout ({self.timeout_s:.0f}s) or delete {self.path}"
+                    )
+                stale = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+                try:
+                    os.rename(self.path, stale)
+                except FileNotFoundError:
+                    continue  # another job took it over first; try again and meet its lock
+                log.warning(
+                    "taking over the lock of %s from host %s pid %s: its heartbeat is %.0fs old (--lock-timeout %.0fs)",
+                    self.directory, holder.get("host"), holder.get("pid"), age, self.timeout_s,
+                )
+                stale.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(), f)
+            self._start_heartbeat()
+            return self
+        raise LockHeldError(f"{self.path}: could not take the lock (contended)")
+
+    def _still_ours(self) -> bool:
+        holder = self._read()
+        return holder is not None and holder.get("token") == self.token
+
+    def _beat(self) -> None:
+        interval = max(0.5, min(30.0, self.timeout_s / 4))
+        while not self._stop.wait(interval):
+            if not self._still_ours():
+                log.error("lost the lock of %s to another job", self.directory)
+                return
+            tmp = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+            tmp.write_text(json.dumps(self._record()))
+            os.replace(tmp, self.path)
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="dpo-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._still_ours():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ArtifactLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

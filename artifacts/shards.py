@@ -1,0 +1,103 @@
+"""Sharded Parquet: a shard is committed by an atomic rename, the manifest lists them all.
+
+Shard names carry their position and count (``train/part-00003-of-00016.parquet``). A shard file
+that exists under its final name is complete; a crash leaves at most a ``.tmp`` that the next
+run overwrites. Files are written deterministically (same rows, same bytes) so a resumed run is
+byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..pipeline.errors import ArtifactError
+from .fingerprint import sha256_file
+from .manifest import FileEntry, Manifest, fsync_dir, read_manifest, resolve_inside
+
+
+def shard_path(split: str, index: int, count: int) -> str:
+    return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
+
+
+def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges; at least one (possibly empty) shard so every split has a file."""
+    if num_rows == 0:
+        return [(0, 0)]
+    return [(s, min(s + rows_per_shard, num_rows)) for s in range(0, num_rows, rows_per_shard)]
+
+
+def write_shard(root: Path, relative: str, table: pa.Table) -> FileEntry:
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    # Fixed writer options: the bytes depend only on the rows, so reruns are byte-identical.
+    pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return FileEntry(path=relative, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target))
+
+
+def committed_shard(root: Path, relative: str) -> FileEntry | None:
+    """The entry of a shard a previous run committed, or None if it must be (re)written."""
+    target = root / relative
+    if not target.is_file():
+        return None
+    try:
+        rows = pq.ParquetFile(target).metadata.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return None  # torn by a crash that beat the rename's durability: redo it
+    return FileEntry(path=relative, rows=rows, bytes=target.stat().st_size, sha256=sha256_file(target))
+
+
+def file_entry(root: Path, relative: str) -> FileEntry:
+    target = root / relative
+    return FileEntry(path=relative, rows=None, bytes=target.stat().st_size, sha256=sha256_file(target))
+
+
+class ArtifactReader:
+    """Reads a complete artifact through its manifest's file list, never by globbing."""
+
+    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = False):
+        self.root = Path(root)
+        self.manifest: Manifest = read_manifest(self.root, kind)
+        self._check_files(verify)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def splits(self) -> list[str]:
+        return self.manifest.splits
+
+    def _check_files(self, verify: bool) -> None:
+        for entry in self.manifest.files:
+            path = resolve_inside(self.root, entry.path)
+            if not path.is_file():
+                raise ArtifactError(f"{self.root}: {entry.path} is listed in the manifest but missing")
+            if path.stat().st_size != entry.bytes:
+                raise ArtifactError(
+                    f"{self.root}: {entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+                )
+            if verify and sha256_file(path) != entry.sha256:
+                raise ArtifactError(f"{self.root}: {entry.path} fails its sha256 check: the file is corrupt")
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        entries = [f for f in self.manifest.files_of(split) if f.path.endswith(".parquet")]
+        if not entries:
+            raise ArtifactError(f"{self.root}: has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
+        tables = []
+        for entry in entries:
+            table = pq.read_table(self.root / entry.path, columns=columns)
+            if entry.rows is not None and table.num_rows != entry.rows:
+                raise ArtifactError(
+                    f"{self.root}: {entry.path} has {table.num_rows} rows, the manifest says {entry.rows}"
+                )
+            tables.append(table)
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

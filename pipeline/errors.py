@@ -1,0 +1,53 @@
+"""Errors a user can act on, each mapped by the CLI to a documented exit code.
+
+Anything that is not a DpoError is a bug in dpo and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DpoError(Exception):
+    exit_code = 1
+
+
+class UsageError(DpoError):
+    """A flag, config file or combination of options that cannot work."""
+
+    exit_code = 2
+
+
+class DataError(DpoError):
+    """A malformed input record; the message names the file, the line or row, and the field."""
+
+    exit_code = 2
+
+
+class ArtifactError(DpoError):
+    """A missing, incomplete, corrupt or mismatched artifact directory."""
+
+    exit_code = 3
+
+
+class LockHeldError(DpoError):
+    """Another live job is writing the same artifact directory."""
+
+    exit_code = 4
+
+
+class Preempted(DpoError):
+    """Stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning the same command resumes.
+
+    75 is EX_TEMPFAIL from sysexits.h: "try again later", which is what a requeue does.
+    """
+
+    exit_code = 75
+
+
+EXIT_CODES = {
+    0: "success, or a no-op because the output is already complete",
+    1: "internal error (a bug: please report it with the traceback)",
+    2: "bad input: options, config file or a malformed data record",
+    3: "artifact problem: missing, incomplete, corrupt or from other inputs",
+    4: "the output directory is locked by another live job",
+    75: "pre-empted (SIGTERM/SIGUSR1): a checkpoint was saved; rerun to resume",
+}
