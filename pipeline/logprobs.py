@@ -1,0 +1,195 @@
+"""Summed log-probabilities of label tokens, without a [B, T, V] float32 log-softmax.
+
+The output layer is by far the widest matmul of a causal LM, and on DPO data most positions carry
+no label (the prompt) or no token (padding). So the model's body runs on the whole batch, and the
+output layer runs only on the hidden states whose next token is a label, in chunks of rows: each
+chunk's logits are cast to float32, the label logit gathered and a logsumexp subtracted, then the
+chunk is dropped. With gradients on, each chunk is recomputed in backward (activation
+checkpointing), so training keeps [N, hidden] per batch instead of [N, vocab].
+
+Models whose head is more than a linear layer (logit soft-capping, logit scaling) get the same
+transform applied here; any other architecture is caught by a one-time check against the model's
+own forward on the first batch, and then falls back to the full forward (correct, just slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# float32 logits per chunk; 256 MiB keeps a 128k-vocab chunk at ~500 rows and a 512-vocab one unchunked.
+CHUNK_BYTES = 256 << 20
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SequenceLogProbs:
+    logps: torch.Tensor  # [B] float32: sum over label positions of log p(y_t | y_<t)
+    num_tokens: torch.Tensor  # [B] int64: number of label positions
+    wpo_term: torch.Tensor | None = None  # [B] float32: mean over label positions of log p(y_t) - logsumexp_v 2 log p(v)
+
+
+def _unwrap_hf(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The transformers model inside ``model`` and whether the body/head split is allowed.
+
+    PEFT's LoRA-style adapters live inside the base model's own modules, so its body and head run
+    them (and ``disable_adapter()`` switches them off); prompt-learning adapters prepend virtual
+    tokens in PeftModel.forward, which only the full forward reproduces.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        active = getattr(model, "active_adapter", None)
+        config = model.peft_config.get(active) if isinstance(active, str) else None
+        return get_base(), not (config is not None and config.is_prompt_learning)
+    return model, True
+
+
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the architecture's CausalLM forward does to ``lm_head``'s output, if anything."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(text, "logit_scale", None)  # Cohere multiplies
+    divisor = getattr(text, "logits_scaling", None)  # Granite divides
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if isinstance(scale, (int, float)) and scale != 1:
+        steps.append(lambda x: x * scale)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        steps.append(lambda x: x / divisor)
+    if isinstance(cap, (int, float)) and cap > 0:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return transform
+
+
+def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
+                 with_wpo: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row log p(target) (and the WPO weight term) of one chunk, in float32."""
+    logits = head(rows).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_wpo:
+        return logp, None
+    # logsumexp_v(2 log p(v)) = logsumexp_v(2 z_v) - 2 lse: the log of the sum of squared probabilities.
+    return logp, logp - (torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * lse)
+
+
+class LabelLogProbs(nn.Module):
+    """``forward(input_ids, attention_mask, labels)`` -> per-sequence summed label log-probs.
+
+    ``labels`` are unshifted as in transformers (``labels[t] == input_ids[t]`` on response tokens,
+    -100 elsewhere); position t's logits predict token t+1. Sequences are right-padded.
+
+    ``head_path``: "auto" runs body + output layer on label rows after a one-time check against
+    the full forward; "body" skips the check; "full" always runs the model's own forward.
+    """
+
+    def __init__(self, model: nn.Module, head_path: str = "auto", chunk_bytes: int = CHUNK_BYTES):
+        super().__init__()
+        if head_path not in ("auto", "body", "full"):
+            raise ValueError(f"head_path must be auto, body or full, not {head_path!r}")
+        self.model = model
+        self.chunk_bytes = chunk_bytes
+        hf, splittable = _unwrap_hf(model)
+        self._hf = [hf]  # a list so the same module is not registered twice under two names
+        body = getattr(hf, "base_model", None)
+        out = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+        if not splittable or body is None or body is hf or out is None:
+            head_path = "full"
+        self.head_path = head_path
+        self._transform = _logit_transform(hf.config) if hasattr(hf, "config") else None
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self._hf[0]
+
+    def _head(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = self.hf_model.get_output_embeddings()(rows)
+        return self._transform(logits) if self._transform is not None else logits
+
+    def _chunk_rows(self, vocab: int) -> int:
+        return max(1, self.chunk_bytes // (4 * vocab))
+
+    def _vocab(self) -> int:
+        out = self.hf_model.get_output_embeddings()
+        weight = getattr(out, "weight", None)
+        # ZeRO-3 partitions weights to empty tensors outside forward; its ds_shape keeps the real one.
+        shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
+        return int(shape[0]) if shape is not None and len(shape) == 2 and shape[0] > 0 else self.hf_model.config.vocab_size
+
+    def _label_rows(self, input_ids, attention_mask, labels, use_body: bool):
+        """(rows to score, their targets, their sequence ids, head) for every label position."""
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        if attention_mask is not None:
+            mask &= attention_mask[:, 1:].bool()
+        if use_body:
+            out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            rows, head = hidden[:, :-1][mask], self._head
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            rows, head = logits[:, :-1][mask], nn.Identity()
+        return rows, targets[mask], mask.nonzero(as_tuple=True)[0], head, mask
+
+    def _verify_body_path(self, input_ids, attention_mask) -> None:
+        """Compare the body/head split with the model's forward on a short slice of the first row."""
+        length = int(attention_mask[0].sum()) if attention_mask is not None else input_ids.shape[1]
+        ids = input_ids[:1, : max(2, min(length, 32))]
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            fast = self._scores(ids, mask, ids, use_body=True)[0]
+            full = self._scores(ids, mask, ids, use_body=False)[0]
+        tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 5e-2
+        err = (fast - full).abs().max().item() if fast.numel() else 0.0
+        if not err <= tol * max(1.0, full.abs().max().item()):
+            log.warning(
+                "%s: its head is not a plain linear layer (log-prob error %.3g on a check); "
+                "computing log-probs through the full forward instead", type(self.hf_model).__name__, err,
+            )
+            self.head_path = "full"
+        else:
+            self.head_path = "body"
+
+    def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False):
+        rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body)
+        step = self._chunk_rows(self._vocab())
+        keep = torch.is_grad_enabled() and rows.requires_grad
+        logps, terms = [], []
+        for start in range(0, rows.shape[0], step):
+            args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
+            logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
+            logps.append(logp)
+            terms.append(term)
+        if logps:
+            tok = torch.cat(logps)
+        else:
+            tok = rows.new_zeros(0, dtype=torch.float32)
+        wpo = torch.cat(terms) if with_wpo and terms else (tok.new_zeros(0) if with_wpo else None)
+        return tok, wpo, seq, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                with_wpo_term: bool = False) -> SequenceLogProbs:
+        if self.head_path == "auto":
+            self._verify_body_path(input_ids, attention_mask)
+        tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term)
+        batch = input_ids.shape[0]
+        num_tokens = mask.sum(dim=1)
+        logps = tok.new_zeros(batch).index_add(0, seq, tok)
+        wpo_term = None
+        if with_wpo_term:
+            wpo_term = tok.new_zeros(batch).index_add(0, seq, wpo) / num_tokens.clamp(min=1).to(tok.dtype)
+        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term)
+

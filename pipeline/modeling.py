@@ -1,0 +1,147 @@
+"""Loading causal LMs, and naming one by content rather than by path.
+
+Dropout is switched off at load time (DPO compares log-probs of the policy and the reference;
+dropout noise on one side only biases the implicit reward, which is why TRL disables it too).
+
+``model_identity`` is what a fingerprint records about a model: cheap by default, so a 70B
+checkpoint is identified in well under a second of I/O (config, weight file names and sizes,
+safetensors headers, and a hash of evenly spaced byte samples of each weight file), or exact
+(full sha256 of every weight file) when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts.fingerprint import hash_json, sha256_file
+from .errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Fields transformers rewrites on every save_pretrained: not part of what the model computes.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+SAMPLES_PER_FILE = 16
+SAMPLE_BYTES = 64 << 10
+log = logging.getLogger(__name__)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UsageError(f"model {path}: no such directory (a local Hugging Face model folder is expected)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model {path}: no config.json, so this is not a Hugging Face model folder")
+
+
+def _disable_dropout(config) -> list[str]:
+    changed = []
+    for sub in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        for key, value in list(vars(sub).items()):
+            if (key.endswith("dropout") or key.endswith("_pdrop") or key.endswith("dropout_prob")
+                    or key.endswith("dropout_rate")) and isinstance(value, float) and value != 0.0:
+                setattr(sub, key, 0.0)
+                changed.append(key)
+    return changed
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout: bool = False,
+                   device: str | torch.device | None = None, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` from a local folder, dropout off unless ``keep_dropout``, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    _check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    if not keep_dropout:
+        changed = _disable_dropout(config)
+        if changed:
+            log.debug("dropout set to 0 in %s: %s", path, ", ".join(changed))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model {path}: cannot be loaded as a causal LM: {exc}") from None
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _safetensors_header(f, size: int) -> bytes | None:
+    if size < 8:
+        return None
+    f.seek(0)
+    (length,) = struct.unpack("<Q", f.read(8))
+    return f.read(length) if 8 + length <= size else None
+
+
+def _sampled_file(path: Path) -> dict[str, Any]:
+    import hashlib
+
+    size = path.stat().st_size
+    entry: dict[str, Any] = {"name": path.name, "bytes": size}
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            header = _safetensors_header(f, size)
+            entry["header_sha256"] = hashlib.sha256(header or b"").hexdigest()
+        digest = hashlib.sha256()
+        if size <= SAMPLES_PER_FILE * SAMPLE_BYTES:
+            f.seek(0)
+            digest.update(f.read())
+        else:
+            # Evenly spaced from the first byte to the last block, so both ends are always read.
+            stride = (size - SAMPLE_BYTES) / (SAMPLES_PER_FILE - 1)
+            for k in range(SAMPLES_PER_FILE):
+                f.seek(int(k * stride))
+                digest.update(f.read(SAMPLE_BYTES))
+        entry["sample_sha256"] = digest.hexdigest()
+    return entry
+
+
+def model_identity(path: str | os.PathLike, exact: bool = False) -> dict[str, Any]:
+    """What a model folder holds, independent of where it lives.
+
+    ``sampled_digest`` is always present; ``sha256_digest`` only with ``exact``. ``digest`` is the
+    one to fingerprint with: the exact one when computed.
+    """
+    path = Path(path)
+    _check_model_dir(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"model {path}: config.json is not valid JSON: {exc}") from None
+    for key in VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    files = weight_files(path)
+    if not files:
+        raise UsageError(f"model {path}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    entries = [_sampled_file(p) for p in files]
+    identity: dict[str, Any] = {
+        "config_sha256": hash_json(config),
+        "files": entries,
+        "sampled_digest": hash_json({"config": hash_json(config), "files": entries})[:32],
+    }
+    if exact:
+        for entry, p in zip(entries, files):
+            entry["sha256"] = sha256_file(p)
+        identity["sha256_digest"] = hash_json(
+            {"config": identity["config_sha256"], "files": [(e["name"], e["sha256"]) for e in entries]}
+        )[:32]
+    identity["exact"] = exact
+    identity["digest"] = identity["sha256_digest"] if exact else identity["sampled_digest"]
+    return identity

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpo.pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
+from dpo.pipeline.errors import DataError
+
+
+def pair(index, chosen, rejected, prompt=2):
+    return {
+        "index": index,
+        "chosen_input_ids": chosen, "chosen_labels": [-100] * prompt + chosen[prompt:],
+        "rejected_input_ids": rejected, "rejected_labels": [-100] * prompt + rejected[prompt:],
+    }
+
+
+ROWS = [pair(7, [1, 2, 3, 4], [1, 2, 5]), pair(3, [1, 2, 6], [1, 2, 7, 8, 9])]
+
+
+def test_concatenated_puts_chosen_first_and_pads_right_to_one_length():
+    batch = collate_pairs(ROWS, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, 0], [1, 2, 6, 0, 0],  # chosen of pair 0, 1
+        [1, 2, 5, 0, 0], [1, 2, 7, 8, 9],  # rejected of pair 0, 1
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, 3, 4, -100], [-100, -100, 6, -100, -100],
+        [-100, -100, 5, -100, -100], [-100, -100, 7, 8, 9],
+    ]
+    assert batch["index"].tolist() == [7, 3]
+
+
+def test_separate_pads_each_side_to_its_own_length():
+    batch = collate_pairs(ROWS, pad_token_id=99, mode="separate", pad_to_multiple_of=4)
+    assert batch["chosen_input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 6, 99]]
+    assert batch["rejected_input_ids"].shape == (2, 8)  # 5 rounded up to a multiple of 4
+    assert batch["rejected_labels"][0].tolist() == [-100, -100, 5] + [-100] * 5
+    assert batch["chosen_attention_mask"].sum().item() == 7
+    assert "input_ids" not in batch
+
+
+def test_misaligned_labels_name_the_pair():
+    bad = pair(41, [1, 2, 3], [1, 2, 3])
+    bad["rejected_labels"] = [-100, 2]
+    with pytest.raises(DataError, match="pair index 41: rejected_labels has 2 entries but rejected_input_ids has 3"):
+        collate_pairs([bad], pad_token_id=0)
+
+
+def test_sorted_batches_cover_every_row_once_longest_first():
+    lengths = [5, 1, 9, 9, 3, 7, 2]
+    batches = length_grouped_batches(lengths, 3)
+    assert batches == [[2, 3, 5], [0, 4, 6], [1]]
+    assert length_grouped_batches(lengths, 3, drop_last=True) == [[2, 3, 5], [0, 4, 6]]
+
+
+def padding_fraction(lengths, batches):
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - real / padded
+
+
+def test_shuffled_megabatches_are_seeded_permutations_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=1000).tolist()
+    a = length_grouped_batches(lengths, 8, shuffle=True, seed=1)
+    b = length_grouped_batches(lengths, 8, shuffle=True, seed=1)
+    c = length_grouped_batches(lengths, 8, shuffle=True, seed=2)
+    assert a == b and a != c
+    assert sorted(i for batch in a for i in batch) == list(range(1000))
+    assert max(lengths[i] for i in a[0]) == max(lengths)
+    in_order = [list(range(s, min(s + 8, 1000))) for s in range(0, 1000, 8)]
+    assert padding_fraction(lengths, a) < padding_fraction(lengths, in_order) / 4
+    assert padding_fraction(lengths, length_grouped_batches(lengths, 8)) <= padding_fraction(lengths, a)
+
+
+def test_pair_length_is_the_longer_side():
+    assert pair_lengths(ROWS).tolist() == [4, 5]

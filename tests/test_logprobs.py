@@ -1,0 +1,208 @@
+"""LabelLogProbs against the textbook computation.
+
+The yardstick: logits = model(input_ids).logits in float32, log_softmax over the vocabulary,
+gather at the shifted labels, sum where the label is not -100. Each sequence is run ALONE and
+UNPADDED, so the yardstick cannot share a padding bug with the code under test.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+
+from dpo.pipeline.batching import collate_pairs
+from dpo.pipeline.logprobs import LabelLogProbs
+
+from conftest import DEMO_MODEL
+
+
+def textbook(model, ids: list[int], labels: list[int]) -> tuple[float, int, float]:
+    """(sum of label log-probs, label count, WPO term) of one unpadded sequence, in float32."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp = F.log_softmax(logits[:-1], dim=-1)
+    targets = torch.tensor(labels[1:])
+    keep = targets != -100
+    picked = logp[keep].gather(-1, targets[keep, None]).squeeze(-1)
+    # WPO (Zhou et al. 2024): log p(y_t) - log sum_v p(v)^2, averaged over label positions.
+    wpo = (picked - torch.logsumexp(2 * logp[keep], dim=-1)).mean() if keep.any() else torch.tensor(0.0)
+    return picked.sum().item(), int(keep.sum()), wpo.item()
+
+
+def random_pairs(n: int, vocab: int, seed: int = 0, max_len: int = 60) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = int(torch.randint(1, 20, (), generator=g))
+        row = {"index": i}
+        for side in ("chosen", "rejected"):
+            length = prompt + int(torch.randint(1, max_len - 20, (), generator=g))
+            ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+            row[f"{side}_input_ids"] = ids
+            row[f"{side}_labels"] = [-100] * prompt + ids[prompt:]
+        rows.append(row)
+    return rows
+
+
+def run_batches(wrapper, rows, batch_size, mode="concatenated", with_wpo=False):
+    out = {}
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s: s + batch_size]
+        batch = collate_pairs(chunk, pad_token_id=0, mode=mode)
+        with torch.no_grad():
+            if mode == "concatenated":
+                res = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo)
+                b = len(chunk)
+                sides = {"chosen": (res, slice(0, b)), "rejected": (res, slice(b, 2 * b))}
+            else:
+                sides = {}
+                for side in ("chosen", "rejected"):
+                    res = wrapper(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
+                                  batch[f"{side}_labels"], with_wpo_term=with_wpo)
+                    sides[side] = (res, slice(0, len(chunk)))
+        for side, (res, sl) in sides.items():
+            for row, logp, n, *w in zip(chunk, res.logps[sl], res.num_tokens[sl],
+                                        *( [res.wpo_term[sl]] if with_wpo else [])):
+                out[(row["index"], side)] = (logp.item(), int(n), w[0].item() if w else None)
+    return out
+
+
+def demo_model():
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+
+
+def test_matches_textbook_at_batch_sizes_1_and_8_with_padding():
+    model = demo_model()
+    rows = random_pairs(12, model.config.vocab_size)
+    wrapper = LabelLogProbs(model)
+    for batch_size in (1, 8):
+        got = run_batches(wrapper, rows, batch_size, with_wpo=True)
+        for row in rows:
+            for side in ("chosen", "rejected"):
+                want, count, wpo = textbook(model, row[f"{side}_input_ids"], row[f"{side}_labels"])
+                logp, n, w = got[(row["index"], side)]
+                assert n == count
+                assert abs(logp - want) <= 1e-5 * abs(want), (batch_size, row["index"], side, logp, want)
+                assert abs(w - wpo) <= 1e-5 * max(1.0, abs(wpo))
+    assert wrapper.head_path == "body"
+
+
+def test_concatenated_and_separate_agree():
+    model = demo_model()
+    rows = random_pairs(6, model.config.vocab_size, seed=1)
+    wrapper = LabelLogProbs(model)
+    a = run_batches(wrapper, rows, 3, "concatenated")
+    b = run_batches(wrapper, rows, 3, "separate")
+    for key in a:
+        assert a[key][1] == b[key][1]
+        assert abs(a[key][0] - b[key][0]) <= 1e-5 * abs(a[key][0])
+
+
+def test_output_layer_runs_only_on_label_positions_in_chunks():
+    model = demo_model()
+    rows = random_pairs(4, model.config.vocab_size, seed=2)
+    batch = collate_pairs(rows, pad_token_id=0)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=4 * model.config.vocab_size * 7)
+    with torch.no_grad():
+        res = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    hook.remove()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [rows, hidden], never [B, T, hidden]
+    assert sum(shape[0] for shape in seen) == labelled == int(res.num_tokens.sum())
+    assert labelled < batch["input_ids"].numel() / 2  # the prompts and padding were skipped
+
+
+def test_gradients_match_textbook_through_chunks():
+    model = demo_model()
+    rows = random_pairs(3, model.config.vocab_size, seed=3)
+    batch = collate_pairs(rows, pad_token_id=0)
+    wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=4 * model.config.vocab_size * 5)
+    res = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=True)
+    (res.logps.sum() + res.wpo_term.sum()).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        logits = model(input_ids=batch["input_ids"][i: i + 1, :n]).logits[0].float()
+        logp = F.log_softmax(logits[:-1], dim=-1)
+        targets = batch["labels"][i, 1:n]
+        keep = targets != -100
+        picked = logp[keep].gather(-1, targets[keep, None]).squeeze(-1)
+        total = total + picked.sum() + (picked - torch.logsumexp(2 * logp[keep], -1)).mean()
+    total.backward()
+    for name, p in model.named_parameters():
+        # Batched vs unbatched float32 sums round differently; compare at the scale of the gradient.
+        assert (ours[name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
+
+
+def test_sequence_without_labels_scores_zero():
+    model = demo_model()
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    labels = torch.tensor([[-100] * 4, [-100, -100, 7, 8]])
+    res = LabelLogProbs(model)(ids, torch.ones_like(ids), labels, with_wpo_term=True)
+    assert res.num_tokens.tolist() == [0, 2]
+    assert res.logps[0].item() == 0.0 and res.wpo_term[0].item() == 0.0
+    assert res.logps[1].item() < 0
+
+
+def test_logit_softcapping_is_applied():
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    rows = random_pairs(4, 300, seed=4)
+    wrapper = LabelLogProbs(model)
+    got = run_batches(wrapper, rows, 4)
+    assert wrapper.head_path == "body"
+    for row in rows:
+        want = textbook(model, row["chosen_input_ids"], row["chosen_labels"])[0]
+        assert abs(got[(row["index"], "chosen")][0] - want) <= 1e-5 * abs(want)
+
+
+class ScaledHeadLlama(LlamaForCausalLM):
+    """An architecture whose forward changes the logits in a way no config field announces."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 7.0
+        return out
+
+
+def test_unknown_head_transform_falls_back_to_full_forward():
+    base = demo_model()
+    model = ScaledHeadLlama(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    rows = random_pairs(4, base.config.vocab_size, seed=5)
+    wrapper = LabelLogProbs(model)
+    got = run_batches(wrapper, rows, 2)
+    assert wrapper.head_path == "full"
+    for row in rows:
+        want = textbook(model, row["rejected_input_ids"], row["rejected_labels"])[0]
+        assert abs(got[(row["index"], "rejected")][0] - want) <= 1e-5 * abs(want)
+
+
+def test_peft_lora_and_disabled_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    base = demo_model()
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    rows = random_pairs(4, base.config.vocab_size, seed=6)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapper = LabelLogProbs(peft_model)
+    with_adapter = run_batches(wrapper, rows, 4)
+    assert wrapper.head_path == "body"
+    with peft_model.disable_adapter():
+        without = run_batches(wrapper, rows, 4)
+    reference = demo_model()
+    reference.load_state_dict(plain)
+    for row in rows:
+        ids, labels = row["chosen_input_ids"], row["chosen_labels"]
+        want_lora = textbook(peft_model, ids, labels)[0]
+        want_base = textbook(reference, ids, labels)[0]
+        assert abs(with_adapter[(row["index"], "chosen")][0] - want_lora) <= 1e-5 * abs(want_lora)
+        assert abs(without[(row["index"], "chosen")][0] - want_base) <= 1e-5 * abs(want_base)
+        assert abs(want_lora - want_base) > 1e-3  # the adapter does change the values
