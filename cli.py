@@ -85,6 +85,74 @@ def root(
     """Direct Preference Optimization as resumable pipeline stages."""
 
 
+@app.command("train")
+@stage_command
+def train(
+    tokenized: Annotated[Path, typer.Option("--tokenized", help="Tokenized artifact (from `dpo tokenize`).", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", help="Hugging Face model folder to train (the policy's starting point).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: checkpoints/, metrics.jsonl, final/, manifest.json.", show_default=False)],
+    config: ConfigOpt = None,
+    ref_cache: Annotated[Optional[Path], typer.Option("--ref-cache", help="Reference log-probs (from `dpo cache-ref` on the same tokenized artifact); not needed for simpo.", show_default=False)] = None,
+    loss_type: Annotated[str, typer.Option("--loss-type", help="dpo, dpo_norm, simpo, wpo, ipo, hinge or robust.")] = "dpo",
+    beta: Annotated[Optional[float], typer.Option("--beta", help="Strength of the KL penalty / reward scale. Default by loss type: 0.1 for dpo, wpo, ipo, hinge, robust; 5 for dpo_norm (Tulu 3); 2 for simpo.", show_default=False)] = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing ε (cDPO); for robust it must lie in [0, 0.5).")] = 0.0,
+    gamma_beta_ratio: Annotated[float, typer.Option("--gamma-beta-ratio", help="SimPO's target margin γ/β.")] = 0.3,
+    rpo_alpha: Annotated[float, typer.Option("--rpo-alpha", help="Add this times the chosen response's per-token NLL (RPO); 0 = off.")] = 0.0,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak learning rate of AdamW.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not applied to biases and norms).")] = 0.0,
+    lr_scheduler: Annotated[str, typer.Option("--lr-scheduler", help="linear, cosine or constant (each after the warmup).")] = "linear",
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Fraction of the steps spent warming the learning rate up from 0.")] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the train split (ignored with --max-steps).")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train; overrides --epochs.", show_default=False)] = None,
+    per_device_batch_size: Annotated[int, typer.Option("--per-device-batch-size", help="Pairs per process per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step (global batch = this x per-device batch x processes).")] = 1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this; 0 = no clipping.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and of any randomness in training.")] = 42,
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the loaded weights: float32, bfloat16 or float16.")] = "float32",
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, bf16 or fp16 autocast through Accelerate (master weights stay in --dtype).")] = "no",
+    forward: Annotated[str, typer.Option("--forward", help="concatenated: one pass over chosen+rejected; separate: two passes, less peak memory. Same loss.")] = "concatenated",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward to save memory.")] = False,
+    keep_dropout: Annotated[bool, typer.Option("--keep-dropout", help="Keep the model's dropout (off by default, as in TRL, so the policy starts equal to the reference).")] = False,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (PEFT) instead of all weights; the adapter is what is saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 16,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA scaling alpha.")] = 32.0,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")] = 0.05,
+    lora_target_modules: Annotated[list[str], typer.Option("--lora-target-modules", help="Module names to adapt (repeatable), or all-linear.")] = ["all-linear"],
+    zero_stage: Annotated[Optional[int], typer.Option("--zero-stage", help="DeepSpeed ZeRO stage 0-3 (default: plain DDP).", show_default=False)] = None,
+    offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer", help="ZeRO-Offload the optimizer state to CPU (stage >= 1).")] = False,
+    offload_params: Annotated[bool, typer.Option("--offload-params", help="Offload parameters to CPU (stage 3).")] = False,
+    deepspeed_config: Annotated[Optional[Path], typer.Option("--deepspeed-config", help="DeepSpeed JSON config ('auto' values are filled from these flags).", show_default=False)] = None,
+    eval_steps: Annotated[int, typer.Option("--eval-steps", help="Every N steps, the metrics on the eval split as eval/...; 0 = off.")] = 0,
+    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log metrics every N steps (step 1 and the last step always).")] = 10,
+    save_every: Annotated[str, typer.Option("--save-every", help="Checkpoint every N steps, or 'epoch'.")] = "500",
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Complete checkpoints to keep.")] = 2,
+    wandb_project: Annotated[Optional[str], typer.Option("--wandb-project", help="Also log to this Weights & Biases project (WANDB_MODE=offline works).", show_default=False)] = None,
+    wandb_entity: Annotated[Optional[str], typer.Option("--wandb-entity", help="W&B entity (team or user).", show_default=False)] = None,
+    wandb_run_name: Annotated[Optional[str], typer.Option("--wandb-run-name", help="W&B run name.", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
+    lock_timeout: LockTimeoutOpt = 600.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Train a policy with DPO or a variant; rerunning the same command resumes or is a no-op."""
+    from .stages import train as stage
+
+    stage.run(stage.TrainConfig(
+        tokenized=str(tokenized), model=str(model), out=str(out), ref_cache=str(ref_cache) if ref_cache else None,
+        loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma_beta_ratio=gamma_beta_ratio,
+        rpo_alpha=rpo_alpha, learning_rate=learning_rate, weight_decay=weight_decay, lr_scheduler=lr_scheduler,
+        warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps, per_device_batch_size=per_device_batch_size,
+        grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
+        keep_dropout=keep_dropout, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target_modules=tuple(lora_target_modules), zero_stage=zero_stage, offload_optimizer=offload_optimizer,
+        offload_params=offload_params, deepspeed_config=str(deepspeed_config) if deepspeed_config else None,
+        forward=forward, gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps,
+        logging_steps=logging_steps, save_every=save_every, keep_last=keep_last, wandb_project=wandb_project,
+        wandb_entity=wandb_entity, wandb_run_name=wandb_run_name, overwrite=overwrite, lock_timeout=lock_timeout,
+        quiet=quiet,
+    ))
+
+
 def main() -> None:
     app()
 
