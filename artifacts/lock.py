@@ -52,15 +52,16 @@ class ArtifactLock:
             "heartbeat": _now(),
         }
 
-    def _read(self) -> dict | None:
+    def _read(self, path: Path | None = None) -> dict | None:
+        path = path or self.path
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, OSError):
             # A holder is mid-write, or crashed mid-write: judge it by the file's age instead.
             try:
-                return {"heartbeat": self.path.stat().st_mtime, "host": "?", "pid": "?", "since": 0}
+                return {"heartbeat": path.stat().st_mtime, "host": "?", "pid": "?", "since": 0}
             except FileNotFoundError:
                 return None
 
@@ -87,6 +88,17 @@ class ArtifactLock:
                     os.rename(self.path, stale)
                 except FileNotFoundError:
                     continue  # another job took it over first; try again and meet its lock
+                moved = self._read(stale)
+                if moved is not None and _now() - float(moved.get("heartbeat", 0)) <= self.timeout_s:
+                    # Between our look and our rename another job took the stale lock over and
+                    # wrote its own: we moved a live lock. Put it back (unless a third job already
+                    # holds the name) and meet it on the next try.
+                    try:
+                        os.link(stale, self.path)
+                    except FileExistsError:
+                        pass
+                    stale.unlink(missing_ok=True)
+                    continue
                 log.warning(
                     "taking over the lock of %s from host %s pid %s: its heartbeat is %.0fs old (--lock-timeout %.0fs)",
                     self.directory, holder.get("host"), holder.get("pid"), age, self.timeout_s,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import click
+import typer
 import yaml
 
 from .errors import UsageError
@@ -31,13 +31,17 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def section_defaults(path: str | Path, section: str, command: click.Command) -> dict[str, Any]:
-    """The ``section`` of a run file as click default values, checked against the command's options."""
+def section_defaults(path: str | Path, section: str, command: Any) -> dict[str, Any]:
+    """The ``section`` of a run file as click default values, checked against the command's options.
+
+    ``command`` is a click or Typer command. Typer (0.29 here) vendors its own copy of click, whose
+    classes are not click's, so options are recognised by ``param_type_name``, not isinstance.
+    """
     data = load_run_file(path)
     values = data.get(section) or {}
     if not isinstance(values, dict):
         raise UsageError(f"{path}: section {section!r} must be a mapping of option names to values")
-    known = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name != "config"}
+    known = {p.name: p for p in command.params if p.param_type_name == "option" and p.name != "config"}
     defaults = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -52,12 +56,15 @@ def section_defaults(path: str | Path, section: str, command: click.Command) -> 
     return defaults
 
 
-def config_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Eager ``--config`` option: load the stage's section before the other options resolve."""
+def config_callback(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """Eager ``--config`` option: load the stage's section before the other options resolve.
+
+    Errors are Typer's BadParameter (its vendored click's), which Typer turns into exit code 2.
+    """
     if value:
         try:
             defaults = section_defaults(value, ctx.info_name or "", ctx.command)
         except UsageError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+            raise typer.BadParameter(str(exc), ctx=ctx, param=param) from None
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
