@@ -85,6 +85,34 @@ def root(
     """Direct Preference Optimization as resumable pipeline stages."""
 
 
+@app.command("cache-ref")
+@stage_command
+def cache_ref(
+    tokenized: Annotated[Path, typer.Option("--tokenized", help="Tokenized artifact (from `dpo tokenize`).", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the ref-logps artifact.", show_default=False)],
+    config: ConfigOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward; batches are formed from pairs of similar length.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16 (log-softmax is always float32). Part of the fingerprint.")] = "float32",
+    forward: Annotated[str, typer.Option("--forward", help="concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory. Same values.")] = "concatenated",
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split to compute (repeatable); default: every split of --tokenized.", show_default=False)] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Identify the model by the full sha256 of its weight files (reads them all) instead of a sampled identity; the fingerprint changes with it.")] = False,
+    rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Pairs per output shard: the unit of resumption and of work per process.")] = 2048,
+    overwrite: OverwriteOpt = False,
+    lock_timeout: LockTimeoutOpt = 600.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Compute the reference model's log-probs of every chosen and rejected response (resumable, multi-process)."""
+    from .stages import cache_ref as stage
+
+    stage.run(stage.CacheRefConfig(
+        tokenized=str(tokenized), model=str(model), out=str(out), batch_size=batch_size, dtype=dtype,
+        forward=forward, splits=tuple(split or ()), verify=verify, rows_per_shard=rows_per_shard,
+        overwrite=overwrite, lock_timeout=lock_timeout, quiet=quiet,
+    ))
+
+
 @app.command("train")
 @stage_command
 def train(

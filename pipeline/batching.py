@@ -60,11 +60,10 @@ def pair_lengths(rows: Sequence[Mapping]) -> np.ndarray:
 
 
 def _pad(sequences: list, value: int, length: int) -> torch.Tensor:
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    out = np.full((len(sequences), length), value, dtype=np.int64)
     for i, seq in enumerate(sequences):
-        if len(seq):
-            out[i, : len(seq)] = torch.as_tensor(np.asarray(seq), dtype=torch.long)
-    return out
+        out[i, : len(seq)] = seq
+    return torch.from_numpy(out)
 
 
 def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import DpoError
+
+T = TypeVar("T")
 
 # Ranks wait at barriers while others finish their share of the work; a skewed share on a big job
 # can take hours, far beyond torch's 10-30 minute default. DPO_DIST_TIMEOUT_S overrides.
@@ -87,3 +92,28 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result, or the DpoError it raised, to every rank.
+
+    Without this, a user error found on rank 0 (output locked, fingerprint mismatch) would leave
+    the other ranks waiting at the next collective until the timeout.
+    """
+    if world_size() <= 1:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except DpoError as exc:
+            outcome = ("error", exc)
+        except BaseException:
+            broadcast_object(("crash", None))
+            raise
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise value
+    if status == "crash":
+        raise DpoError("rank 0 failed (its traceback is in its log); stopping this rank too")
+    return value

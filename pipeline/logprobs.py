@@ -122,7 +122,8 @@ class LabelLogProbs(nn.Module):
     def _chunk_rows(self, vocab: int) -> int:
         return max(1, self.chunk_bytes // (4 * vocab))
 
-    def _vocab(self) -> int:
+    def vocab_size(self) -> int:
+        """Rows of the output layer: token ids at or above it cannot be scored."""
         out = self.hf_model.get_output_embeddings()
         weight = getattr(out, "weight", None)
         # ZeRO-3 partitions weights to empty tensors outside forward; its ds_shape keeps the real one.
@@ -165,7 +166,7 @@ class LabelLogProbs(nn.Module):
 
     def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False):
         rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body)
-        step = self._chunk_rows(self._vocab())
+        step = self._chunk_rows(self.vocab_size())
         keep = torch.is_grad_enabled() and rows.requires_grad
         logps, terms = [], []
         for start in range(0, rows.shape[0], step):
