@@ -85,6 +85,43 @@ def root(
     """Direct Preference Optimization as resumable pipeline stages."""
 
 
+@app.command("tokenize")
+@stage_command
+def tokenize(
+    data: Annotated[list[str], typer.Option("--data", help="Preference data (repeatable): .jsonl/.jsonl.gz/.json/.parquet file or folder, datasets.save_to_disk folder, or hub name. PATH:0.5 takes a fraction, PATH:1000 a row count (sampled with --seed).", show_default=False)],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Tokenizer folder (a model folder works).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder of the tokenized artifact.", show_default=False)],
+    config: ConfigOpt = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Sources for the eval split (repeatable, same syntax as --data).", show_default=False)] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Hold out this fraction of the --data records (seeded, before filtering) as the eval split.")] = 0.0,
+    max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Most tokens in prompt+response, per side.")] = 1024,
+    max_prompt_length: Annotated[Optional[int], typer.Option("--max-prompt-length", help="Cut longer prompts from the left, keeping their latest turns (default: no limit).", show_default=False)] = None,
+    truncation: Annotated[str, typer.Option("--truncation", help="Pairs over --max-seq-length: keep-start (keep the prompt and the start of the responses) or drop.")] = "keep-start",
+    format: Annotated[str, typer.Option("--format", help="Record format: auto (detect per source), text, chat, chat-prompt, hh, sharegpt.")] = "auto",
+    columns: Annotated[Optional[str], typer.Option("--columns", help="Map other column names, e.g. prompt=question,chosen=good,rejected=bad.", show_default=False)] = None,
+    chat_template: Annotated[Optional[Path], typer.Option("--chat-template", help="Jinja chat template file used instead of the tokenizer's.", show_default=False)] = None,
+    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Wrap plain-text pairs as one user turn and one assistant turn of the chat template.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the PATH:AMOUNT sampling and the eval split.")] = 42,
+    num_proc: Annotated[int, typer.Option("--num-proc", help="Tokenizer processes; the output is byte-identical for any value.")] = 1,
+    rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Input records per Parquet shard (before filtering); the unit of resume.")] = 50_000,
+    on_bad_record: Annotated[str, typer.Option("--on-bad-record", help="A malformed record: error (stop, exit 2) or skip (list it in rejects.jsonl).")] = "error",
+    overwrite: OverwriteOpt = False,
+    lock_timeout: LockTimeoutOpt = 600.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Turn preference data into a tokenized artifact; rerunning the same command resumes or is a no-op."""
+    from .stages import tokenize as stage
+
+    stage.run(stage.TokenizeConfig(
+        data=tuple(data), tokenizer=str(tokenizer), out=str(out), eval_data=tuple(eval_data or ()),
+        eval_fraction=eval_fraction, max_seq_length=max_seq_length, max_prompt_length=max_prompt_length,
+        truncation=truncation, format=format, columns=columns, chat_template=str(chat_template) if chat_template else None,
+        apply_chat_template=apply_chat_template, seed=seed, rows_per_shard=rows_per_shard, on_bad_record=on_bad_record,
+        num_proc=num_proc, overwrite=overwrite, lock_timeout=lock_timeout, quiet=quiet, verbose=verbose,
+    ))
+
+
 @app.command("cache-ref")
 @stage_command
 def cache_ref(

@@ -1,0 +1,217 @@
+"""Preference-data sources: local files and folders, `datasets` folders, hub names, and mixing.
+
+A source is what one ``--data`` names: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet`` file, a
+folder of such files, a folder written by ``datasets.save_to_disk``, or a hub dataset name. A
+``:AMOUNT`` suffix takes part of it, like open-instruct's mixer: ``PATH:0.5`` (a number with a
+decimal point) is that fraction of its rows, ``PATH:1000`` (an integer) that many rows. Rows are
+sampled by a seeded hash of their position, so a sample is the same on every machine and Python
+version, and it is drawn before any filtering.
+
+Every record keeps where it came from (file and 1-based line, or 0-based row), so an error or a
+reject can point at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..artifacts.fingerprint import hash_json, sha256_file
+from .errors import DataError, UsageError
+
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+_AMOUNT = re.compile(r"^(?P<path>.+):(?P<amount>\d+|\d+\.\d*|\.\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One ``--data`` value: a path or hub name and how much of it to take (None: all)."""
+
+    spec: str
+    path: str
+    amount: int | float | None
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        match = _AMOUNT.match(text)
+        if match is None:
+            return cls(text, text, None)
+        path, raw = match["path"], match["amount"]
+        if "." in raw:
+            fraction = float(raw)
+            if not 0.0 < fraction <= 1.0:
+                raise UsageError(f"--data {text}: a fraction must be in (0, 1], got {raw}")
+            return cls(text, path, None if fraction == 1.0 else fraction)
+        count = int(raw)
+        if count <= 0:
+            raise UsageError(f"--data {text}: a row count must be positive, got {raw}")
+        return cls(text, path, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One raw record and its origin. ``data`` is a parsed object, or a JSON line not yet parsed."""
+
+    file: str
+    line: int | None  # 1-based, for JSON lines
+    row: int | None  # 0-based element/row index, for JSON lists, Parquet and datasets
+    data: Any
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}, line {self.line}" if self.line is not None else f"{self.file}, row [{self.row}]"
+
+    @property
+    def location(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line} if self.line is not None else {"file": self.file, "row": self.row}
+
+    def parsed(self) -> dict[str, Any]:
+        """The record as a mapping; a DataError (file and line, no field) if it is not one."""
+        data = self.data
+        if isinstance(data, str) and self.line is not None:
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{self.where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{self.where}: expected a JSON object with the pair's fields, got {type(data).__name__}")
+        return data
+
+
+@dataclasses.dataclass
+class Source:
+    spec: SourceSpec
+    files: list[Path]  # the local files read; empty for a hub dataset
+    kind: str  # "files", "saved-dataset" or "hub"
+
+    @property
+    def name(self) -> str:
+        return self.spec.path
+
+    def content_hash(self) -> str:
+        """sha256 over the files' contents (and names relative to the source), or the hub fingerprint."""
+        if self.kind == "hub":
+            return hash_json({"hub": self.spec.path, "fingerprint": _load_hub(self.spec.path)._fingerprint})
+        root = Path(self.spec.path)
+        return hash_json(
+            [[str(f.relative_to(root)) if f != root else f.name, sha256_file(f)] for f in self.files]
+        )
+
+    def read(self) -> list[Record]:
+        if self.kind == "hub":
+            return _dataset_records(_load_hub(self.spec.path), self.spec.path)
+        if self.kind == "saved-dataset":
+            import datasets
+
+            return _dataset_records(datasets.load_from_disk(self.spec.path), self.spec.path)
+        records: list[Record] = []
+        for file in self.files:
+            records.extend(_read_file(file))
+        return records
+
+
+def resolve_source(text: str) -> Source:
+    """Parse a ``--data`` value and find its files; a UsageError if there is nothing to read."""
+    spec = SourceSpec.parse(text)
+    path = Path(spec.path)
+    if path.is_file():
+        if not path.name.endswith(FILE_SUFFIXES):
+            raise UsageError(f"--data {text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
+        return Source(spec, [path], "files")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise UsageError(
+                f"--data {text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
+            )
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            return Source(spec, sorted(p for p in path.rglob("*") if p.is_file()), "saved-dataset")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
+        if not files:
+            raise UsageError(f"--data {text}: folder has no {', '.join(FILE_SUFFIXES)} files")
+        return Source(spec, files, "files")
+    if path.name.endswith(FILE_SUFFIXES) or path.is_absolute() or spec.path.startswith("."):
+        raise UsageError(f"--data {text}: no such file or folder")
+    return Source(spec, [], "hub")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_hub(name: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated: all mean "cannot read it"
+        raise UsageError(
+            f"--data {name}: not a local file or folder, and loading it as a Hugging Face hub dataset failed "
+            f"({type(exc).__name__}: {exc}). Without network access, download it elsewhere (datasets' "
+            "save_to_disk, or its parquet/jsonl files) and pass the local path"
+        ) from None
+
+
+def _dataset_records(dataset, file: str) -> list[Record]:
+    return [Record(file, None, i, row) for i, row in enumerate(dataset)]
+
+
+def _read_file(path: Path) -> list[Record]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl(path)
+    if name.endswith(".json"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # a .json file that is really JSON lines
+                return _read_jsonl(path)
+            raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        return [Record(str(path), None, i, row) for i, row in enumerate(data)]
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return [Record(str(path), None, i, row) for i, row in enumerate(rows)]
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(Record(str(path), number, None, line))
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if opener is gzip.open else ''}UTF-8 JSON lines ({exc})") from None
+    return records
+
+
+def _rank(seed: int, key: str, position: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{key}:{position}".encode()).digest()
+
+
+def sample_rows(count: int, amount: int | float | None, seed: int, key: str, what: str) -> list[int]:
+    """Positions of the rows a ``:AMOUNT`` takes, in their original order."""
+    if amount is None:
+        return list(range(count))
+    take = round(amount * count) if isinstance(amount, float) else amount
+    if take > count:
+        raise UsageError(f"--data {what}: asks for {take} rows but the source has only {count}")
+    chosen = sorted(range(count), key=lambda i: _rank(seed, key, i))[:take]
+    return sorted(chosen)
+
+
+def pick_fraction(count: int, fraction: float, seed: int, key: str) -> set[int]:
+    """A seeded, reproducible subset of ``round(fraction * count)`` positions (for --eval-fraction)."""
+    take = round(fraction * count)
+    return set(sorted(range(count), key=lambda i: _rank(seed, key, i))[:take])

@@ -1,0 +1,233 @@
+"""Preference pairs to token ids: chat templates, the prompt/response split, truncation.
+
+How a pair becomes tokens:
+
+- chat pairs (and plain pairs under ``--apply-chat-template``) are rendered with the chat template:
+  the prompt with ``add_generation_prompt=True``, the whole conversation with the response as the
+  final assistant turn. The template owns every special token, so rendered text is tokenized with
+  ``add_special_tokens=False`` (as ``apply_chat_template(tokenize=True)`` does). The response ends
+  at the template's EOS (text a template adds after it, such as a newline, is inter-turn padding
+  and carries no loss); a template that emits no EOS gets one appended.
+- plain pairs are ``BOS? + prompt + response + EOS`` without a template (TRL's non-conversational
+  layout); BOS only if the tokenizer adds one to plain text.
+
+Prompt and conversation are tokenized whole, so the response's ids are exactly those the model
+sees in context, and the prompt's ids must be a prefix of the conversation's. That holds for a
+sound template and clean data; where it does not (a template that renders the prompt differently
+once the answer follows, a prompt ending in a space the tokenizer merges into the response) the
+pair would be mis-masked, so it is reported as `PrefixMismatch` instead. The prompt is tokenized
+once, so its ids are identical in chosen and rejected by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..artifacts.fingerprint import FINGERPRINT_CHARS, hash_json, sha256_file
+from .errors import UsageError
+from .formats import Drop, Pair
+
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("keep-start", "drop")
+# Files that define a tokenizer's behaviour (weights and model config excluded).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    tokenizer: str
+    chat_template: str | None  # template text from --chat-template, overriding the tokenizer's
+    apply_chat_template: bool
+    max_seq_length: int
+    max_prompt_length: int | None
+    truncation: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    prompt: list[int]
+    chosen: list[int]  # response ids, labelled
+    rejected: list[int]
+    truncated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixMismatch:
+    """The prompt's tokens are not a prefix of prompt+response's tokens: masking would be wrong."""
+
+    side: str
+    detail: str
+
+
+def tokenizer_files(path: str) -> list[Path]:
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(
+            f"--tokenizer {path}: not a local folder. Hub names need network access, which this pipeline does not "
+            "assume: download the tokenizer (save_pretrained) and pass its folder"
+        )
+    files = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model") for f in files):
+        raise UsageError(f"--tokenizer {path}: no tokenizer files found (expected tokenizer.json or a vocabulary)")
+    return files
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """A content hash of the tokenizer's files: the same tokenizer anywhere has the same fingerprint."""
+    return hash_json([[f.name, sha256_file(f)] for f in tokenizer_files(path)])[:FINGERPRINT_CHARS]
+
+
+def load_tokenizer(path: str):
+    tokenizer_files(path)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for an unloadable folder
+        raise UsageError(f"--tokenizer {path}: cannot load it ({type(exc).__name__}: {exc})") from None
+    if not tokenizer.is_fast:
+        raise UsageError(f"--tokenizer {path}: is a slow (Python) tokenizer; dpo needs a fast one (tokenizer.json)")
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--tokenizer {path}: has no EOS token, so a response's end cannot be marked")
+    return tokenizer
+
+
+def tokenizer_info(tokenizer, fingerprint: str) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+
+
+def effective_template(tokenizer, override: str | None) -> str | None:
+    template = override if override is not None else tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one renders chats
+        template = template.get("default")
+    return template or None
+
+
+def read_template_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--chat-template {path}: cannot read it ({exc.strerror})") from None
+    if path.endswith(".json"):  # transformers' chat_template.json layout
+        try:
+            text = json.loads(text)["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"--chat-template {path}: a .json template file needs a 'chat_template' string") from None
+    if not text.strip():
+        raise UsageError(f"--chat-template {path}: is empty")
+    return text
+
+
+class PairEncoder:
+    """Turns Pairs into token ids in batches; one per process."""
+
+    def __init__(self, settings: EncodeSettings):
+        self.settings = settings
+        self.tokenizer = load_tokenizer(settings.tokenizer)
+        self.context = self.tokenizer.model_max_length
+        # Lengths are enforced by --max-seq-length below; silence transformers' per-call length warning.
+        self.tokenizer.model_max_length = sys.maxsize
+        self.template = effective_template(self.tokenizer, settings.chat_template)
+        self.eos = self.tokenizer.eos_token_id
+        bos = self.tokenizer.bos_token_id
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.text_prefix = [bos] if bos is not None and probe[:1] == [bos] else []
+
+    def encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
+        if not pairs:
+            return []
+        texts: list[str] = []
+        chat: list[bool] = []
+        failed: dict[int, Drop] = {}
+        for i, pair in enumerate(pairs):
+            rendered = self._render(pair)
+            if isinstance(rendered, Drop):
+                failed[i] = rendered
+                rendered = ("", "", "")
+            texts.extend(rendered)
+            chat.append(pair.is_chat or self.settings.apply_chat_template)
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        results: list[Encoded | Drop | PrefixMismatch] = []
+        for i in range(len(pairs)):
+            if i in failed:
+                results.append(failed[i])
+                continue
+            prefix = [] if chat[i] else self.text_prefix
+            prompt, chosen_full, rejected_full = (prefix + ids[3 * i + k] for k in range(3))
+            results.append(self._split(prompt, chosen_full, rejected_full, chat[i], texts[3 * i : 3 * i + 3]))
+        return results
+
+    def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
+        if not pair.is_chat and not self.settings.apply_chat_template:
+            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
+        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+        try:
+            return (
+                self._apply(prompt, add_generation_prompt=True),
+                self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
+                self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
+            )
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
+            return Drop("template_error", f"the chat template refused this conversation: {type(exc).__name__}: {exc}")
+
+    def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _split(self, prompt: list[int], chosen_full: list[int], rejected_full: list[int], chat: bool,
+               texts: list[str]) -> Encoded | Drop | PrefixMismatch:
+        responses = []
+        for side, full in (("chosen", chosen_full), ("rejected", rejected_full)):
+            if full[: len(prompt)] != prompt:
+                at = next(k for k in range(len(prompt)) if k >= len(full) or full[k] != prompt[k])
+                what = "the chat template's rendering of the prompt" if chat else "the prompt text"
+                return PrefixMismatch(
+                    side,
+                    f"{what} is not a token prefix of prompt+{side} (they diverge at token {at}: prompt renders "
+                    f"{texts[0][-60:]!r}, prompt+{side} renders {texts[1 if side == 'chosen' else 2][len(texts[0]) - 60 : len(texts[0]) + 20]!r})",
+                )
+            responses.append(self._finish(full[len(prompt):], chat))
+        prompt = self._cut_prompt(prompt)
+        s = self.settings
+        chosen, rejected = responses
+        truncated = False
+        if len(prompt) + max(len(chosen), len(rejected)) > s.max_seq_length:
+            if s.truncation == "drop":
+                return Drop("too_long", f"{len(prompt)} prompt + {max(len(chosen), len(rejected))} response tokens > --max-seq-length {s.max_seq_length}")
+            room = s.max_seq_length - len(prompt)
+            if room <= 0:
+                return Drop("no_trainable_tokens", f"the {len(prompt)}-token prompt fills --max-seq-length {s.max_seq_length}")
+            chosen, rejected, truncated = chosen[:room], rejected[:room], True
+        return Encoded(prompt, chosen, rejected, truncated)
+
+    def _finish(self, response: list[int], chat: bool) -> list[int]:
+        if chat and self.eos in response:
+            return response[: len(response) - response[::-1].index(self.eos)]
+        return response + [self.eos]
+
+    def _cut_prompt(self, prompt: list[int]) -> list[int]:
+        """Keep the end of an over-long prompt (its latest turns), and its BOS if it has one."""
+        limit = self.settings.max_prompt_length
+        if limit is None or len(prompt) <= limit:
+            return prompt
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and prompt[0] == bos and limit > 1:
+            return [bos] + prompt[len(prompt) - limit + 1 :]
+        return prompt[len(prompt) - limit :]

@@ -1,0 +1,462 @@
+"""`dpo tokenize`: preference data -> a tokenized artifact (kind "tokenized").
+
+build: resolve the sources, load the tokenizer, fingerprint the run (data content + tokenizer
+content + semantic config), take the output's lock.
+run:   read every source, sample it (``PATH:AMOUNT``), assign the eval split, normalise each record
+       to a Pair (malformed records stop the run here, before any shard is written, unless
+       ``--on-bad-record skip``), then tokenize shard by shard, each shard in chunks spread over
+       ``--num-proc`` processes and reassembled in order, so the bytes never depend on N.
+close: derive the stats from the committed shards and per-shard reject lists, write
+       ``rejects.jsonl`` and the manifest last.
+
+Shards cover fixed ranges of input records (``--rows-per-shard`` before filtering), so their
+names and contents are known before any filtering happens; a shard's ``index`` values start where
+the previous shard's rows end. A shard and its reject list are committed together (reject list
+first, then the shard's atomic rename), so a run killed at any point resumes at the first
+uncommitted shard and produces the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..artifacts.fingerprint import fingerprint, sha256_file
+from ..artifacts.lock import ArtifactLock
+from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic
+from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.shards import committed_shard, file_entry, shard_bounds, shard_path, write_shard
+from ..pipeline.errors import DataError, UsageError
+from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns
+from ..pipeline.logs import progress
+from ..pipeline.sources import Record, Source, pick_fraction, resolve_source, sample_rows
+from ..pipeline.tokenization import (
+    IGNORE_INDEX, TRUNCATION_MODES, EncodeSettings, Encoded, PairEncoder, PrefixMismatch, effective_template,
+    read_template_file, tokenizer_fingerprint, tokenizer_info,
+)
+
+TOKENIZE_VERSION = 1
+KIND = "tokenized"
+REJECTS = "rejects.jsonl"
+REJECT_PARTS = ".rejects"  # per-shard reject lists, merged into rejects.jsonl at commit
+CHUNK_PAIRS = 256  # pairs per task handed to a worker process
+BAD_RECORD_MODES = ("error", "skip")
+log = logging.getLogger("dpo.tokenize")
+
+NOT_SEMANTIC = {"semantic": False}
+
+SCHEMA = pa.schema([
+    ("index", pa.int64()),
+    ("source", pa.string()),
+    ("chosen_input_ids", pa.list_(pa.int32())),
+    ("chosen_labels", pa.list_(pa.int32())),
+    ("rejected_input_ids", pa.list_(pa.int32())),
+    ("rejected_labels", pa.list_(pa.int32())),
+    ("prompt_length", pa.int32()),
+    ("chosen_length", pa.int32()),
+    ("rejected_length", pa.int32()),
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    data: tuple[str, ...]
+    tokenizer: str = dataclasses.field(metadata=NOT_SEMANTIC)  # its content fingerprint is an input
+    out: str = dataclasses.field(metadata=NOT_SEMANTIC)
+    eval_data: tuple[str, ...] = ()
+    eval_fraction: float = 0.0
+    max_seq_length: int = 1024
+    max_prompt_length: int | None = None
+    truncation: str = "keep-start"
+    format: str = "auto"
+    columns: str | None = None
+    chat_template: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)  # content hashed as an input
+    apply_chat_template: bool = False
+    seed: int = 42
+    rows_per_shard: int = 50_000
+    on_bad_record: str = "error"
+    num_proc: int = dataclasses.field(default=1, metadata=NOT_SEMANTIC)
+    overwrite: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    lock_timeout: float = dataclasses.field(default=600.0, metadata=NOT_SEMANTIC)
+    quiet: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    verbose: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+
+    def check(self) -> None:
+        if not self.data:
+            raise UsageError("--data: give at least one source")
+        if self.max_seq_length < 2:
+            raise UsageError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_seq_length:
+            raise UsageError(
+                f"--max-prompt-length must be in [1, --max-seq-length) = [1, {self.max_seq_length}), got {self.max_prompt_length}"
+            )
+        choices = {"truncation": TRUNCATION_MODES, "format": FORMATS, "on_bad_record": BAD_RECORD_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.rows_per_shard < 1 or self.num_proc < 1:
+            raise UsageError("--rows-per-shard and --num-proc must be positive")
+        parse_columns(self.columns)
+
+
+@dataclasses.dataclass
+class Item:
+    """One sampled input record on its way to a row or a reject."""
+
+    source: str
+    record: Record
+    pair: Pair | Drop
+
+
+# ---------------------------------------------------------------------------------------- build
+
+
+def run(cfg: TokenizeConfig) -> Manifest | None:
+    cfg.check()
+    train_sources = [resolve_source(s) for s in cfg.data]
+    eval_sources = [resolve_source(s) for s in cfg.eval_data]
+    template_override = read_template_file(cfg.chat_template)
+    settings = EncodeSettings(
+        tokenizer=cfg.tokenizer, chat_template=template_override, apply_chat_template=cfg.apply_chat_template,
+        max_seq_length=cfg.max_seq_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+    )
+    encoder = PairEncoder(settings)
+    if encoder.context < cfg.max_seq_length:
+        log.warning("--max-seq-length %d is longer than the tokenizer's model_max_length %d: check the model's context",
+                    cfg.max_seq_length, encoder.context)
+    tok_fp = tokenizer_fingerprint(cfg.tokenizer)
+    source_hashes = {id(s): s.content_hash() for s in train_sources + eval_sources}
+    inputs = [source_hashes[id(s)] for s in train_sources + eval_sources] + [tok_fp]
+    if template_override is not None:
+        inputs.append(sha256_file(cfg.chat_template))
+    fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)
+
+    out = Path(cfg.out)
+    with ArtifactLock(out, cfg.lock_timeout):
+        state = prepare_output(out, KIND, fp, cfg.overwrite)
+        if state is OutputState.COMPLETE:
+            say_complete(out, KIND, fp)
+            return None
+        if state is OutputState.RESUME:
+            log.info("resuming the partial output in %s (fingerprint %s)", out, fp)
+        started = time.perf_counter()
+        splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder)
+        processed = _write_shards(cfg, out, splits, encoder, settings)
+        elapsed = time.perf_counter() - started
+        manifest = _close(cfg, out, fp, splits, encoder, tok_fp, source_stats, source_hashes,
+                          train_sources, eval_sources, processed, elapsed)
+        commit_output(out, manifest)
+    _remove_reject_parts(out)
+    _log_summary(out, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: list[Source],
+                encoder: PairEncoder) -> tuple[dict[str, list[Item]], list[dict[str, Any]]]:
+    """Every sampled record of every source, normalised, assigned to its split."""
+    columns = parse_columns(cfg.columns)
+    train: list[Item] = []
+    evals: list[Item] = []
+    stats = []
+    for split, sources in (("train", train_sources), ("eval", eval_sources)):
+        for source in sources:
+            records = source.read()
+            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source.name, source.spec.spec)
+            records = [records[i] for i in keep]
+            fmt = _source_format(cfg, source, records, columns, encoder)
+            items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]
+            (train if split == "train" else evals).extend(items)
+            stats.append({"data": source.spec.spec, "split": split, "format": fmt, "records": len(records)})
+    if cfg.eval_fraction > 0:
+        held_out = pick_fraction(len(train), cfg.eval_fraction, cfg.seed, "eval-fraction")
+        evals = [item for i, item in enumerate(train) if i in held_out] + evals
+        train = [item for i, item in enumerate(train) if i not in held_out]
+    splits = {"train": train}
+    if evals:
+        splits["eval"] = evals
+    return splits, stats
+
+
+def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str],
+                   encoder: PairEncoder) -> str:
+    fmt = cfg.format
+    if fmt == "auto":
+        if not records:
+            raise DataError(f"--data {source.spec.spec}: has no records")
+        try:
+            fmt = detect_format(apply_columns(records[0].parsed(), columns))
+        except FieldError as exc:
+            raise DataError(f"{records[0].where}: {exc}") from None
+        except UsageError as exc:
+            raise UsageError(f"--data {source.spec.spec} ({records[0].where}): {exc}") from None
+        log.info("%s: %d records, format %s", source.spec.spec, len(records), fmt)
+    if (fmt in CHAT_FORMATS or cfg.apply_chat_template) and encoder.template is None:
+        raise UsageError(
+            f"--data {source.spec.spec} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
+            "template; pass one with --chat-template FILE"
+            if fmt in CHAT_FORMATS
+            else f"--apply-chat-template: tokenizer {cfg.tokenizer} has no chat template; pass one with --chat-template FILE"
+        )
+    return fmt
+
+
+def _normalise(cfg: TokenizeConfig, record: Record, fmt: str, columns: dict[str, str]) -> Pair | Drop:
+    try:
+        return normalise(apply_columns(record.parsed(), columns), fmt)
+    except (FieldError, DataError) as exc:
+        message = f"{record.where}: {exc}" if isinstance(exc, FieldError) else str(exc)
+        if cfg.on_bad_record == "error":
+            raise DataError(f"{message} (format {fmt}; --on-bad-record skip sets such records aside)") from None
+        return Drop("malformed", message)
+
+
+def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]], encoder: PairEncoder,
+                  settings: EncodeSettings) -> dict[str, int]:
+    """Tokenize and commit every shard not yet committed; returns this run's pair and token counts."""
+    plan = []  # (split, shard number, shard count, items) in commit order
+    for split, items in splits.items():
+        bounds = shard_bounds(len(items), cfg.rows_per_shard)
+        plan.extend((split, k, len(bounds), items[a:b]) for k, (a, b) in enumerate(bounds))
+    pending = [p for p in plan if not _is_committed(out, *p[:3])]
+    if len(pending) < len(plan):
+        log.info("%d of %d shards already committed by an earlier run", len(plan) - len(pending), len(plan))
+
+    processed = {"pairs": 0, "tokens": 0}
+    pending_keys = {(split, number) for split, number, *_ in pending}
+    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pair", quiet=cfg.quiet)
+    with _Workers(cfg.num_proc, settings, encoder) as workers:
+        results = workers.map(_chunks(pending))
+        first_index = 0  # indices run on across shards and from train into eval
+        for split, number, count, items in plan:
+            if (split, number) not in pending_keys:
+                first_index += committed_shard(out, shard_path(split, number, count)).rows
+                continue
+            encoded = [r for _ in range(_chunk_count(items)) for r in next(results)]
+            rows, part = _assemble(cfg, split, items, encoded, first_index)
+            _commit_shard(out, split, number, count, rows, part)
+            first_index += rows.num_rows
+            processed["pairs"] += rows.num_rows
+            processed["tokens"] += int(pc.sum(rows["chosen_length"]).as_py() or 0) + int(
+                pc.sum(rows["rejected_length"]).as_py() or 0)
+            bar.update(len(items))
+    bar.close()
+    return processed
+
+
+def _is_committed(out: Path, split: str, number: int, count: int) -> bool:
+    return (out / _reject_part(split, number, count)).is_file() and committed_shard(out, shard_path(split, number, count)) is not None
+
+
+def _chunks(pending: list) -> Iterator[list[Pair]]:
+    for *_, items in pending:
+        pairs = [item.pair for item in items if isinstance(item.pair, Pair)]
+        for start in range(0, max(len(pairs), 1), CHUNK_PAIRS):
+            yield pairs[start : start + CHUNK_PAIRS]
+
+
+def _chunk_count(items: list[Item]) -> int:
+    pairs = sum(isinstance(item.pair, Pair) for item in items)
+    return max(1, -(-pairs // CHUNK_PAIRS))
+
+
+def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list, first_index: int) -> tuple[pa.Table, dict]:
+    """A shard's rows (in input order, densely indexed) and its part of the rejects and stats."""
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    rejects: list[dict] = []
+    truncated = 0
+    results = iter(encoded)
+    for item in items:
+        result = next(results) if isinstance(item.pair, Pair) else item.pair
+        if isinstance(result, PrefixMismatch):
+            message = f"{item.record.where}: {result.detail}"
+            if cfg.on_bad_record == "error":
+                raise DataError(
+                    f"{message}. The labels would be misaligned; fix the chat template (--chat-template FILE) "
+                    "or the data, or set such records aside with --on-bad-record skip"
+                )
+            result = Drop("prompt_not_token_prefix", result.detail)
+        if isinstance(result, Drop):
+            rejects.append({"split": split, "source": item.source, **item.record.location,
+                            "reason": result.reason, "detail": result.detail})
+            continue
+        prompt_ignore = [IGNORE_INDEX] * len(result.prompt)
+        columns["index"].append(first_index + len(columns["index"]))
+        columns["source"].append(item.source)
+        for side, response in (("chosen", result.chosen), ("rejected", result.rejected)):
+            columns[f"{side}_input_ids"].append(result.prompt + response)
+            columns[f"{side}_labels"].append(prompt_ignore + response)
+            columns[f"{side}_length"].append(len(result.prompt) + len(response))
+        columns["prompt_length"].append(len(result.prompt))
+        truncated += result.truncated
+    return pa.table(columns, schema=SCHEMA), {"rejects": rejects, "truncated": truncated}
+
+
+def _reject_part(split: str, number: int, count: int) -> str:
+    return f"{REJECT_PARTS}/{split}-{number:05d}-of-{count:05d}.json"
+
+
+def _commit_shard(out: Path, split: str, number: int, count: int, rows: pa.Table, part: dict) -> None:
+    path = out / _reject_part(split, number, count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, part)
+    write_shard(out, shard_path(split, number, count), rows)
+
+
+class _Workers:
+    """In-process encoding for --num-proc 1; otherwise a pool whose ordered map keeps the output order."""
+
+    def __init__(self, num_proc: int, settings: EncodeSettings, encoder: PairEncoder):
+        self.num_proc, self.settings, self.encoder = num_proc, settings, encoder
+        self.pool = None
+
+    def __enter__(self) -> _Workers:
+        global _worker_encoder
+        if self.num_proc > 1:
+            # fork (as datasets.map does) hands the loaded tokenizer to the workers for free; where fork is
+            # unavailable, spawned workers load their own.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            _worker_encoder = self.encoder
+            self.pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.settings,))
+        return self
+
+    def map(self, chunks: Iterator[list[Pair]]) -> Iterator[list]:
+        if self.pool is None:
+            return (self.encoder.encode(chunk) for chunk in chunks)
+        return self.pool.imap(_encode_chunk, chunks, chunksize=1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+_worker_encoder: PairEncoder | None = None
+
+
+def _init_worker(settings: EncodeSettings) -> None:
+    global _worker_encoder
+    # The processes are the parallelism: no tokenizer thread pool inside each (and none after a fork).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _worker_encoder is None:
+        _worker_encoder = PairEncoder(settings)
+
+
+def _encode_chunk(pairs: list[Pair]) -> list:
+    return _worker_encoder.encode(pairs)
+
+
+# ---------------------------------------------------------------------------------------- close
+
+
+def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]], encoder: PairEncoder,
+           tok_fp: str, source_stats: list[dict], source_hashes: dict[int, str], train_sources: list[Source],
+           eval_sources: list[Source], processed: dict[str, int], elapsed: float) -> Manifest:
+    """The manifest, with stats read back from the committed shards (so a resumed run reports the same)."""
+    files: list[FileEntry] = []
+    pairs: dict[str, dict[str, int]] = {}
+    lengths: dict[str, list[np.ndarray]] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
+    reject_rows: list[dict] = []
+    truncated = 0
+    for split, items in splits.items():
+        count = len(shard_bounds(len(items), cfg.rows_per_shard))
+        for number in range(count):
+            entry = committed_shard(out, shard_path(split, number, count))
+            files.append(entry)
+            table = pq.read_table(out / entry.path, columns=["source", *lengths])
+            for source, n in Counter(table["source"].to_pylist()).items():
+                pairs.setdefault(split, {}).setdefault(source, 0)
+                pairs[split][source] += n
+            for name in lengths:
+                lengths[name].append(table[name].to_numpy())
+            part = json.loads((out / _reject_part(split, number, count)).read_text())
+            reject_rows.extend(part["rejects"])
+            truncated += part["truncated"]
+    _write_rejects(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reject_rows))
+    files.append(dataclasses.replace(file_entry(out, REJECTS), rows=len(reject_rows)))
+
+    dropped = Counter(r["reason"] for r in reject_rows)
+    all_lengths = {name: np.concatenate(parts) for name, parts in lengths.items()}
+    total_pairs = sum(n for per_source in pairs.values() for n in per_source.values())
+    if total_pairs == 0 or not pairs.get("train"):
+        raise DataError(f"no training pairs are left after filtering (dropped: {dict(dropped)}); see {out / REJECTS}")
+    total_tokens = int(all_lengths["chosen_length"].sum() + all_lengths["rejected_length"].sum())
+    stats = {
+        "pairs": {split: sum(per_source.values()) for split, per_source in pairs.items()},
+        "pairs_per_source": pairs,
+        "records_read": sum(len(items) for items in splits.values()),
+        "dropped": dict(sorted(dropped.items())),
+        "dropped_total": sum(dropped.values()),
+        "truncated": truncated,
+        "total_tokens": total_tokens,
+        "lengths": {name: _describe(values) for name, values in all_lengths.items()},
+        "sources": source_stats,
+        "throughput": {
+            "seconds": round(elapsed, 3),
+            "num_proc": cfg.num_proc,
+            "pairs": processed["pairs"],
+            "pairs_per_second": round(processed["pairs"] / elapsed, 1) if elapsed > 0 else None,
+            "tokens_per_second": round(processed["tokens"] / elapsed, 1) if elapsed > 0 else None,
+        },
+        "tokenizer_info": tokenizer_info(encoder.tokenizer, tok_fp),
+        "chat_template": encoder.template if _uses_template(cfg, source_stats) else None,
+    }
+    inputs = [InputRef("data", s.spec.spec, source_hashes[id(s)]) for s in train_sources + eval_sources]
+    inputs.append(InputRef("tokenizer", cfg.tokenizer, tok_fp))
+    return Manifest(kind=KIND, fingerprint=fp, config=dataclasses.asdict(cfg), inputs=inputs, files=files, stats=stats)
+
+
+def _uses_template(cfg: TokenizeConfig, source_stats: list[dict]) -> bool:
+    return cfg.apply_chat_template or any(s["format"] in CHAT_FORMATS for s in source_stats)
+
+
+def _describe(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
+    return {"min": int(values.min()), "p50": p50, "p90": p90, "p99": p99, "max": int(values.max()),
+            "mean": round(float(values.mean()), 2)}
+
+
+def _write_rejects(out: Path, text: str) -> None:
+    tmp = out / (REJECTS + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / REJECTS)
+
+
+def _remove_reject_parts(out: Path) -> None:
+    parts = out / REJECT_PARTS
+    if parts.is_dir():
+        for part in parts.iterdir():
+            part.unlink()
+        parts.rmdir()
+
+
+def _log_summary(out: Path, manifest: Manifest) -> None:
+    s = manifest.stats
+    t = s["throughput"]
+    log.info(
+        "wrote %s: %s pairs, %d tokens; dropped %d %s; %.1f pairs/s, %.0f tokens/s over %.1fs (fingerprint %s)",
+        out, s["pairs"], s["total_tokens"], s["dropped_total"], s["dropped"] or "",
+        t["pairs_per_second"] or 0, t["tokens_per_second"] or 0, t["seconds"], manifest.fingerprint,
+    )

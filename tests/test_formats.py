@@ -1,0 +1,186 @@
+"""Record formats, sources and sampling: detection, normalisation, drops, malformed fields."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from dpo.pipeline.errors import UsageError
+from dpo.pipeline.formats import (
+    Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns,
+)
+from dpo.pipeline.sources import SourceSpec, pick_fraction, resolve_source, sample_rows
+
+from conftest import HH_DATA, SHAREGPT_DATA
+
+
+def hh_records() -> list[dict]:
+    with gzip.open(HH_DATA, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_text_format():
+    record = {"prompt": "Q?", "chosen": " good", "rejected": " bad", "extra": 1}
+    assert detect_format(record) == "text"
+    assert normalise(record, "text") == Pair("Q?", " good", " bad")
+
+
+def test_chat_format_shares_prompt_turns_and_ignores_string_prompt():
+    record = {  # UltraFeedback-binarized: a string prompt that repeats the first user turn
+        "prompt": "hi",
+        "chosen": [user("hi"), assistant("hello"), user("more"), assistant("sure")],
+        "rejected": [user("hi"), assistant("hello"), user("more"), assistant("no")],
+    }
+    assert detect_format(record) == "chat"
+    pair = normalise(record, "chat")
+    assert pair == Pair((user("hi"), assistant("hello"), user("more")), "sure", "no")
+    assert pair.is_chat
+    record["rejected"][1] = assistant("HELLO")
+    assert normalise(record, "chat").reason == "prompts_differ"
+
+
+def test_chat_format_last_turn_must_be_assistant():
+    record = {"chosen": [user("a"), assistant("b")], "rejected": [user("a")]}
+    with pytest.raises(FieldError) as err:
+        normalise(record, "chat")
+    assert err.value.field == "rejected[0].role"
+
+
+def test_chat_prompt_format_with_strings_and_lists():
+    record = {"prompt": [user("hi")], "chosen": "yes", "rejected": "no"}
+    assert detect_format(record) == "chat-prompt"
+    assert normalise(record, "chat-prompt") == Pair((user("hi"),), "yes", "no")
+    record = {"prompt": [user("hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")]}
+    assert normalise(record, "chat-prompt") == Pair((user("hi"),), "yes", "no")
+
+
+def test_hh_real_records_split_at_last_assistant_turn():
+    records = hh_records()
+    assert len(records) == 2312
+    assert detect_format(records[0]) == "hh"
+    pair = normalise(records[0], "hh")
+    assert pair.prompt.startswith("\n\nHuman: what are some pranks with a pen")
+    assert pair.prompt.endswith("\n\nAssistant:")
+    assert records[0]["chosen"] == pair.prompt + pair.chosen
+    assert records[0]["rejected"] == pair.prompt + pair.rejected
+    assert "\n\nAssistant:" not in pair.chosen
+    outcomes = [normalise(r, "hh") for r in records]
+    drops = {i + 1: o.reason for i, o in enumerate(outcomes) if isinstance(o, Drop)}
+    # The real file: five dialogues whose last split points differ, four with an empty chosen answer.
+    assert drops == {87: "empty_response", 517: "empty_response", 926: "empty_response", 1104: "empty_response",
+                     1255: "prompts_differ", 1689: "prompts_differ", 1951: "prompts_differ",
+                     1953: "prompts_differ", 2037: "prompts_differ"}
+
+
+def test_sharegpt_real_records():
+    records = json.loads(SHAREGPT_DATA.read_text())
+    assert detect_format(records[0]) == "sharegpt"
+    pairs = [normalise(r, "sharegpt") for r in records]
+    assert all(isinstance(p, Pair) for p in pairs)
+    first = pairs[0]
+    assert first.prompt == ({"role": "user", "content": records[0]["conversations"][0]["value"]},)
+    assert first.chosen == records[0]["chosen"]["value"]
+    with_system = next(p for p, r in zip(pairs, records) if any(t["from"] == "system" for t in r["conversations"]))
+    assert with_system.prompt[0]["role"] == "system"
+
+
+def test_sharegpt_unknown_speaker_names_the_field():
+    record = {"conversations": [{"from": "narrator", "value": "x"}], "chosen": {"from": "gpt", "value": "a"},
+              "rejected": {"from": "gpt", "value": "b"}}
+    with pytest.raises(FieldError) as err:
+        normalise(record, "sharegpt")
+    assert err.value.field == "conversations[0].from"
+
+
+def test_columns_mapping():
+    assert parse_columns("prompt=question, chosen=good,rejected=bad") == {
+        "prompt": "question", "chosen": "good", "rejected": "bad"}
+    record = apply_columns({"question": "Q", "good": "A", "bad": "B"}, parse_columns("prompt=question,chosen=good,rejected=bad"))
+    assert detect_format(record) == "text"
+    assert normalise(record, "text") == Pair("Q", "A", "B")
+    with pytest.raises(FieldError) as err:
+        apply_columns({"question": "Q"}, {"prompt": "question", "chosen": "good"})
+    assert err.value.field == "good"
+    for bad in ("prompt", "answer=x", "prompt="):
+        with pytest.raises(UsageError):
+            parse_columns(bad)
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt": "q", "chosen": "a"}, "rejected"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt"),
+    ({"prompt": "q", "chosen": None, "rejected": "b"}, "chosen"),
+])
+def test_text_malformed_fields(record, field):
+    with pytest.raises(FieldError) as err:
+        normalise(record, "text")
+    assert err.value.field == field
+
+
+def test_message_field_paths():
+    record = {"chosen": [user("a"), {"role": "assistant", "content": 5}], "rejected": [user("a"), assistant("b")]}
+    with pytest.raises(FieldError) as err:
+        normalise(record, "chat")
+    assert err.value.field == "chosen[1].content"
+    assert "expected a string, got int" in str(err.value)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "  \n", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "empty_response"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen_equals_rejected"),
+])
+def test_content_drops(record, reason):
+    assert normalise(record, "text").reason == reason
+
+
+def test_undetectable_format_is_a_usage_error():
+    with pytest.raises(UsageError, match="--format"):
+        detect_format({"question": "q", "answer": "a"})
+
+
+def test_source_spec_amounts():
+    assert SourceSpec.parse("data.jsonl") == SourceSpec("data.jsonl", "data.jsonl", None)
+    assert SourceSpec.parse("data.jsonl:0.5").amount == 0.5
+    assert SourceSpec.parse("data.jsonl:1000").amount == 1000
+    assert SourceSpec.parse("data.jsonl:1.0").amount is None
+    assert SourceSpec.parse("org/name:.25") == SourceSpec("org/name:.25", "org/name", 0.25)
+    for bad in ("x:0", "x:1.5", "x:0.0"):
+        with pytest.raises(UsageError):
+            SourceSpec.parse(bad)
+
+
+def test_sampling_is_seeded_ordered_and_exact():
+    a = sample_rows(1000, 0.25, seed=1, key="src", what="src:0.25")
+    assert len(a) == 250 and a == sorted(a)
+    assert a == sample_rows(1000, 0.25, seed=1, key="src", what="src:0.25")
+    assert a != sample_rows(1000, 0.25, seed=2, key="src", what="src:0.25")
+    assert len(sample_rows(1000, 17, seed=1, key="src", what="src:17")) == 17
+    # Pinned: the sample must not change with Python or numpy versions.
+    assert sample_rows(10, 3, seed=42, key="k", what="k:3") == [3, 4, 7]
+    with pytest.raises(UsageError, match="only 10"):
+        sample_rows(10, 11, seed=1, key="src", what="src:11")
+    assert len(pick_fraction(100, 0.1, 0, "eval")) == 10
+
+
+def test_resolve_source_kinds(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "folder" / "notes.txt").write_text("ignored")
+    assert [f.name for f in resolve_source(str(tmp_path / "folder")).files] == ["a.jsonl"]
+    assert resolve_source("org/some-dataset").kind == "hub"
+    with pytest.raises(UsageError, match="no such file"):
+        resolve_source(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="has no"):
+        resolve_source(str(tmp_path / "empty"))

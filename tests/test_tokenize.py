@@ -1,0 +1,422 @@
+"""`dpo tokenize` end to end: formats, masking, truncation, mixing, rejects, reruns, errors, resume.
+
+Most tests call the stage in-process (fast); the exit-code and message tests drive the real CLI.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import DEMO_MODEL, DPO, GPT2_TOKENIZER, HH_DATA, SHAREGPT_DATA, dpo_env, run_dpo
+from dpo.artifacts.fingerprint import fingerprint
+from dpo.artifacts.lock import ArtifactLock
+from dpo.artifacts.shards import ArtifactReader
+from dpo.pipeline.errors import ArtifactError, DataError, UsageError
+from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
+
+HH = str(HH_DATA)
+SHAREGPT = str(SHAREGPT_DATA)
+
+
+def tokenize(out: Path, *data: str, tokenizer: Path = DEMO_MODEL, **options):
+    return run(TokenizeConfig(data=tuple(data), tokenizer=str(tokenizer), out=str(out), quiet=True, **options))
+
+
+def rows(out: Path, split: str = "train") -> list[dict]:
+    return ArtifactReader(out, kind="tokenized", verify=True).read_split(split).to_pylist()
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {f["path"]: (out / f["path"]).read_bytes() for f in manifest["files"]}
+
+
+def labelled(ids: list[int], labels: list[int]) -> list[int]:
+    assert len(ids) == len(labels)
+    kept = [t for t, l in zip(ids, labels) if l != -100]
+    assert kept == [t for t, l in zip(ids, labels) if l == t], "a label differs from its token"
+    return kept
+
+
+def hh_lines() -> list[dict]:
+    with gzip.open(HH_DATA, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------------ formats, masking
+
+
+@pytest.mark.parametrize("tokenizer", [DEMO_MODEL, GPT2_TOKENIZER], ids=["llama-sp", "gpt2-no-pad"])
+def test_hh_plain_text_masking(tmp_path, tokenizer):
+    """Labelled tokens decode to exactly the response + EOS; the prompt ids match in chosen and rejected."""
+    manifest = tokenize(tmp_path / "out", f"{HH}:150", tokenizer=tokenizer, max_seq_length=4096)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    dialogues = {r["chosen"].strip() for r in hh_lines()}
+    table = rows(tmp_path / "out")
+    assert [r["index"] for r in table] == list(range(len(table)))
+    assert manifest.stats["tokenizer_info"]["pad_token_id"] == tok.pad_token_id
+    assert manifest.stats["chat_template"] is None
+    for row in table:
+        p = row["prompt_length"]
+        assert row["chosen_input_ids"][:p] == row["rejected_input_ids"][:p]
+        assert set(row["chosen_labels"][:p]) == {-100} and set(row["rejected_labels"][:p]) == {-100}
+        assert row["chosen_length"] == len(row["chosen_input_ids"])
+        for side in ("chosen", "rejected"):
+            answer = labelled(row[f"{side}_input_ids"], row[f"{side}_labels"])
+            assert answer[-1] == tok.eos_token_id and -100 not in answer
+            assert answer == row[f"{side}_input_ids"][p:]
+        # the whole sequence is the original dialogue, tokenized in one piece
+        assert tok.decode(row["chosen_input_ids"], skip_special_tokens=True).strip() in dialogues
+    assert len(table) == 150 - manifest.stats["dropped_total"]
+
+
+def test_hh_response_text_roundtrip():
+    """Decode the labelled part of one real HH pair and compare with the text after the last Assistant turn."""
+    from dpo.pipeline.formats import normalise
+    from dpo.pipeline.tokenization import EncodeSettings, PairEncoder
+
+    record = hh_lines()[0]
+    pair = normalise(record, "hh")
+    for tokenizer in (DEMO_MODEL, GPT2_TOKENIZER):
+        encoder = PairEncoder(EncodeSettings(str(tokenizer), None, False, 4096, None, "keep-start"))
+        [enc] = encoder.encode([pair])
+        tok = encoder.tokenizer
+        assert enc.chosen[-1] == tok.eos_token_id
+        assert tok.decode(enc.chosen[:-1]).strip() == pair.chosen.strip()
+        assert tok.decode(enc.rejected[:-1]).strip() == pair.rejected.strip()
+        assert tok.decode(enc.prompt, skip_special_tokens=True).strip() == pair.prompt.strip()
+
+
+def test_sharegpt_chat_template_masking(tmp_path):
+    manifest = tokenize(tmp_path / "out", f"{SHAREGPT}:60", max_seq_length=16384)
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    records = json.loads(SHAREGPT_DATA.read_text())
+    by_chosen = {r["chosen"]["value"].strip(): r for r in records}
+    assert manifest.stats["chat_template"] == tok.chat_template
+    assert manifest.stats["sources"][0]["format"] == "sharegpt"
+    table = rows(tmp_path / "out")
+    assert len(table) == 60
+    for row in table:
+        answer = labelled(row["chosen_input_ids"], row["chosen_labels"])
+        assert answer[-1] == tok.eos_token_id  # the template's end of turn ends the response; its '\n' after it does not
+        text = tok.decode(answer[:-1]).strip()
+        assert text in by_chosen
+        prompt = tok.decode(row["chosen_input_ids"][: row["prompt_length"]])
+        assert prompt.endswith("assistant:")
+        assert prompt.strip().startswith(("user:", "system:"))
+
+
+def test_chat_format_and_chat_prompt_format(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "Name a colour."}]
+    records = [
+        {"chosen": chat + [{"role": "assistant", "content": "Blue."}],
+         "rejected": chat + [{"role": "assistant", "content": "Seven."}]},
+        {"chosen": chat + [{"role": "assistant", "content": "Red."}],
+         "rejected": [{"role": "user", "content": "Other."}, {"role": "assistant", "content": "No."}]},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompt_data = tmp_path / "prompt.json"
+    prompt_data.write_text(json.dumps([{"prompt": chat, "chosen": "Blue.", "rejected": "Seven."}]))
+    manifest = tokenize(tmp_path / "out", str(data), str(prompt_data))
+    assert [s["format"] for s in manifest.stats["sources"]] == ["chat", "chat-prompt"]
+    assert manifest.stats["dropped"] == {"prompts_differ": 1}
+    first, second = rows(tmp_path / "out")
+    # the same pair in two formats gives the same tokens
+    assert {k: v for k, v in first.items() if k not in ("index", "source")} == \
+        {k: v for k, v in second.items() if k not in ("index", "source")}
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    assert tok.decode(labelled(first["chosen_input_ids"], first["chosen_labels"])).strip() == "Blue.</s>"
+
+
+def test_columns_mapping_parquet_and_saved_dataset(tmp_path):
+    import datasets
+
+    table = pa.table({"question": ["Why is the sky blue?", "2+2?"], "good": [" Rayleigh scattering.", " 4"],
+                      "bad": [" Paint.", " 5"]})
+    pq.write_table(table, tmp_path / "qa.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    columns = "prompt=question,chosen=good,rejected=bad"
+    manifest = tokenize(tmp_path / "out", str(tmp_path / "qa.parquet"), str(tmp_path / "saved"), columns=columns)
+    assert [s["format"] for s in manifest.stats["sources"]] == ["text", "text"]
+    a, b, c, d = rows(tmp_path / "out")
+    assert a["chosen_input_ids"] == c["chosen_input_ids"] and b["rejected_labels"] == d["rejected_labels"]
+    assert a["chosen_input_ids"][0] == AutoTokenizer.from_pretrained(DEMO_MODEL).bos_token_id
+
+
+def test_apply_chat_template_wraps_plain_pairs(tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}) + "\n")
+    manifest = tokenize(tmp_path / "out", str(data), apply_chat_template=True)
+    [row] = rows(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    assert tok.decode(row["chosen_input_ids"]).strip() == "user: Say hi.\nassistant: Hi!</s>"
+    assert manifest.stats["chat_template"] == tok.chat_template
+
+
+def test_chat_data_needs_a_template(tmp_path):
+    with pytest.raises(UsageError, match="no chat template; pass one with --chat-template"):
+        tokenize(tmp_path / "out", f"{SHAREGPT}:5", tokenizer=GPT2_TOKENIZER)
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    manifest = tokenize(tmp_path / "out", f"{SHAREGPT}:5", tokenizer=GPT2_TOKENIZER, chat_template=str(template),
+                        max_seq_length=16384)
+    assert manifest.stats["chat_template"] == template.read_text()
+    tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    for row in rows(tmp_path / "out"):
+        answer = labelled(row["rejected_input_ids"], row["rejected_labels"])
+        assert answer[-1] == tok.eos_token_id
+        assert tok.decode(row["rejected_input_ids"][: row["prompt_length"]]).endswith("<|assistant|>")
+
+
+def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
+    template = tmp_path / "broken.jinja"
+    # the generation prompt says 'assistant:\n' but a rendered answer follows 'assistant: ' (no newline)
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+    )
+    with pytest.raises(DataError, match=r"json, row \[\d+\]: the chat template's rendering of the prompt is not a token prefix"):
+        tokenize(tmp_path / "out", f"{SHAREGPT}:3", chat_template=str(template))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
+    assert manifest.stats["dropped"] == {"prompt_not_token_prefix": 3}
+    assert manifest.stats["pairs_per_source"]["train"] == {HH: 5}
+
+
+# --------------------------------------------------------------------------------- truncation
+
+
+def test_truncation_keep_start_and_drop(tmp_path):
+    tokenize(tmp_path / "full", f"{HH}:300", max_seq_length=4096)
+    keep = tokenize(tmp_path / "keep", f"{HH}:300", max_seq_length=256)
+    full = {(r["source"], tuple(r["chosen_input_ids"][: r["prompt_length"]])): r for r in rows(tmp_path / "full")}
+    table = rows(tmp_path / "keep")
+    assert keep.stats["truncated"] > 0
+    assert keep.stats["dropped"].get("no_trainable_tokens", 0) > 0  # prompts of 256+ tokens leave no room
+    for row in table:
+        whole = full[(row["source"], tuple(row["chosen_input_ids"][: row["prompt_length"]]))]
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_length"] <= 256
+            # keep-start: the prompt and the start of the response survive, the end is cut
+            assert row[f"{side}_input_ids"] == whole[f"{side}_input_ids"][:256]
+            assert row[f"{side}_labels"] == whole[f"{side}_labels"][:256]
+
+    drop = tokenize(tmp_path / "drop", f"{HH}:300", max_seq_length=256, truncation="drop")
+    assert drop.stats["truncated"] == 0
+    assert drop.stats["dropped"]["too_long"] > 0
+    assert max(max(r["chosen_length"], r["rejected_length"]) for r in rows(tmp_path / "drop")) <= 256
+    assert drop.stats["pairs"]["train"] < keep.stats["pairs"]["train"]
+    rejects = [json.loads(line) for line in (tmp_path / "drop" / "rejects.jsonl").read_text().splitlines()]
+    assert sum(r["reason"] == "too_long" for r in rejects) == drop.stats["dropped"]["too_long"]
+
+
+def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path):
+    tokenize(tmp_path / "full", f"{HH}:50", max_seq_length=4096)
+    tokenize(tmp_path / "cut", f"{HH}:50", max_seq_length=4096, max_prompt_length=64)
+    for full, cut in zip(rows(tmp_path / "full"), rows(tmp_path / "cut")):
+        p, q = full["prompt_length"], cut["prompt_length"]
+        assert q == min(p, 64)
+        assert cut["chosen_input_ids"][0] == 1  # BOS survives
+        assert cut["chosen_input_ids"][1:q] == full["chosen_input_ids"][p - q + 1 : p]
+        assert cut["chosen_input_ids"][q:] == full["chosen_input_ids"][p:]
+
+
+# ----------------------------------------------------------------------------- mixing, splits
+
+
+def test_mixing_fraction_count_seed_and_eval_split(tmp_path):
+    m = tokenize(tmp_path / "a", f"{HH}:0.1", f"{SHAREGPT}:40", max_seq_length=16384, eval_fraction=0.2, seed=3)
+    assert [s["records"] for s in m.stats["sources"]] == [231, 40]
+    assert m.stats["records_read"] == 271
+    train, evals = rows(tmp_path / "a"), rows(tmp_path / "a", "eval")
+    assert m.stats["pairs"] == {"train": len(train), "eval": len(evals)}
+    assert len(evals) in range(50, 56)  # 54 records held out before filtering, minus drops
+    assert [r["index"] for r in train + evals] == list(range(len(train) + len(evals)))
+    per_source = m.stats["pairs_per_source"]
+    assert set(per_source["train"]) == {HH, SHAREGPT}
+    assert per_source["train"][SHAREGPT] + per_source["eval"].get(SHAREGPT, 0) == 40
+
+    again = tokenize(tmp_path / "b", f"{HH}:0.1", f"{SHAREGPT}:40", max_seq_length=16384, eval_fraction=0.2, seed=3)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert again.fingerprint == m.fingerprint
+    other = tokenize(tmp_path / "c", f"{HH}:0.1", f"{SHAREGPT}:40", max_seq_length=16384, eval_fraction=0.2, seed=4)
+    assert other.fingerprint != m.fingerprint
+    assert [r["chosen_input_ids"] for r in rows(tmp_path / "c")] != [r["chosen_input_ids"] for r in train]
+
+
+def test_eval_data_source(tmp_path):
+    m = tokenize(tmp_path / "out", f"{HH}:100", eval_data=(f"{SHAREGPT}:10",), max_seq_length=4096)
+    assert m.stats["pairs_per_source"]["eval"] == {SHAREGPT: 10}
+    assert rows(tmp_path / "out", "eval")[0]["index"] == m.stats["pairs"]["train"]
+
+
+# ------------------------------------------------------------------------ rejects, malformed data
+
+
+def test_rejects_file_lists_every_drop_with_its_line(tmp_path):
+    m = tokenize(tmp_path / "out", HH, max_seq_length=4096)
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["line"], r["reason"]) for r in rejects} == {
+        (87, "empty_response"), (517, "empty_response"), (926, "empty_response"), (1104, "empty_response"),
+        (1255, "prompts_differ"), (1689, "prompts_differ"), (1951, "prompts_differ"),
+        (1953, "prompts_differ"), (2037, "prompts_differ")}
+    assert all(r["file"] == HH and r["source"] == HH and r["split"] == "train" for r in rejects)
+    assert m.stats["dropped"] == {"empty_response": 4, "prompts_differ": 5}
+    assert m.stats["pairs"]["train"] == 2312 - 9
+    entry = next(f for f in m.files if f.path == "rejects.jsonl")
+    assert entry.rows == 9
+
+
+MALFORMED = {
+    "bad-json": ('{"prompt": "q", "chosen": "a", "rejected": "b"', "line 2", "not valid JSON"),
+    "missing-field": ('{"prompt": "q", "chosen": "a"}', "line 2", "'rejected': missing"),
+    "wrong-type": ('{"prompt": "q", "chosen": ["a"], "rejected": "b"}', "line 2", "'chosen': expected a string, got list"),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_malformed_record_stops_with_file_line_field(tmp_path, kind):
+    line, where, what = MALFORMED[kind]
+    data = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    data.write_text(f"{good}\n{line}\n{good}\n")
+    proc = run_dpo("tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out", "--format", "text")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{data}, {where}" in proc.stderr and what in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert list((tmp_path / "out").glob("train/*.parquet")) == []
+
+
+def test_malformed_records_skipped_into_rejects(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    data.write_text("\n".join([good] + [m[0] for m in MALFORMED.values()] + [good]) + "\n")
+    m = tokenize(tmp_path / "out", str(data), format="text", on_bad_record="skip")
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "malformed"), (3, "malformed"), (4, "malformed")]
+    assert "'chosen': expected a string" in rejects[2]["detail"]
+    assert m.stats["pairs"]["train"] == 2 and m.stats["dropped"] == {"malformed": 3}
+
+
+def test_malformed_json_list_names_the_element(tmp_path):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": 1, "rejected": "b"}]))
+    with pytest.raises(DataError, match=r"pairs\.json, row \[1\]: field 'chosen': expected a string, got int"):
+        tokenize(tmp_path / "out", str(data))
+
+
+def test_hub_name_fails_clearly_offline(tmp_path):
+    proc = run_dpo("tokenize", "--data", "some-org/some-dataset", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out",
+                   env=dpo_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert "not a local file or folder, and loading it as a Hugging Face hub dataset failed" in proc.stderr
+
+
+# ------------------------------------------------------------------------ reruns, lock, fingerprint
+
+
+def test_noop_rerun_fingerprint_change_and_overwrite(tmp_path):
+    out = tmp_path / "out"
+    first = tokenize(out, f"{HH}:50")
+    before = shard_bytes(out)
+    again = run_dpo("tokenize", "--data", f"{HH}:50", "--tokenizer", DEMO_MODEL, "--out", out, "--num-proc", "2")
+    assert again.returncode == 0 and "nothing to do" in again.stderr and first.fingerprint in again.stderr
+    assert shard_bytes(out) == before
+    with pytest.raises(ArtifactError, match="--overwrite") as err:
+        tokenize(out, f"{HH}:50", max_seq_length=128)
+    assert err.value.exit_code == 3
+    assert shard_bytes(out) == before
+    replaced = tokenize(out, f"{HH}:50", max_seq_length=128, overwrite=True)
+    assert replaced.fingerprint != first.fingerprint
+    assert json.loads((out / "manifest.json").read_text())["config"]["max_seq_length"] == 128
+
+
+def test_lock_held_by_a_live_job(tmp_path):
+    out = tmp_path / "out"
+    with ArtifactLock(out, timeout_s=600):
+        proc = run_dpo("tokenize", "--data", f"{HH}:10", "--tokenizer", DEMO_MODEL, "--out", out)
+    assert proc.returncode == 4
+    assert "being written by another job" in proc.stderr and f"pid {os.getpid()}" in proc.stderr
+
+
+def test_fingerprint_is_pinned_and_ignores_non_semantic_options():
+    cfg = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out")
+    inputs = ["0" * 64, "dd5de5ed7a1c485f"]
+    fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)
+    assert fp == "4c8ba79228b4dfeb"
+    same = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="/elsewhere/tok", out="other", num_proc=8,
+                          quiet=True, lock_timeout=5, overwrite=True)
+    assert fingerprint("tokenize", TOKENIZE_VERSION, same, inputs) == fp
+    assert fingerprint("tokenize", TOKENIZE_VERSION, TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok",
+                                                                    out="out", max_seq_length=512), inputs) != fp
+
+
+def test_tokenizer_fingerprint_is_content_based(tmp_path):
+    import shutil
+
+    from dpo.pipeline.tokenization import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(str(DEMO_MODEL)) == "dd5de5ed7a1c485f"
+    copy = shutil.copytree(DEMO_MODEL, tmp_path / "copy")
+    assert tokenizer_fingerprint(str(copy)) == "dd5de5ed7a1c485f"
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_fingerprint(str(copy)) != "dd5de5ed7a1c485f"
+
+
+# ------------------------------------------------------------------ parallelism and resume
+
+
+def test_num_proc_gives_byte_identical_shards(tmp_path):
+    common = dict(max_seq_length=512, rows_per_shard=150, eval_fraction=0.1)
+    one = tokenize(tmp_path / "one", f"{HH}:400", f"{SHAREGPT}:100", num_proc=1, **common)
+    two = tokenize(tmp_path / "two", f"{HH}:400", f"{SHAREGPT}:100", num_proc=2, **common)
+    assert one.fingerprint == two.fingerprint
+    assert len([f for f in one.files if f.path.endswith(".parquet")]) == 4  # 450 train + 50 eval records
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert [f.sha256 for f in one.files] == [f.sha256 for f in two.files]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_is_byte_identical(tmp_path):
+    args = ["tokenize", "--data", HH, "--tokenizer", str(DEMO_MODEL), "--rows-per-shard", "100", "--max-seq-length", "512"]
+    reference = tmp_path / "reference"
+    run_dpo(*args, "--out", reference, check=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*DPO, *args, "--out", str(out)], env=dpo_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list((out / "train").glob("part-*.parquet"))) < 5:
+        assert proc.poll() is None, "finished before it could be killed: use smaller shards"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    committed = len(list((out / "train").glob("part-*.parquet")))
+    assert 5 <= committed < 24
+
+    time.sleep(1.5)  # the dead job's lock goes stale after --lock-timeout, as after a requeue
+    rerun = run_dpo(*args, "--out", out, "--lock-timeout", "1", check=True)
+    assert "resuming" in rerun.stderr and "already committed" in rerun.stderr
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert json.loads((out / "manifest.json").read_text())["stats"]["pairs"] == \
+        json.loads((reference / "manifest.json").read_text())["stats"]["pairs"]
+    assert not (out / ".rejects").exists()
