@@ -1,0 +1,313 @@
+"""`dpo train` end to end through the real CLI, on the demo model and a slice of HH-RLHF.
+
+The checks that matter for a DPO trainer:
+- before the first update the policy is the reference (dropout off), so the first DPO loss is
+  ln 2 and the implicit rewards are 0; likewise the first loss of every reference-based variant
+  has a closed form (ipo: (0 − 1/(2β))², hinge: relu(1 − 0) = 1, ...);
+- one forward over chosen+rejected and two separate forwards give the same losses;
+- gradient accumulation gives the same update as the equivalent larger batch;
+- a run killed mid-epoch and resumed reproduces the uninterrupted run's losses (1e-6 on CPU);
+- LoRA trains only the adapters and saves an adapter; a mismatched reference cache is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEMO_MODEL, DPO, HH_DATA, dpo_env, run_dpo
+
+LN2 = math.log(2.0)
+METRIC_KEYS = {
+    "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "padding_fraction",
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A tokenized slice of HH-RLHF (train + eval) and its reference cache from the demo model."""
+    root = tmp_path_factory.mktemp("train-data")
+    run_dpo("tokenize", "--data", f"{HH_DATA}:400", "--tokenizer", DEMO_MODEL, "--out", root / "tok",
+            "--max-seq-length", "192", "--eval-fraction", "0.1", check=True)
+    run_dpo("cache-ref", "--tokenized", root / "tok", "--model", DEMO_MODEL, "--out", root / "ref", check=True)
+    return {"tok": root / "tok", "ref": root / "ref", "root": root}
+
+
+def train(data: dict[str, Path], out: Path, *extra, ref: bool = True, check: bool = True, env=None):
+    args = ["train", "--tokenized", data["tok"], "--model", DEMO_MODEL, "--out", out,
+            "--per-device-batch-size", "4", "--logging-steps", "1", "--learning-rate", "1e-3",
+            "--warmup-ratio", "0", *extra]
+    if ref:
+        args[1:1] = ["--ref-cache", data["ref"]]
+    return run_dpo(*args, check=check, env=env)
+
+
+def rows(out: Path, eval_rows: bool = False) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if ("eval/loss" in r) == eval_rows]
+
+
+def losses_of(out: Path) -> np.ndarray:
+    return np.array([r["loss"] for r in rows(out)])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def basic_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("basic") / "run"
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    proc = train(data, out, "--max-steps", "4", "--eval-steps", "2", "--save-every", "2",
+                 "--wandb-project", "dpo-tests", env=dpo_env(WANDB_DIR=str(wandb_dir)))
+    return out, proc, wandb_dir
+
+
+def test_first_step_is_ln2_with_zero_rewards(basic_run):
+    out, _, _ = basic_run
+    first = rows(out)[0]
+    assert first["step"] == 1
+    assert abs(first["loss"] - LN2) < 1e-5
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-5, key
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    # The model learns: with lr 1e-3 the DPO loss drops below ln 2 within a few steps.
+    assert min(r["loss"] for r in rows(out)[1:]) < LN2
+
+
+def test_metrics_rows_and_eval(basic_run):
+    out, _, _ = basic_run
+    train_rows = rows(out)
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for row in train_rows:
+        assert set(row) == METRIC_KEYS
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values())
+        assert 0.0 <= row["padding_fraction"] < 1.0 and row["tokens_per_second"] > 0
+        assert 0.0 <= row["rewards/accuracies"] <= 1.0
+        assert abs(row["rewards/margins"] - (row["rewards/chosen"] - row["rewards/rejected"])) < 1e-6
+    evals = rows(out, eval_rows=True)
+    assert [r["step"] for r in evals] == [2, 4]
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(evals[0])
+
+
+def test_final_model_manifest_and_wandb(basic_run, data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, proc, wandb_dir = basic_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "train"
+    assert {i["kind"] for i in manifest["inputs"]} == {"tokenized", "ref-logps"}
+    assert manifest["config"]["beta"] == 0.1 and manifest["config"]["loss_type"] == "dpo"
+    stats = manifest["stats"]
+    assert stats["steps"] == 4 and stats["tokens"] > 0 and stats["peak_cpu_rss_bytes"] > 0
+    assert stats["tokens_per_second"] > 0
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"metrics.jsonl", "final/model.safetensors", "final/config.json", "final/tokenizer.json"} <= paths
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert AutoTokenizer.from_pretrained(out / "final").chat_template
+    # keep_last 2 of the checkpoints at step 2 (step 4 is the end: final/ holds it).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    run_ids = [p.name.rsplit("-", 1)[-1] for p in (wandb_dir / "wandb").glob("offline-run-*")]
+    assert run_ids == [stats["wandb_run_id"]]
+
+
+def test_rerun_after_completion_is_noop(basic_run, data):
+    out, _, _ = basic_run
+    before = (out / "manifest.json").read_text(), (out / "metrics.jsonl").read_text()
+    proc = train(data, out, "--max-steps", "4", "--eval-steps", "2", "--save-every", "2",
+                 "--wandb-project", "dpo-tests")
+    assert "nothing to do" in proc.stderr
+    assert ((out / "manifest.json").read_text(), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_concatenated_equals_separate(data, tmp_path):
+    train(data, tmp_path / "c", "--max-steps", "3", "--forward", "concatenated")
+    train(data, tmp_path / "s", "--max-steps", "3", "--forward", "separate")
+    np.testing.assert_allclose(losses_of(tmp_path / "c"), losses_of(tmp_path / "s"), rtol=0, atol=1e-5)
+    c, s = rows(tmp_path / "c"), rows(tmp_path / "s")
+    # Separate batches pad each side to its own length: never more padding than one shared length.
+    assert all(b["padding_fraction"] <= a["padding_fraction"] + 1e-9 for a, b in zip(c, s))
+
+
+def test_grad_accumulation_equals_bigger_batch(data, tmp_path):
+    from safetensors.torch import load_file
+
+    train(data, tmp_path / "big", "--max-steps", "3", "--per-device-batch-size", "8")
+    train(data, tmp_path / "acc", "--max-steps", "3", "--per-device-batch-size", "2", "--grad-accum", "4")
+    big, acc = rows(tmp_path / "big"), rows(tmp_path / "acc")
+    for a, b in zip(big, acc):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)
+    # Adam's first steps are ~lr·sign(g), so a gradient near 0 turns rounding into a visible weight
+    # difference; 1e-4 is a tenth of one update. grad_norm above compares the gradients themselves.
+    wa = load_file(tmp_path / "big" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "acc" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-4)
+
+
+# First-step loss of every variant when policy == reference (z = 0, per-token ratios 0); beta defaults.
+FIRST_LOSS = {
+    "dpo": LN2,
+    "dpo_norm": LN2,
+    "ipo": (0 - 1 / (2 * 0.1)) ** 2,
+    "hinge": 1.0,
+    "robust": LN2,
+}
+
+
+def test_every_loss_type_trains(data, tmp_path):
+    """In one process (the CLI only builds this config): six subprocesses would cost a minute of imports."""
+    from dpo.stages import train as stage
+
+    for loss_type in ("dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust"):
+        out = tmp_path / loss_type
+        stage.run(stage.TrainConfig(
+            tokenized=str(data["tok"]), model=str(DEMO_MODEL), out=str(out),
+            ref_cache=None if loss_type == "simpo" else str(data["ref"]), loss_type=loss_type, max_steps=2,
+            per_device_batch_size=4, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, quiet=True))
+        first = rows(out)[0]
+        assert all(math.isfinite(r["loss"]) for r in rows(out)), loss_type
+        if loss_type in FIRST_LOSS:
+            assert abs(first["loss"] - FIRST_LOSS[loss_type]) < 1e-4, (loss_type, first["loss"])
+            assert abs(first["rewards/margins"]) < 1e-5, loss_type
+        elif loss_type == "wpo":
+            # Each pair's loss is ln 2 times a weight in (0, 1].
+            assert 0 < first["loss"] <= LN2 + 1e-6
+        else:
+            # simpo: rewards are β times average log-probs, negative for any real model.
+            assert first["rewards/chosen"] < 0 and first["rewards/rejected"] < 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["beta"] == {"dpo_norm": 5.0, "simpo": 2.0}.get(loss_type, 0.1)
+        assert [i["kind"] for i in manifest["inputs"]] == (["tokenized"] if loss_type == "simpo" else
+                                                             ["tokenized", "ref-logps"])
+
+
+def test_lora_trains_only_the_adapter(data, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    train(data, out, "--max-steps", "3", "--lora", "--lora-rank", "4", "--lora-target-modules", "q_proj",
+          "--lora-target-modules", "v_proj", "--save-every", "2")
+    assert abs(rows(out)[0]["loss"] - LN2) < 1e-5
+    final = out / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert {k.split(".")[-3] for k in adapter} == {"q_proj", "v_proj"}
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, final)
+    for name, value in merged.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    assert (out / "checkpoints" / "step-00000002" / "model" / "adapter_config.json").is_file()
+
+
+def test_cache_of_other_tokens_is_refused(data, tmp_path):
+    other = tmp_path / "tok-other"
+    run_dpo("tokenize", "--data", f"{HH_DATA}:400", "--tokenizer", DEMO_MODEL, "--out", other,
+            "--max-seq-length", "160", check=True)
+    proc = run_dpo("train", "--tokenized", other, "--ref-cache", data["ref"], "--model", DEMO_MODEL,
+                   "--out", tmp_path / "run", "--max-steps", "1")
+    assert proc.returncode == 3, proc.stderr
+    assert str(data["ref"]) in proc.stderr and "tokenized" in proc.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_bad_options_exit_2(data, tmp_path):
+    proc = train(data, tmp_path / "r", "--loss-type", "robust", "--label-smoothing", "0.5", check=False)
+    assert proc.returncode == 2 and "label-smoothing" in proc.stderr
+    proc = train(data, tmp_path / "r", "--max-steps", "1", ref=False, check=False)
+    assert proc.returncode == 2 and "--ref-cache" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: SIGKILL mid-epoch, SIGTERM (pre-emption), then resume.
+
+
+def _start(data, out: Path, *extra) -> subprocess.Popen:
+    args = [*DPO, "train", "--tokenized", data["tok"], "--ref-cache", data["ref"], "--model", DEMO_MODEL,
+            "--out", out, "--per-device-batch-size", "2", "--logging-steps", "1", "--learning-rate", "1e-3",
+            *extra]
+    return subprocess.Popen([str(a) for a in args], env=dpo_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
+        path = out / "metrics.jsonl"
+        if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                  if line.endswith("}")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(data, tmp_path):
+    common = ("--epochs", "2", "--save-every", "5", "--seed", "7", "--lr-scheduler", "cosine")
+    ref = _start(data, tmp_path / "ref", *common)
+    assert ref.wait(timeout=600) == 0, ref.communicate()[1][-2000:]
+    total = len(rows(tmp_path / "ref"))
+    assert total > 30  # two epochs: the kill lands in the first, past a checkpoint
+
+    out = tmp_path / "killed"
+    proc = _start(data, out, *common)
+    _wait_for_step(out, proc, 13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    resumed = _start(data, out, *common)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert "resuming from step 10" in stderr
+    a, b = rows(tmp_path / "ref"), rows(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([r["learning_rate"] for r in b], [r["learning_rate"] for r in a], rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
+    out = tmp_path / "run"
+    common = ("--max-steps", "40", "--save-every", "100", "--seed", "3")
+    proc = _start(data, out, *common)
+    _wait_for_step(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert stopped_at >= 3
+
+    other = _start(data, out, "--max-steps", "40", "--save-every", "100", "--seed", "3", "--learning-rate", "2e-3")
+    _, stderr = other.communicate(timeout=120)
+    assert other.returncode == 3 and "learning_rate" in stderr, stderr[-2000:]
+
+    resumed = _start(data, out, *common)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert f"resuming from step {stopped_at}" in stderr
+    assert [r["step"] for r in rows(out)] == list(range(1, 41))
