@@ -162,7 +162,8 @@ class PairEncoder:
                 rendered = ("", "", "")
             texts.extend(rendered)
             chat.append(pair.is_chat or self.settings.apply_chat_template)
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # The Rust tokenizer directly, without offsets: the same ids as tokenizer(texts), about twice as fast.
+        ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
         results: list[Encoded | Drop | PrefixMismatch] = []
         for i in range(len(pairs)):
             if i in failed:

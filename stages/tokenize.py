@@ -43,7 +43,7 @@ from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, ap
 from ..pipeline.logs import progress
 from ..pipeline.sources import Record, Source, pick_fraction, resolve_source, sample_rows
 from ..pipeline.tokenization import (
-    IGNORE_INDEX, TRUNCATION_MODES, EncodeSettings, Encoded, PairEncoder, PrefixMismatch, effective_template,
+    IGNORE_INDEX, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
     read_template_file, tokenizer_fingerprint, tokenizer_info,
 )
 

@@ -96,6 +96,8 @@ def test_hh_response_text_roundtrip():
         assert tok.decode(enc.chosen[:-1]).strip() == pair.chosen.strip()
         assert tok.decode(enc.rejected[:-1]).strip() == pair.rejected.strip()
         assert tok.decode(enc.prompt, skip_special_tokens=True).strip() == pair.prompt.strip()
+        # the ids are the tokenizer's own for the whole dialogue (BOS where the tokenizer adds one)
+        assert enc.prompt + enc.chosen[:-1] == tok(record["chosen"])["input_ids"]
 
 
 def test_sharegpt_chat_template_masking(tmp_path):
