@@ -76,7 +76,8 @@ class ArtifactLock:
                 if holder is None:
                     continue
                 age = _now() - float(holder.get("heartbeat", 0))
-                if age <= self.timeout_s:
+                reason = self._stale_reason(holder)
+                if reason is None:
                     raise LockHeldError(
                         f"{self.directory} is being written by another job: host {holder.get('host')}, "
                         f"pid {holder.get('pid')}, since {_iso(float(holder.get('since') or 0))}, "
@@ -89,7 +90,7 @@ class ArtifactLock:
                 except FileNotFoundError:
                     continue  # another job took it over first; try again and meet its lock
                 moved = self._read(stale)
-                if moved is not None and _now() - float(moved.get("heartbeat", 0)) <= self.timeout_s:
+                if moved is not None and self._stale_reason(moved) is None:
                     # Between our look and our rename another job took the stale lock over and
                     # wrote its own: we moved a live lock. Put it back (unless a third job already
                     # holds the name) and meet it on the next try.
@@ -100,8 +101,8 @@ class ArtifactLock:
                     stale.unlink(missing_ok=True)
                     continue
                 log.warning(
-                    "taking over the lock of %s from host %s pid %s: its heartbeat is %.0fs old (--lock-timeout %.0fs)",
-                    self.directory, holder.get("host"), holder.get("pid"), age, self.timeout_s,
+                    "taking over the lock of %s from host %s pid %s: %s",
+                    self.directory, holder.get("host"), holder.get("pid"), reason,
                 )
                 stale.unlink(missing_ok=True)
                 continue
@@ -110,6 +111,22 @@ class ArtifactLock:
             self._start_heartbeat()
             return self
         raise LockHeldError(f"{self.path}: could not take the lock (contended)")
+
+    def _stale_reason(self, holder: dict) -> str | None:
+        """Why ``holder``'s lock may be taken over, or None while it is live."""
+        age = _now() - float(holder.get("heartbeat", 0))
+        if age > self.timeout_s:
+            return f"its heartbeat is {age:.0f}s old (--lock-timeout {self.timeout_s:.0f}s)"
+        # A job killed on this very host (SIGKILL, OOM) need not be waited for: its pid is gone.
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"its process {pid} on this host no longer exists"
+            except PermissionError:
+                pass  # alive, owned by another user
+        return None
 
     def _still_ours(self) -> bool:
         holder = self._read()
