@@ -218,6 +218,102 @@ def train(
     ))
 
 
+@app.command("export")
+@stage_command
+def export(
+    train: Annotated[Path, typer.Option("--train", help="Train artifact (from `dpo train`).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: a Hugging Face model folder with README.md and manifest.json.", show_default=False)],
+    config: ConfigOpt = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="final (the finished run), latest (the newest complete checkpoint, or final) or step-N.")] = "final",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 for the saved weights (default: the dtype it trained in).", show_default=False)] = None,
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="For a LoRA run, export the adapter instead of merging it into the base model.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the finished folder to this Hugging Face Hub repo id (after the local export).", show_default=False)] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo as private (with --push-to-hub).")] = False,
+    overwrite: OverwriteOpt = False,
+    lock_timeout: LockTimeoutOpt = 600.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Write a trained policy as a Hugging Face model folder (LoRA merged by default) with a model card."""
+    from .stages import export as stage
+
+    stage.run(stage.ExportConfig(
+        train=str(train), out=str(out), checkpoint=checkpoint, dtype=dtype, merge=not no_merge,
+        push_to_hub=push_to_hub, private=private, overwrite=overwrite, lock_timeout=lock_timeout,
+    ))
+
+
+@app.command("evaluate")
+@stage_command
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Model folder to evaluate (from `dpo export`, or any Hugging Face model or PEFT adapter folder).", show_default=False)],
+    tokenized: Annotated[Path, typer.Option("--tokenized", help="Tokenized artifact holding the held-out pairs.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, report.md, plots, manifest.json.", show_default=False)],
+    config: ConfigOpt = None,
+    ref_cache: Annotated[Optional[Path], typer.Option("--ref-cache", help="Reference log-probs of the same tokenized artifact: enables implicit rewards and the reference columns.", show_default=False)] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of the tokenized artifact to evaluate on.")] = "eval",
+    train: Annotated[Optional[Path], typer.Option("--train", help="Train artifact of this model: its β and loss define the implicit reward, and its metrics.jsonl is plotted.", show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="An earlier `dpo evaluate` output (e.g. of the base model) to compare against, before/after, in report.md.", show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="β of the implicit reward when no --train is given (default 0.1, or the loss type's default with --loss-type).", show_default=False)] = None,
+    loss_type: Annotated[Optional[str], typer.Option("--loss-type", help="Loss whose implicit reward and loss are reported when no --train is given (default dpo).", show_default=False)] = None,
+    generate: Annotated[int, typer.Option("--generate", help="Complete this many held-out prompts (or --prompts) and compare lengths; 0 = off.")] = 0,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL of prompts to complete instead: {\"prompt\": text} or {\"messages\": [...]} per line.", show_default=False)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature for --generate; 0 = greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampled generation.")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype to load the model in: float32, bfloat16 or float16.")] = "float32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs (or prompts) per forward pass.")] = 16,
+    overwrite: OverwriteOpt = False,
+    lock_timeout: LockTimeoutOpt = 600.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Preference accuracy, margins and log-prob movement on held-out pairs, generations, report.md."""
+    from .stages import evaluate as stage
+
+    stage.run(stage.EvaluateConfig(
+        model=str(model), tokenized=str(tokenized), out=str(out), ref_cache=str(ref_cache) if ref_cache else None,
+        train=str(train) if train else None, baseline=str(baseline) if baseline else None, split=split, beta=beta,
+        loss_type=loss_type, generate=generate, prompts=str(prompts) if prompts else None, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
+        lock_timeout=lock_timeout, quiet=quiet,
+    ))
+
+
+@app.command("run")
+@stage_command
+def run(
+    config: Annotated[Path, typer.Option("--config", help="Run file: top-level run_dir and model, one section per step (see examples/demo.yaml).", show_default=False)],
+    step: Annotated[Optional[list[str]], typer.Option("--step", help="Run only this step (repeatable): tokenize, cache-ref, train, export, evaluate-base, evaluate.", show_default=False)] = None,
+    list_steps: Annotated[bool, typer.Option("--list-steps", help="Print the steps the run file has, in order, and exit (for job scripts).")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Run tokenize -> cache-ref -> train -> export -> evaluate in one job; complete steps are skipped."""
+    from .stages import run as stage
+
+    if list_steps:
+        typer.echo("\n".join(stage.steps_of(config)))
+        return
+    code = stage.run(stage.RunConfig(config=config, steps=tuple(step or ())), typer.main.get_command(app))
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("status")
+@stage_command
+def status(
+    path: Annotated[Path, typer.Argument(help="A run folder (from `dpo run`) or one artifact folder.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Show each artifact (complete or partial), its fingerprint, inputs, key stats, and what runs next."""
+    from .stages import status as stage
+
+    typer.echo(stage.render(stage.status(path), as_json=as_json))
+
+
 def main() -> None:
     app()
 

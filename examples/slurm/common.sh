@@ -1,0 +1,107 @@
+# shellcheck shell=bash
+# Sourced by every stage script: how dpo is launched, signal forwarding, and requeue on pre-emption.
+#
+# Environment (submit.sh sets the first two; sbatch passes the submitting shell's environment on):
+#   DPO_RUN_FILE        the run YAML (same file as `dpo run --config`); required
+#   DPO_SLURM_DIR       this folder (Slurm runs a copy of the batch script, so $0 does not point here)
+#   DPO_BIN             how to start dpo in single-process steps (default: dpo; e.g. "python -m dpo.cli")
+#   DPO_ACCELERATE      how to start accelerate for multi-process steps (default: accelerate launch)
+#   DPO_SLURM_LOCAL=1   run on this machine without srun/sbatch (a workstation, or a CPU test)
+#   DPO_MAX_REQUEUES    give up after this many requeues of one job (default 20)
+#
+# Pre-emption: Slurm signals the batch shell (USR1 two minutes early with --signal=B:USR1@120,
+# TERM on pre-emption or at the time limit). The trap forwards it to the running step; `dpo train`
+# saves a checkpoint at the next step boundary and exits 75, the other stages are stopped and keep
+# their committed shards. The job is then requeued and `dpo run` continues where it stopped:
+# finished steps are skipped, train resumes from its newest checkpoint.
+set -euo pipefail
+
+: "${DPO_RUN_FILE:?set DPO_RUN_FILE to the run YAML (examples/slurm/submit.sh does)}"
+# shellcheck disable=SC2034  # DPO and ACCELERATE are used by the stage scripts that source this file
+read -r -a DPO <<< "${DPO_BIN:-dpo}"
+# shellcheck disable=SC2034
+read -r -a ACCELERATE <<< "${DPO_ACCELERATE:-accelerate launch}"
+DPO_SLURM_LOCAL=${DPO_SLURM_LOCAL:-0}
+DPO_MAX_REQUEUES=${DPO_MAX_REQUEUES:-20}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# torchrun (under accelerate launch) handles TERM but not USR1 by default, and SIGKILLs its workers
+# 30 s after forwarding a signal; let it forward USR1 and give the checkpoint save time to finish.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+
+stop_signal=""
+child=""
+
+forward_signal() {
+    stop_signal=$1
+    echo "dpo-slurm: received SIG$1, forwarding it to the running step (pid ${child:-none})" >&2
+    if [[ -n $child ]]; then
+        kill -s "$1" "$child" 2>/dev/null || true
+    fi
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+# launch CMD...: run CMD under srun (or directly with DPO_SLURM_LOCAL=1) in the background and wait
+# for it, so that the traps above run while it works (bash defers traps until a foreground child ends).
+launch() {
+    if [[ $DPO_SLURM_LOCAL == 1 ]]; then
+        "$@" &
+    else
+        srun --kill-on-bad-exit=1 "$@" &
+    fi
+    child=$!
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child" || true  # returns early when a trapped signal arrives; the step is still finishing
+    done
+    local rc=0
+    wait "$child" || rc=$?
+    child=""
+    return "$rc"
+}
+
+# run_step STEP DPO_COMMAND...: `DPO_COMMAND run --config RUN_FILE --step STEP`, requeued if pre-empted.
+run_step() {
+    local step=$1 rc=0
+    shift
+    echo "dpo-slurm: step $step of $DPO_RUN_FILE on $(hostname) (job ${SLURM_JOB_ID:-local}, restart ${SLURM_RESTART_COUNT:-0})" >&2
+    launch "$@" run --config "$DPO_RUN_FILE" --step "$step" || rc=$?
+    if [[ $rc == 0 ]]; then
+        return 0
+    fi
+    # 75: train saved a checkpoint and asks to be rerun. A launcher (torchrun) that forwarded our
+    # signal reports its own failure code instead, hence the signal check.
+    if [[ $rc == 75 || -n $stop_signal ]]; then
+        requeue "$step" "$rc"
+    fi
+    echo "dpo-slurm: step $step failed with exit code $rc" >&2
+    exit "$rc"
+}
+
+requeue() {
+    local step=$1 rc=$2
+    if [[ $DPO_SLURM_LOCAL == 1 ]]; then
+        echo "dpo-slurm: step $step stopped (exit $rc${stop_signal:+, SIG$stop_signal}); rerun this script to resume" >&2
+        exit 75
+    fi
+    if (( ${SLURM_RESTART_COUNT:-0} >= DPO_MAX_REQUEUES )); then
+        echo "dpo-slurm: step $step pre-empted, but the job was already requeued $DPO_MAX_REQUEUES times; giving up" >&2
+        exit 75
+    fi
+    echo "dpo-slurm: step $step pre-empted (exit $rc${stop_signal:+, SIG$stop_signal}); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+
+# GPUs on this node: Slurm's count when it gives one, else what the node has, else DPO_GPUS_PER_NODE.
+gpus_per_node() {
+    if [[ -n ${DPO_GPUS_PER_NODE:-} ]]; then
+        echo "$DPO_GPUS_PER_NODE"
+    elif [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif command -v nvidia-smi > /dev/null; then
+        nvidia-smi -L | wc -l
+    else
+        echo 1
+    fi
+}

@@ -1,0 +1,326 @@
+"""`dpo export`: a trained policy as a Hugging Face model folder people can load, serve and share.
+
+build:  the train artifact and the checkpoint to export (final, latest or step-N), the dtype
+run:    load the weights (merging a LoRA adapter into its base unless --no-merge), cast, and save
+        with safetensors, config, generation config, the tokenizer and its chat template
+close:  README.md (model card: base model, data, loss and hyperparameters, final metrics, lineage),
+        then the manifest; only then, with --push-to-hub, the upload
+
+The upload comes after the commit on purpose: a network failure must never cost the local export,
+and rerunning the same command (a no-op locally) retries the upload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts.fingerprint import fingerprint
+from ..artifacts.lock import LOCK_NAME, ArtifactLock
+from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest
+from ..artifacts.output import PARTIAL, OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.shards import file_entry
+from ..pipeline import report
+from ..pipeline.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from ..pipeline.checkpoint import step_dir_name
+from ..pipeline.errors import ArtifactError, DpoError, UsageError
+from ..pipeline.lora import count_parameters
+from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
+
+STAGE = "export"
+VERSION = 1
+KIND = "model"
+NOT_SEMANTIC = {"semantic": False}
+STEP = re.compile(r"^step-(\d+)$")
+log = logging.getLogger(__name__)
+
+
+class PushError(DpoError):
+    """The upload to the Hub failed; the local export is complete and stays valid."""
+
+    exit_code = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    train: str = dataclasses.field(metadata=NOT_SEMANTIC)  # enters the fingerprint through its own
+    out: str = dataclasses.field(metadata=NOT_SEMANTIC)
+    checkpoint: str = "final"
+    dtype: str | None = None  # None: the dtype it trained in
+    merge: bool = True
+    push_to_hub: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
+    private: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    overwrite: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    lock_timeout: float = dataclasses.field(default=600.0, metadata=NOT_SEMANTIC)
+
+    def check(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
+        if self.checkpoint not in ("final", "latest") and not STEP.match(self.checkpoint):
+            raise UsageError(f"--checkpoint {self.checkpoint!r}: expected final, latest or step-N (e.g. step-120)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The weights to export and what is known about the run that made them."""
+
+    name: str  # "final" or "step-00000120"
+    folder: Path  # HF model folder or PEFT adapter folder
+    step: int | None
+    train_fingerprint: str
+    train_config: dict[str, Any]
+    train_inputs: list[InputRef]
+    complete_train: Manifest | None
+
+    @property
+    def adapter(self) -> bool:
+        return (self.folder / "adapter_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- build
+
+
+def _complete_checkpoints(train_dir: Path) -> list[tuple[int, Path, dict]]:
+    root = train_dir / "checkpoints"
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STEP.match(child.name)
+            if match and (child / CHECKPOINT_MANIFEST).is_file():
+                try:
+                    found.append((int(match.group(1)), child, json.loads((child / CHECKPOINT_MANIFEST).read_text())))
+                except (OSError, json.JSONDecodeError):
+                    continue
+    return sorted(found, key=lambda c: c[0])
+
+
+def resolve_source(train_dir: Path, spec: str) -> Source:
+    """``final``, ``latest`` (final if training finished, else the newest complete checkpoint) or ``step-N``."""
+    if not train_dir.is_dir():
+        raise UsageError(f"--train {train_dir}: no such directory")
+    complete = read_manifest(train_dir, "train") if (train_dir / MANIFEST).is_file() else None
+    checkpoints = _complete_checkpoints(train_dir)
+    available = ", ".join(f"step-{s}" for s, _, _ in checkpoints) or "none"
+    if spec == "final" or (spec == "latest" and complete is not None):
+        if complete is None:
+            raise ArtifactError(
+                f"{train_dir}: training has not finished (no {MANIFEST}), so there is no final model; export a "
+                f"checkpoint with --checkpoint latest or step-N (complete checkpoints: {available})"
+            )
+        return Source("final", train_dir / "final", complete.stats.get("steps"), complete.fingerprint,
+                      complete.config, complete.inputs, complete)
+    if not checkpoints:
+        raise ArtifactError(f"{train_dir}: has no complete checkpoint to export (and no final model)")
+    if spec == "latest":
+        step, folder, meta = checkpoints[-1]
+    else:
+        wanted = int(STEP.match(spec).group(1))
+        matches = [c for c in checkpoints if c[0] == wanted]
+        if not matches:
+            raise ArtifactError(f"{train_dir}: has no complete checkpoint {spec} (complete checkpoints: {available})")
+        step, folder, meta = matches[0]
+    config = complete.config if complete is not None else dict(meta.get("config", {}))
+    inputs = complete.inputs if complete is not None else [InputRef(**i) for i in meta.get("inputs", [])]
+    return Source(step_dir_name(step), folder / "model", step, meta.get("fingerprint", ""), config, inputs, complete)
+
+
+def _base_model_path(source: Source) -> Path:
+    """The LoRA base model: the path train was given, else the one PEFT recorded in the adapter."""
+    recorded = json.loads((source.folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    for candidate in (source.train_config.get("model"), recorded):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate).resolve()
+    raise ArtifactError(
+        f"{source.folder}: is a LoRA adapter, and its base model ({source.train_config.get('model') or recorded}) "
+        "is not a local model folder any more; it is needed to merge or load the adapter"
+    )
+
+
+def _tokenizer(source: Source, train_dir: Path):
+    """The tokenizer with the chat template the data was made with (train saves it into final/)."""
+    from transformers import AutoTokenizer
+
+    candidates = [source.folder, train_dir / "final"]
+    tokenized = _tokenized_manifest(source)
+    if tokenized is not None:
+        candidates.append(Path(str(tokenized.config.get("tokenizer"))))
+    if source.train_config.get("model"):
+        candidates.append(Path(source.train_config["model"]))
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            template = tokenized.stats.get("chat_template") if tokenized is not None else None
+            if template and not tokenizer.chat_template:
+                tokenizer.chat_template = template
+            return tokenizer
+    raise ArtifactError(f"no tokenizer found for {source.folder} (looked in {', '.join(map(str, candidates))})")
+
+
+def _tokenized_manifest(source: Source) -> Manifest | None:
+    for ref in source.train_inputs:
+        if ref.kind == "tokenized":
+            try:
+                return read_manifest(ref.path, "tokenized")
+            except ArtifactError:
+                log.warning("the tokenized artifact %s recorded by the train run is gone: the model card "
+                            "will not list data counts", ref.path)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run(cfg: ExportConfig) -> Manifest:
+    cfg.check()
+    train_dir, out = Path(cfg.train), Path(cfg.out)
+    source = resolve_source(train_dir, cfg.checkpoint)
+    dtype = cfg.dtype or str(source.train_config.get("dtype") or "float32")
+    merge = cfg.merge and source.adapter
+    if not cfg.merge and not source.adapter:
+        raise UsageError(f"--no-merge: {train_dir} trained all weights, not a LoRA adapter; there is nothing to keep unmerged")
+    semantic = {"checkpoint": source.name, "dtype": dtype, "merge": merge}
+    fp = fingerprint(STAGE, VERSION, semantic, [source.train_fingerprint])
+
+    with ArtifactLock(out, timeout_s=cfg.lock_timeout):
+        state = prepare_output(out, KIND, fp, cfg.overwrite)
+        if state is OutputState.COMPLETE:
+            say_complete(out, KIND, fp)
+            manifest = read_manifest(out)
+        else:
+            manifest = _export(cfg, source, train_dir, out, dtype, merge, fp)
+    if cfg.push_to_hub:
+        push(out, cfg.push_to_hub, cfg.private)
+    return manifest
+
+
+def _export(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dtype: str, merge: bool,
+            fp: str) -> Manifest:
+    model, base = _load(source, dtype, merge)
+    tokenizer = _tokenizer(source, train_dir)
+    _fill_generation_config(model, tokenizer)
+    model.save_pretrained(out, safe_serialization=True)
+    if source.adapter and not merge:
+        # transformers loads an adapter folder through its base_model_name_or_path: keep it absolute.
+        _set_adapter_base(out, base)
+        model.get_base_model().generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    trainable, total = count_parameters(model)
+    tokenized = _tokenized_manifest(source)
+    info = _card_info(cfg, source, train_dir, out, dtype, merge, base, tokenized, fp)
+    (out / "README.md").write_text(report.model_card(info))
+    skip = {MANIFEST, PARTIAL, LOCK_NAME}
+    files = [file_entry(out, p.relative_to(out).as_posix()) for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name not in skip and not p.name.startswith(LOCK_NAME)]
+    stats = {
+        "checkpoint": source.name, "step": source.step, "dtype": dtype, "adapter": source.adapter and not merge,
+        "merged": merge, "parameters": total, "base_model": str(base) if base else source.train_config.get("model"),
+        "loss_type": source.train_config.get("loss_type"), "train_fingerprint": source.train_fingerprint,
+        "final_metrics": info["final_metrics"],
+    }
+    inputs = [InputRef("train", str(train_dir), source.train_fingerprint)]
+    manifest = Manifest(kind=KIND, fingerprint=fp, inputs=inputs, files=files, stats=stats,
+                        config=dataclasses.asdict(cfg) | {"checkpoint": source.name, "dtype": dtype, "merge": merge})
+    commit_output(out, manifest)
+    log.info("exported %s of %s as %s (%s%s, %s parameters) to %s", source.name, train_dir,
+             "an adapter" if stats["adapter"] else "a full model", dtype, ", LoRA merged" if merge else "",
+             f"{total:,}", out)
+    return manifest
+
+
+def _load(source: Source, dtype: str, merge: bool) -> tuple[torch.nn.Module, Path | None]:
+    """The model to save, and the LoRA base path (None for a full-weights run)."""
+    if not source.folder.is_dir():
+        raise ArtifactError(f"{source.folder}: missing; the train artifact is incomplete")
+    if not source.adapter:
+        return load_causal_lm(source.folder, dtype=dtype), None
+    from peft import PeftModel
+
+    base_path = _base_model_path(source)
+    # Merge in float32 whatever the target dtype: W + BA rounded once, not twice.
+    base = load_causal_lm(base_path, dtype="float32" if merge else dtype)
+    model = PeftModel.from_pretrained(base, str(source.folder))
+    if merge:
+        model = model.merge_and_unload().to(torch_dtype(dtype))
+    else:
+        model = model.to(torch_dtype(dtype))
+    return model.eval(), base_path
+
+
+def _set_adapter_base(out: Path, base: Path | None) -> None:
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _fill_generation_config(model, tokenizer) -> None:
+    """Generation stops where the chat template ends a turn, and pads with a real token."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gen = target.generation_config
+    if gen.eos_token_id is None and tokenizer.eos_token_id is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if gen.pad_token_id is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        gen.pad_token_id = pad
+    if gen.bos_token_id is None and tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+
+
+def _card_info(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dtype: str, merge: bool,
+               base: Path | None, tokenized: Manifest | None, fp: str) -> dict[str, Any]:
+    from .. import __version__
+
+    data: dict[str, Any] = {}
+    if tokenized is not None:
+        per_split = tokenized.stats.get("pairs_per_source") or {}
+        sources: dict[str, int] = {}
+        for split_counts in per_split.values():
+            for name, count in split_counts.items():
+                sources[name] = sources.get(name, 0) + int(count)
+        data = {"sources": sources, "splits": {s: tokenized.rows(s) for s in tokenized.splits},
+                "rejected": tokenized.stats.get("dropped_total")}
+    final_metrics: dict[str, Any] = {}
+    metrics_path = train_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        rows = [r for r in report.read_metrics_jsonl(metrics_path) if source.step is None or r.get("step", 0) <= source.step]
+        last = report.last_row_with(rows, "loss") or {}
+        last_eval = report.last_row_with(rows, "eval/loss") or {}
+        keys = ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "rewards/rejected", "logps/chosen", "logps/rejected")
+        final_metrics = {k: last[k] for k in keys if k in last}
+        final_metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval/")})
+    lineage = [(ref.kind, ref.path, ref.fingerprint) for ref in source.train_inputs]
+    lineage += [("train", str(train_dir), source.train_fingerprint), ("model", str(out), fp)]
+    return {
+        "name": out.resolve().name, "base_model": str(base) if base else source.train_config.get("model"),
+        "checkpoint": source.name, "dtype": dtype, "merged": merge, "adapter": source.adapter and not merge,
+        "train_config": source.train_config, "data": data, "final_metrics": final_metrics, "lineage": lineage,
+        "producer_version": __version__, "load_path": cfg.push_to_hub or str(out),
+    }
+
+
+# ---------------------------------------------------------------------------------------- close
+
+
+def push(out: Path, repo_id: str, private: bool) -> None:
+    """Upload the complete export to the Hub; any failure says the local folder is complete."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type="model",
+                          ignore_patterns=[PARTIAL, f"{LOCK_NAME}*"],
+                          commit_message=f"dpo export ({read_manifest(out).fingerprint})")
+    except Exception as exc:  # network, auth and offline errors all mean the same thing to the user
+        raise PushError(
+            f"--push-to-hub {repo_id}: upload failed ({type(exc).__name__}: {exc}). The local export in {out} is "
+            "complete; rerun the same command to retry the upload (the export itself will be a no-op)"
+        ) from None
+    log.info("pushed %s to https://huggingface.co/%s", out, repo_id)

@@ -1,0 +1,251 @@
+"""`dpo run`: the whole pipeline in one job, from one YAML run file.
+
+The run file has one section per step, whose keys are the step's own command-line options
+(exactly what ``dpo <stage> --config run.yaml`` reads), plus two top-level keys:
+
+- ``run_dir`` (required): the folder every step writes under unless its section sets ``out``;
+- ``model``: the base model, the default ``model`` of cache-ref and train and of evaluate-base.
+
+Steps run in this order; a step whose section is absent is left out (no ``cache-ref`` for simpo,
+no ``evaluate-base`` when no before/after comparison is wanted):
+
+    tokenize -> cache-ref -> train -> export -> evaluate-base -> evaluate
+
+Inputs chain by default: each step reads the outputs of the steps before it (a key given in a
+section always wins). ``evaluate-base`` evaluates the untrained base model on the same pairs, and
+``evaluate`` then reports the trained model's numbers next to it ("before" and "after").
+
+Each step is invoked through its own command, so a section means exactly what the same section
+means to ``dpo <stage> --config``. A step whose output is already complete with the same
+fingerprint is a no-op and the log says "skipped": re-submitting a failed or pre-empted job
+continues where it stopped. The resolved run file (every chained path filled in) is written to
+``<run_dir>/run.yaml`` so that ``dpo status <run_dir>`` knows the steps and their outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from ..artifacts.manifest import MANIFEST
+from ..pipeline.config import load_run_file
+from ..pipeline.errors import UsageError
+from ..pipeline.logs import rank
+
+log = logging.getLogger(__name__)
+
+# (step, the command that runs it, the default output folder under run_dir)
+STEPS = (
+    ("tokenize", "tokenize", "tokenized"),
+    ("cache-ref", "cache-ref", "ref-logps"),
+    ("train", "train", "train"),
+    ("export", "export", "model"),
+    ("evaluate-base", "evaluate", "eval-base"),
+    ("evaluate", "evaluate", "eval"),
+)
+STEP_NAMES = tuple(name for name, _, _ in STEPS)
+TOP_LEVEL = ("run_dir", "model")
+RESOLVED = "run.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    config: Path
+    steps: tuple[str, ...] = ()  # empty: every step the run file has a section for
+
+
+def _key(section: dict[str, Any], name: str) -> str | None:
+    """The spelling of option ``name`` the section uses (dashes or underscores), if any."""
+    for candidate in (name, name.replace("_", "-")):
+        if candidate in section:
+            return candidate
+    return None
+
+
+def _default(section: dict[str, Any], name: str, value: Any) -> None:
+    if value is not None and _key(section, name) is None:
+        section[name] = str(value) if isinstance(value, Path) else value
+
+
+def _get(section: dict[str, Any] | None, name: str) -> Any:
+    if section is None:
+        return None
+    key = _key(section, name)
+    return section[key] if key is not None else None
+
+
+def resolve(path: Path) -> dict[str, Any]:
+    """The run file with every chained default filled in; unknown top-level keys are errors."""
+    data = load_run_file(path)
+    unknown = [k for k in data if k not in STEP_NAMES and k not in TOP_LEVEL]
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}; expected sections "
+            f"{', '.join(STEP_NAMES)} and keys {', '.join(TOP_LEVEL)}"
+        )
+    present = [name for name in STEP_NAMES if name in data]
+    if not present:
+        raise UsageError(f"{path}: no step sections; expected some of {', '.join(STEP_NAMES)}")
+    run_dir = data.get("run_dir")
+    if not run_dir:
+        raise UsageError(f"{path}: needs a top-level run_dir (the folder the steps write under)")
+    base_model = data.get("model")
+    sections: dict[str, dict[str, Any]] = {}
+    for name in present:
+        section = data[name]
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise UsageError(f"{path}: section {name!r} must be a mapping of option names to values")
+        sections[name] = copy.deepcopy(section)
+    outs: dict[str, Any] = {}
+    for name, _, folder in STEPS:
+        if name not in sections:
+            continue
+        _default(sections[name], "out", Path(str(run_dir)) / folder)
+        outs[name] = _get(sections[name], "out")
+
+    tok, ref, train, export = (sections.get(n) for n in ("tokenize", "cache-ref", "train", "export"))
+    if ref is not None:
+        _default(ref, "tokenized", outs.get("tokenize"))
+        _default(ref, "model", base_model)
+    if train is not None:
+        _default(train, "tokenized", outs.get("tokenize"))
+        _default(train, "ref_cache", outs.get("cache-ref"))
+        _default(train, "model", base_model)
+    if export is not None:
+        _default(export, "train", outs.get("train"))
+    tokenized = outs.get("tokenize") or _get(train, "tokenized") or _get(ref, "tokenized")
+    ref_cache = outs.get("cache-ref") or _get(train, "ref_cache")
+    if "evaluate-base" in sections:
+        section = sections["evaluate-base"]
+        _default(section, "model", _get(ref, "model") or _get(train, "model") or base_model)
+        _default(section, "tokenized", tokenized)
+        _default(section, "ref_cache", ref_cache)
+        # The base model is judged with the trained loss's β and implicit reward, so that the
+        # before and after numbers measure the same thing.
+        _default(section, "loss_type", _get(train, "loss_type"))
+        _default(section, "beta", _get(train, "beta"))
+    if "evaluate" in sections:
+        section = sections["evaluate"]
+        _default(section, "model", outs.get("export"))
+        _default(section, "tokenized", tokenized)
+        _default(section, "ref_cache", ref_cache)
+        _default(section, "train", outs.get("train") or _get(export, "train"))
+        _default(section, "baseline", outs.get("evaluate-base"))
+    resolved: dict[str, Any] = {k: data[k] for k in TOP_LEVEL if k in data}
+    resolved.update(sections)
+    return resolved
+
+
+def steps_of(path: Path) -> list[str]:
+    """The steps a run file has sections for, in the order `dpo run` runs them."""
+    resolved = resolve(path)
+    return [name for name in STEP_NAMES if name in resolved]
+
+
+def _manifest_identity(out: Path) -> tuple[str, str] | None:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+        return data.get("fingerprint", ""), data.get("created", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _resolved_text(resolved: dict[str, Any], source: Path) -> str:
+    header = (f"# Written by `dpo run --config {source}`: the run file with every chained default filled in.\n"
+              f"# Each section is what `dpo <stage> --config <this file>` reads.\n")
+    return header + yaml.safe_dump(resolved, sort_keys=False)
+
+
+def _write_resolved(resolved: dict[str, Any], text: str) -> None:
+    """``<run_dir>/run.yaml``, the record ``dpo status`` reads; rank 0 writes it under accelerate launch."""
+    if rank() != 0:
+        return
+    target = Path(str(resolved["run_dir"])) / RESOLVED
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file() or target.read_text() != text:
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+
+
+def run(config: RunConfig, commands: Any) -> int:
+    """Run the steps in order; return 0, or the exit code of the first step that failed."""
+    resolved = resolve(config.config)
+    wanted = config.steps or tuple(n for n in STEP_NAMES if n in resolved)
+    for name in wanted:
+        if name not in STEP_NAMES:
+            raise UsageError(f"--step {name!r} is not one of: {', '.join(STEP_NAMES)}")
+        if name not in resolved:
+            raise UsageError(f"--step {name}: {config.config} has no {name!r} section")
+    text = _resolved_text(resolved, config.config)
+    _write_resolved(resolved, text)
+    # Each step reads its section through its command's --config, as a user would. Every process
+    # reads its own copy: under accelerate launch, other ranks must not race rank 0's write.
+    with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp:
+        sections_file = Path(tmp) / RESOLVED
+        sections_file.write_text(text)
+        return _run_steps(config, resolved, wanted, sections_file, commands)
+
+
+def _run_steps(config: RunConfig, resolved: dict[str, Any], wanted: tuple[str, ...], sections_file: Path,
+               commands: Any) -> int:
+    for name, command_name, _ in STEPS:
+        if name not in wanted:
+            continue
+        out = Path(str(_get(resolved[name], "out")))
+        before = _manifest_identity(out)
+        command = commands.commands.get(command_name)
+        if command is None:
+            raise UsageError(f"step {name}: this dpo has no {command_name!r} command")
+        log.info("step %s: dpo %s, section %r of %s -> %s", name, command_name, name, config.config, out)
+        started = time.monotonic()
+        code = _invoke(command, name, sections_file, config.config)
+        seconds = time.monotonic() - started
+        if code:
+            log.error(
+                "step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
+                "completed steps are skipped", name, code, seconds, config.config,
+            )
+            return code
+        after = _manifest_identity(out)
+        if after is None:
+            log.error("step %s exited 0 but %s has no %s", name, out, MANIFEST)
+            return 3
+        skipped = before is not None and before == after
+        state = "skipped (output already complete with the same fingerprint)" if skipped else f"done in {seconds:.1f}s"
+        log.info("step %s: %s, fingerprint %s", name, state, after[0])
+    if rank() != 0:
+        return 0
+    for name in ("evaluate", "evaluate-base"):
+        if name in wanted:
+            report = Path(str(_get(resolved[name], "out"))) / "report.md"
+            if report.is_file():
+                log.info("report: %s", report)
+                typer.echo(f"report: {report}")
+            break
+    return 0
+
+
+def _invoke(command: Any, section: str, run_file: Path, source: Path) -> int:
+    """Run one command in this process, as ``dpo <command> --config run_file`` reading ``section``."""
+    try:
+        # prog_name picks the section: the --config callback reads the section named by the
+        # context's info_name, which is how evaluate-base reuses the evaluate command.
+        code = command.main(args=["--config", str(run_file)], prog_name=section, standalone_mode=False)
+    except typer.exceptions.TyperException as exc:  # a bad option value or YAML key, as click reports it
+        message = getattr(exc, "format_message", lambda: str(exc))()
+        message = message.replace(str(run_file), f"{source} (resolved)")
+        raise UsageError(f"{source}, section {section!r}: {message}") from None
+    return int(code or 0)
