@@ -243,11 +243,11 @@ def test_bad_options_exit_2(data, tmp_path):
 # Faults: SIGKILL mid-epoch, SIGTERM (pre-emption), then resume.
 
 
-def _start(data, out: Path, *extra) -> subprocess.Popen:
+def _start(data, out: Path, *extra, env: dict | None = None) -> subprocess.Popen:
     args = [*DPO, "train", "--tokenized", data["tok"], "--ref-cache", data["ref"], "--model", DEMO_MODEL,
             "--out", out, "--per-device-batch-size", "2", "--logging-steps", "1", "--learning-rate", "1e-3",
             *extra]
-    return subprocess.Popen([str(a) for a in args], env=dpo_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen([str(a) for a in args], env=env or dpo_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -293,8 +293,9 @@ def test_resume_after_sigkill_equals_uninterrupted(data, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
     out = tmp_path / "run"
-    common = ("--max-steps", "40", "--save-every", "100", "--seed", "3")
-    proc = _start(data, out, *common)
+    common = ("--max-steps", "40", "--save-every", "100", "--seed", "3", "--wandb-project", "dpo-tests")
+    env = dpo_env(WANDB_DIR=str(tmp_path))
+    proc = _start(data, out, *common, env=env)
     _wait_for_step(out, proc, 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -308,8 +309,12 @@ def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
     _, stderr = other.communicate(timeout=120)
     assert other.returncode == 3 and "learning_rate" in stderr, stderr[-2000:]
 
-    resumed = _start(data, out, *common)
+    resumed = _start(data, out, *common, env=env)
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-2000:]
     assert f"resuming from step {stopped_at}" in stderr
     assert [r["step"] for r in rows(out)] == list(range(1, 41))
+    # Both sessions logged to one W&B run: the id came back from the checkpoint.
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    assert run_ids == {json.loads((out / "manifest.json").read_text())["stats"]["wandb_run_id"]}
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
