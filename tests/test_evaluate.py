@@ -1,0 +1,178 @@
+"""`dpo evaluate`: metrics checked against a textbook log-prob computation, reports, plots, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import HH_DATA, build_tiny_llama, run_dpo
+
+BETA = 0.1
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    """tokenized (train + eval splits), reference cache and a 4-step train run of a tiny Llama."""
+    root = tmp_path_factory.mktemp("evaluate")
+    model = build_tiny_llama(root / "base")
+    spec = {
+        "run_dir": str(root / "run"), "model": str(model),
+        "tokenize": {"data": [f"{HH_DATA}:60"], "tokenizer": str(model), "eval_fraction": 0.3,
+                     "max_seq_length": 96, "max_prompt_length": 48},
+        "cache-ref": {"batch_size": 8},
+        "train": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+                  "logging_steps": 1, "beta": BETA},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(spec))
+    run_dpo("run", "--config", root / "run.yaml", check=True)
+    run = root / "run"
+    return {"root": root, "base": model, "tokenized": run / "tokenized", "ref": run / "ref-logps",
+            "train": run / "train", "trained": run / "train" / "final"}
+
+
+def textbook_logps(model_dir: Path, ids: list[int], labels: list[int]) -> float:
+    """log p(response | prompt) from a full log-softmax over the vocabulary: the definition."""
+    from transformers import AutoModelForCausalLM
+
+    model = _models.get(model_dir)
+    if model is None:
+        model = _models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    return float(logp[keep].gather(-1, target[keep][:, None]).sum())
+
+
+_models: dict[Path, object] = {}
+
+
+def test_metrics_match_the_definitions(pipeline, tmp_path):
+    out = tmp_path / "eval"
+    proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
+                   "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--out", out,
+                   "--generate", "3", "--max-new-tokens", "6", "--batch-size", "5")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    rows = pq.read_table(sorted((pipeline["tokenized"] / "eval").glob("part-*.parquet"))[0]).to_pylist()
+    assert metrics["pairs"] == len(rows) > 5
+    pc = np.array([textbook_logps(pipeline["trained"], r["chosen_input_ids"], r["chosen_labels"]) for r in rows])
+    pr = np.array([textbook_logps(pipeline["trained"], r["rejected_input_ids"], r["rejected_labels"]) for r in rows])
+    rc = np.array([textbook_logps(pipeline["base"], r["chosen_input_ids"], r["chosen_labels"]) for r in rows])
+    rr = np.array([textbook_logps(pipeline["base"], r["rejected_input_ids"], r["rejected_labels"]) for r in rows])
+    nc = np.array([sum(t != -100 for t in r["chosen_labels"]) for r in rows])
+    nr = np.array([sum(t != -100 for t in r["rejected_labels"]) for r in rows])
+    margins = BETA * ((pc - rc) - (pr - rr))
+    assert np.abs(margins).min() > 1e-4, "a near-tie would make the accuracy comparison fragile"
+    assert metrics["rewards/accuracies"] == pytest.approx(np.mean(margins > 0), abs=1e-12)
+    assert metrics["rewards/margins"] == pytest.approx(margins.mean(), rel=1e-4, abs=1e-6)
+    assert metrics["rewards/chosen"] == pytest.approx(BETA * (pc - rc).mean(), rel=1e-4, abs=1e-6)
+    assert metrics["loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margins))), rel=1e-4)
+    assert metrics["logps/chosen"] == pytest.approx(pc.mean(), rel=1e-5)
+    assert metrics["logp_accuracies/summed"] == pytest.approx(np.mean(pc > pr))
+    assert metrics["logp_accuracies/per_token"] == pytest.approx(np.mean(pc / nc > pr / nr))
+    assert metrics["ref/logp_accuracies/summed"] == pytest.approx(np.mean(rc > rr))
+    assert metrics["logratios/rejected"] == pytest.approx((pr - rr).mean(), rel=1e-4, abs=1e-5)
+    assert metrics["decreased/chosen"] == pytest.approx(np.mean(pc < rc))
+    assert metrics["evaluated"]["beta"] == BETA and metrics["evaluated"]["loss_type"] == "dpo"
+    # One source in the data: its per-source numbers are the overall ones.
+    (source, per_source), = metrics["by_source"].items()
+    assert source.endswith("hh-rlhf-harmless-test.jsonl.gz")
+    assert per_source["rewards/accuracies"] == metrics["rewards/accuracies"]
+
+    # Generations: the first 3 held-out prompts by index, lengths against their chosen responses.
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    first = sorted(rows, key=lambda r: r["index"])[:3]
+    assert [g["index"] for g in generations] == [r["index"] for r in first]
+    assert all(1 <= g["completion_tokens"] <= 6 for g in generations)
+    assert metrics["generation/mean_chosen_tokens"] == pytest.approx(
+        np.mean([sum(t != -100 for t in r["chosen_labels"]) for r in first]))
+    assert metrics["generation/mean_tokens"] == pytest.approx(np.mean([g["completion_tokens"] for g in generations]))
+
+    report = (out / "report.md").read_text()
+    for heading in ("## Preference metrics", "## How the log-probs moved against the reference", "## Generations",
+                    "## Training", "![Training curves](training_curves.png)"):
+        assert heading in report
+    assert f"{metrics['rewards/accuracies']:.1%}" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {f["path"] for f in manifest["files"]}
+    assert {"metrics.json", "report.md", "pairs.parquet", "generations.jsonl", "training_curves.png",
+            "margins.png", "logp_shift.png", "generation_lengths.png"} <= listed
+    for name in listed:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == PNG
+    assert {i["kind"] for i in manifest["inputs"]} == {"model", "tokenized", "ref-logps", "train"}
+    assert manifest["kind"] == "eval" and manifest["stats"]["rewards/accuracies"] == metrics["rewards/accuracies"]
+
+    again = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
+                    "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--out", out,
+                    "--generate", "3", "--max-new-tokens", "6", "--batch-size", "2")
+    assert again.returncode == 0 and "nothing to do" in again.stderr  # batch size is not semantic
+
+
+def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
+    base_out, after_out = tmp_path / "base", tmp_path / "after"
+    run_dpo("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--ref-cache",
+            pipeline["ref"], "--out", base_out, "--beta", "0.5", check=True)
+    before = json.loads((base_out / "metrics.json").read_text())
+    assert before["evaluated"]["beta"] == 0.5 and before["evaluated"]["objective_from"] == "--beta"
+    assert before["rewards/accuracies"] == 0.0 and abs(before["rewards/margins"]) < 1e-5
+    assert before["logp_accuracies/summed"] == before["ref/logp_accuracies/summed"]
+    assert before["logps/chosen"] == pytest.approx(before["ref/logps/chosen"], abs=1e-4)
+    assert not (base_out / "training_curves.png").exists()
+
+    # --train's β wins over --beta (the reward must be the one the model was trained for), with a warning.
+    proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
+                   "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--beta", "0.5",
+                   "--baseline", base_out, "--out", after_out)
+    assert proc.returncode == 0, proc.stderr
+    assert "--beta 0.5 ignored" in proc.stderr
+    after = json.loads((after_out / "metrics.json").read_text())
+    assert after["evaluated"]["beta"] == BETA
+    assert after["baseline"]["metrics"]["rewards/accuracies"] == 0.0
+    report = (after_out / "report.md").read_text()
+    assert "## Before and after" in report and "pp" in report
+
+
+def test_reference_free_without_cache(pipeline, tmp_path):
+    proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
+                   "--out", tmp_path / "e", "--split", "train")
+    assert proc.returncode == 0, proc.stderr
+    assert "implicit rewards" in proc.stderr  # says why they are missing
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "rewards/accuracies" not in metrics and "ref/logps/chosen" not in metrics
+    assert 0.0 <= metrics["logp_accuracies/summed"] <= 1.0
+    assert metrics["evaluated"]["split"] == "train"
+
+
+def test_unknown_split_lists_the_splits(pipeline, tmp_path):
+    proc = run_dpo("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"],
+                   "--out", tmp_path / "e", "--split", "test")
+    assert proc.returncode == 2
+    assert "has no split 'test'" in proc.stderr and "train, eval" in proc.stderr
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_prompts_file(pipeline, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me a story."}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    out = tmp_path / "e"
+    run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", out,
+            "--generate", "2", "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0.8", check=True)
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["line"] for g in generations] == [1, 2]
+    assert "user: Tell me a story." in generations[0]["prompt"]  # the chat template was applied
+
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
+                   "--out", tmp_path / "bad", "--generate", "2", "--prompts", prompts)
+    assert proc.returncode == 2
+    assert f"{prompts}, line 2, field 'prompt'" in proc.stderr

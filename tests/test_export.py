@@ -1,0 +1,150 @@
+"""`dpo export`: loadable Hugging Face folders with the trained policy's logits, LoRA merged or not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import HH_DATA, build_tiny_llama, dpo_env, run_dpo
+
+from dpo.artifacts.fingerprint import sha256_file
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A full-weights run (checkpoints at steps 2 and 4) and a LoRA run of a tiny Llama."""
+    root = tmp_path_factory.mktemp("export")
+    model = build_tiny_llama(root / "base")
+    spec = {
+        "run_dir": str(root / "run"), "model": str(model),
+        "tokenize": {"data": [f"{HH_DATA}:40"], "tokenizer": str(model), "eval_fraction": 0.2,
+                     "max_seq_length": 80, "max_prompt_length": 40},
+        "cache-ref": {"batch_size": 8},
+        "train": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+                  "logging_steps": 1, "save_every": "2", "keep_last": 3},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(spec))
+    run_dpo("run", "--config", root / "run.yaml", check=True)
+    run = root / "run"
+    lora = root / "lora-train"
+    # A large learning rate so the adapter is far from its zero start: merging must then matter.
+    run_dpo("train", "--tokenized", run / "tokenized", "--ref-cache", run / "ref-logps", "--model", model,
+            "--out", lora, "--lora", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+            "--learning-rate", "5e-2", "--max-steps", "2", "--per-device-batch-size", "4", "--warmup-ratio", "0",
+            check=True)
+    return {"base": model, "run": run, "train": run / "train", "tokenized": run / "tokenized", "lora": lora}
+
+
+def logits(model_or_dir, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = model_or_dir
+    if isinstance(model_or_dir, Path):
+        model = AutoModelForCausalLM.from_pretrained(model_or_dir)
+    with torch.no_grad():
+        return model.eval()(ids).logits.float()
+
+
+PROBE = torch.tensor([[1, 30, 99, 250, 7, 411, 12, 3, 77, 500]])
+
+
+def test_full_model_export(runs, tmp_path):
+    out = tmp_path / "model"
+    proc = run_dpo("export", "--train", runs["train"], "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert torch.equal(logits(out, PROBE), logits(runs["train"] / "final", PROBE))
+    assert not torch.allclose(logits(out, PROBE), logits(runs["base"], PROBE))  # it did train
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenized = json.loads((runs["tokenized"] / "manifest.json").read_text())
+    assert tokenizer.chat_template and tokenizer.chat_template == AutoTokenizer.from_pretrained(runs["base"]).chat_template
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] is not None and generation["pad_token_id"] is not None
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    train_manifest = json.loads((runs["train"] / "manifest.json").read_text())
+    assert manifest["kind"] == "model"
+    assert manifest["inputs"] == [{"kind": "train", "path": str(runs["train"]),
+                                   "fingerprint": train_manifest["fingerprint"]}]
+    assert manifest["config"]["checkpoint"] == "final" and manifest["config"]["dtype"] == "float32"
+    for entry in manifest["files"]:
+        assert sha256_file(out / entry["path"]) == entry["sha256"]
+    assert {"model.safetensors", "README.md", "config.json"} <= {f["path"] for f in manifest["files"]}
+
+    card = (out / "README.md").read_text()
+    assert str(runs["base"]) in card  # the base model
+    assert "hh-rlhf-harmless-test.jsonl.gz" in card
+    total = sum(tokenized["stats"]["pairs"].values())
+    assert f"| {total:,} |" in card  # the source's pair count
+    assert "| loss_type | `dpo` |" in card and "| learning_rate | `0.005` |" in card
+    assert "## Final training metrics" in card and "`rewards/accuracies`" in card
+    for fingerprint in (tokenized["fingerprint"], train_manifest["fingerprint"], manifest["fingerprint"]):
+        assert fingerprint in card
+
+    again = run_dpo("export", "--train", runs["train"], "--out", out)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_dtype_and_checkpoints(runs, tmp_path):
+    out = tmp_path / "bf16"
+    run_dpo("export", "--train", runs["train"], "--out", out, "--dtype", "bfloat16", check=True)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    step2 = tmp_path / "step2"
+    run_dpo("export", "--train", runs["train"], "--out", step2, "--checkpoint", "step-2", check=True)
+    checkpoint = runs["train"] / "checkpoints" / "step-00000002" / "model"
+    assert torch.equal(logits(step2, PROBE), logits(checkpoint, PROBE))
+    assert not torch.equal(logits(step2, PROBE), logits(runs["train"] / "final", PROBE))
+    card = (step2 / "README.md").read_text()
+    assert "checkpoint `step-00000002`" in card and "| `step` | 2 |" in card
+
+    proc = run_dpo("export", "--train", runs["train"], "--out", tmp_path / "x", "--checkpoint", "step-3")
+    assert proc.returncode == 3
+    assert "no complete checkpoint step-3 (complete checkpoints: step-2)" in proc.stderr
+    proc = run_dpo("export", "--train", runs["train"], "--out", tmp_path / "y", "--no-merge")
+    assert proc.returncode == 2 and "not a LoRA adapter" in proc.stderr
+
+
+def test_lora_merged_and_adapter_exports_give_the_peft_logits(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs["base"]), runs["lora"] / "final")
+    expected = logits(peft, PROBE)
+    assert not torch.allclose(expected, logits(runs["base"], PROBE), atol=1e-3)  # the adapter matters
+
+    merged = tmp_path / "merged"
+    run_dpo("export", "--train", runs["lora"], "--out", merged, check=True)
+    assert not (merged / "adapter_config.json").exists()
+    torch.testing.assert_close(logits(merged, PROBE), expected, atol=1e-5, rtol=1e-5)
+    assert "The LoRA adapter was merged" in (merged / "README.md").read_text()
+
+    adapter = tmp_path / "adapter"
+    run_dpo("export", "--train", runs["lora"], "--out", adapter, "--no-merge", check=True)
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    # transformers loads an adapter folder through the base model path it records.
+    torch.testing.assert_close(logits(adapter, PROBE), expected, atol=1e-6, rtol=1e-6)
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "a LoRA adapter" in card
+
+
+def test_push_to_hub_offline_keeps_the_local_export(runs, tmp_path):
+    out = tmp_path / "model"
+    proc = run_dpo("export", "--train", runs["train"], "--out", out, "--push-to-hub", "someone/dpo-demo",
+                   env=dpo_env(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 5, proc.stderr
+    assert "upload failed" in proc.stderr and f"The local export in {out} is complete" in proc.stderr
+    assert (out / "manifest.json").is_file()
