@@ -25,6 +25,22 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     )
     for noisy in ("datasets", "transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # transformers draws its own bars (loading and saving weights) even into log files.
+    if quiet or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    # DeepSpeed warns on import that it fell back to the CPU; on a machine without CUDA that is
+    # the expected case, so name the CPU accelerator up front.
+    if "DS_ACCELERATOR" not in os.environ and not _cuda_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def progress(total: int | None, desc: str, unit: str = "it", quiet: bool = False, **kwargs) -> tqdm:
