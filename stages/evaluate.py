@@ -471,6 +471,10 @@ def _report_md(cfg: EvaluateConfig, metrics: dict[str, Any], generations: list[d
         lines += ["## Before and after", "",
                   f"Against the evaluation in `{base['path']}` (model `{base['metrics'].get('evaluated', {}).get('model')}`):", "",
                   report.comparison_table(base["metrics"], metrics, "before", "after"), ""]
+        if base["metrics"].get("rewards/margins") is not None and abs(base["metrics"]["rewards/margins"]) < report.REWARD_TIE:
+            lines += ["The \"before\" model is its own reference, so its implicit rewards are 0 and its reward "
+                      "accuracy is 0 by construction (its loss is ln 2 = 0.693); the log-prob accuracies and the loss "
+                      "are the numbers that compare like with like.", ""]
     lines += ["## Preference metrics", "", report.headline_table(metrics), ""]
     movement = report.movement_table(metrics)
     if movement:
