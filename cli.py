@@ -295,7 +295,8 @@ def run(
     if list_steps:
         typer.echo("\n".join(stage.steps_of(config)))
         return
-    code = stage.run(stage.RunConfig(config=config, steps=tuple(step or ())), typer.main.get_command(app))
+    code = stage.run(stage.RunConfig(config=config, steps=tuple(step or ()), quiet=quiet, verbose=verbose),
+                     typer.main.get_command(app))
     if code:
         raise typer.Exit(code)
 

@@ -62,6 +62,8 @@ RESOLVED = "run.yaml"
 class RunConfig:
     config: Path
     steps: tuple[str, ...] = ()  # empty: every step the run file has a section for
+    quiet: bool = False
+    verbose: bool = False
 
 
 def _key(section: dict[str, Any], name: str) -> str | None:
@@ -211,7 +213,8 @@ def _run_steps(config: RunConfig, resolved: dict[str, Any], wanted: tuple[str, .
             raise UsageError(f"step {name}: this dpo has no {command_name!r} command")
         log.info("step %s: dpo %s, section %r of %s -> %s", name, command_name, name, config.config, out)
         started = time.monotonic()
-        code = _invoke(command, name, sections_file, config.config)
+        flags = ["--quiet"] * config.quiet + ["--verbose"] * config.verbose
+        code = _invoke(command, name, sections_file, config.config, flags)
         seconds = time.monotonic() - started
         if code:
             log.error(
@@ -238,12 +241,12 @@ def _run_steps(config: RunConfig, resolved: dict[str, Any], wanted: tuple[str, .
     return 0
 
 
-def _invoke(command: Any, section: str, run_file: Path, source: Path) -> int:
+def _invoke(command: Any, section: str, run_file: Path, source: Path, flags: list[str]) -> int:
     """Run one command in this process, as ``dpo <command> --config run_file`` reading ``section``."""
     try:
         # prog_name picks the section: the --config callback reads the section named by the
         # context's info_name, which is how evaluate-base reuses the evaluate command.
-        code = command.main(args=["--config", str(run_file)], prog_name=section, standalone_mode=False)
+        code = command.main(args=["--config", str(run_file), *flags], prog_name=section, standalone_mode=False)
     except typer.exceptions.TyperException as exc:  # a bad option value or YAML key, as click reports it
         message = getattr(exc, "format_message", lambda: str(exc))()
         message = message.replace(str(run_file), f"{source} (resolved)")

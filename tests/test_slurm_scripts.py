@@ -147,14 +147,20 @@ def test_scripts_run_the_pipeline_on_cpu(tmp_path, fake_slurm):
 
 
 @pytest.mark.slow
-def test_preempted_train_saves_a_checkpoint_and_requeues(tmp_path, fake_slurm):
-    """SIGUSR1 to the batch shell -> forwarded to dpo train -> checkpoint, exit 75 -> scontrol requeue."""
-    spec = run_file(tmp_path, max_steps=100000, save_every="100000")
+@pytest.mark.parametrize("mode", ["slurm-1-process", "local-2-processes"])
+def test_preempted_train_saves_a_checkpoint_and_requeues(tmp_path, fake_slurm, mode):
+    """SIGUSR1 to the batch shell -> forwarded to dpo train -> checkpoint -> requeue (or exit 75 locally).
+
+    With 2 processes the signal goes through accelerate launch -> torchrun, which must forward USR1
+    to its workers (by default it would die of it and orphan them).
+    """
+    spec = run_file(tmp_path, max_steps=100000, save_every="100000", per_device_batch_size=1)
     env = fake_slurm | {"DPO_RUN_FILE": str(spec), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
                         "SLURM_JOB_NODELIST": "localhost", "DPO_GPUS_PER_NODE": "1"}
-    for step in ("tokenize", "cache-ref"):
-        subprocess.run([sys.executable, "-m", "dpo.cli", "run", "--config", spec, "--step", step], env=env,
-                       check=True, capture_output=True)
+    if mode == "local-2-processes":
+        env |= {"DPO_SLURM_LOCAL": "1", "DPO_GPUS_PER_NODE": "2", "DPO_MASTER_PORT": "29631"}
+    subprocess.run([sys.executable, "-m", "dpo.cli", "run", "--config", spec, "--step", "tokenize", "--step",
+                    "cache-ref"], env=env, check=True, capture_output=True)
     job = subprocess.Popen(["bash", SLURM / "train.sbatch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, cwd=tmp_path)
     metrics = tmp_path / "run" / "train" / "metrics.jsonl"
@@ -164,9 +170,13 @@ def test_preempted_train_saves_a_checkpoint_and_requeues(tmp_path, fake_slurm):
         time.sleep(0.5)
     job.send_signal(signal.SIGUSR1)
     output, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, output  # the script requeued the job instead of failing it
     assert "received SIGUSR1, forwarding it" in output
-    assert "scontrol requeue 4242" in Path(fake_slurm["FAKE_SLURM_LOG"]).read_text()
+    if mode == "local-2-processes":
+        assert job.returncode == 75 and "rerun this script to resume" in output, output
+        assert output.count("stopped by SIGUSR1 after step") == 2  # both ranks agreed on the step
+    else:
+        assert job.returncode == 0, output  # the script requeued the job instead of failing it
+        assert "scontrol requeue 4242" in Path(fake_slurm["FAKE_SLURM_LOG"]).read_text()
     checkpoints = list((tmp_path / "run" / "train" / "checkpoints").glob("step-*/manifest.json"))
     assert len(checkpoints) == 1, output
     status = json.loads(subprocess.run([sys.executable, "-m", "dpo.cli", "status", tmp_path / "run", "--json"],

@@ -24,10 +24,12 @@ read -r -a ACCELERATE <<< "${DPO_ACCELERATE:-accelerate launch}"
 DPO_SLURM_LOCAL=${DPO_SLURM_LOCAL:-0}
 DPO_MAX_REQUEUES=${DPO_MAX_REQUEUES:-20}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# torchrun (under accelerate launch) handles TERM but not USR1 by default, and SIGKILLs its workers
-# 30 s after forwarding a signal; let it forward USR1 and give the checkpoint save time to finish.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+# torchrun (under accelerate launch) handles TERM but not USR1 by default (USR1 would kill it and
+# orphan the workers), and SIGKILLs its workers 30 s after forwarding a signal. These are its
+# --signals-to-handle and --shutdown-timeout options, read from the environment: forward USR1 too,
+# and give the checkpoint save the time that --signal=B:USR1@120 leaves.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-110}
 
 stop_signal=""
 child=""
