@@ -132,9 +132,9 @@ def test_rerun_after_completion_is_noop(basic_run, data):
     assert ((out / "manifest.json").read_text(), (out / "metrics.jsonl").read_text()) == before
 
 
-def test_concatenated_equals_separate(data, tmp_path):
+def test_concatenated_equals_separate_and_checkpointed(data, tmp_path):
     train(data, tmp_path / "c", "--max-steps", "3", "--forward", "concatenated")
-    train(data, tmp_path / "s", "--max-steps", "3", "--forward", "separate")
+    train(data, tmp_path / "s", "--max-steps", "3", "--forward", "separate", "--gradient-checkpointing")
     np.testing.assert_allclose(losses_of(tmp_path / "c"), losses_of(tmp_path / "s"), rtol=0, atol=1e-5)
     c, s = rows(tmp_path / "c"), rows(tmp_path / "s")
     # Separate batches pad each side to its own length: never more padding than one shared length.
@@ -230,6 +230,14 @@ def test_cache_of_other_tokens_is_refused(data, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert str(data["ref"]) in proc.stderr and "tokenized" in proc.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_cache_of_another_model_warns_and_trains(data, tmp_path, tiny_llama):
+    # As when continuing from a DPO checkpoint with the SFT model's cache as the reference.
+    proc = run_dpo("train", "--tokenized", data["tok"], "--ref-cache", data["ref"], "--model", tiny_llama,
+                   "--out", tmp_path / "run", "--max-steps", "1", "--per-device-batch-size", "2", check=True)
+    assert "WARNING" in proc.stderr and str(tiny_llama) in proc.stderr
+    assert (tmp_path / "run" / "manifest.json").is_file()
 
 
 def test_bad_options_exit_2(data, tmp_path):
