@@ -306,8 +306,6 @@ def run(
 def status(
     path: Annotated[Path, typer.Argument(help="A run folder (from `dpo run`) or one artifact folder.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ):
     """Show each artifact (complete or partial), its fingerprint, inputs, key stats, and what runs next."""
     from .stages import status as stage

@@ -56,8 +56,9 @@ class EvaluateConfig:
     train: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
     baseline: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
     split: str = "eval"
-    beta: float | None = None
-    loss_type: str | None = None
+    # Resolved with --train into the objective, which is what enters the fingerprint.
+    beta: float | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
+    loss_type: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
     generate: int = 0
     prompts: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)  # content hashed as an input
     temperature: float = 0.0
@@ -207,7 +208,9 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
             return read_manifest(out)
         started = time.perf_counter()
         rows = _read_pairs(tokenized, cfg.split, cfg.tokenized)
-        model = _load_model(model_dir, cfg.dtype)
+        # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = _load_model(model_dir, cfg.dtype).to(device)
         info = tokenized.manifest.stats.get("tokenizer_info", {})
         pad_id = info.get("pad_token_id")
         pad_id = info.get("eos_token_id", 0) if pad_id is None else pad_id
@@ -247,6 +250,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
 def _score(model, rows: list[dict], pad_id: int, objective: Objective, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
     """The model's summed label log-probs (and WPO terms when the loss needs them) of every pair."""
     scorer = LabelLogProbs(model)
+    device = next(model.parameters()).device
     want_wpo = losses.needs_wpo_term(objective.loss_type)
     n = len(rows)
     out = {name: np.zeros(n, dtype=np.float64) for name in
@@ -258,13 +262,14 @@ def _score(model, rows: list[dict], pad_id: int, objective: Objective, cfg: Eval
     with torch.no_grad():
         for positions in batches:
             batch = collate_pairs([rows[p] for p in positions], pad_id, mode="concatenated")
+            batch = {k: v.to(device) for k, v in batch.items()}
             result = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=want_wpo)
             b = len(positions)
             for side, sl in (("chosen", slice(0, b)), ("rejected", slice(b, 2 * b))):
-                out[f"policy_{side}_logps"][positions] = result.logps[sl].double().numpy()
-                out[f"{side}_num_tokens"][positions] = result.num_tokens[sl].double().numpy()
+                out[f"policy_{side}_logps"][positions] = result.logps[sl].double().cpu().numpy()
+                out[f"{side}_num_tokens"][positions] = result.num_tokens[sl].double().cpu().numpy()
                 if want_wpo:
-                    out[f"{side}_wpo_term"][positions] = result.wpo_term[sl].double().numpy()
+                    out[f"{side}_wpo_term"][positions] = result.wpo_term[sl].double().cpu().numpy()
             bar.update(b)
     bar.close()
     return out
@@ -373,6 +378,7 @@ def _generate(model, tokenizer, rows: list[dict], cfg: EvaluateConfig) -> list[d
     """Greedy (temperature 0) or sampled completions, left-padded in batches, with token counts."""
     items = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else _held_out_prompts(rows, cfg.generate)
     stop = _stop_ids(model, tokenizer)
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     limit = getattr(model.config, "max_position_embeddings", None)
     generator_seed = cfg.seed
@@ -392,9 +398,9 @@ def _generate(model, tokenizer, rows: list[dict], cfg: EvaluateConfig) -> list[d
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0} \
             if cfg.temperature > 0 else {"do_sample": False}
         with torch.no_grad():
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                                        eos_token_id=stop, pad_token_id=pad, **sampling)
-        for item, seq in zip(chunk, generated[:, longest:].tolist()):
+        for item, seq in zip(chunk, generated[:, longest:].cpu().tolist()):
             cut = next((k for k, t in enumerate(seq) if t in stop), None)
             completion = seq if cut is None else seq[: cut + 1]
             result = {k: v for k, v in item.items() if k not in ("prompt_ids", "chosen_ids")}
