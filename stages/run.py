@@ -39,7 +39,7 @@ import yaml
 
 from ..artifacts.manifest import MANIFEST
 from ..pipeline.config import load_run_file
-from ..pipeline.errors import UsageError
+from ..pipeline.errors import Preempted, UsageError
 from ..pipeline.logs import rank
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,10 @@ def _run_steps(config: RunConfig, resolved: dict[str, Any], wanted: tuple[str, .
         flags = ["--quiet"] * config.quiet + ["--verbose"] * config.verbose
         code = _invoke(command, name, sections_file, config.config, flags)
         seconds = time.monotonic() - started
+        if code == Preempted.exit_code:
+            log.warning("step %s was pre-empted after %.1fs and saved its progress; rerun `dpo run --config %s` "
+                        "to resume (completed steps are skipped)", name, seconds, config.config)
+            return code
         if code:
             log.error(
                 "step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
