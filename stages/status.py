@@ -21,6 +21,7 @@ import yaml
 from ..artifacts.manifest import MANIFEST, Manifest, read_manifest
 from ..artifacts.output import PARTIAL
 from ..pipeline.errors import ArtifactError, UsageError
+from ..pipeline.report import last_row_with, read_metrics_jsonl
 from .run import RESOLVED, STEPS
 
 # kind -> the step that writes it, in pipeline order
@@ -51,10 +52,14 @@ def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:
         out["pairs"] = {split: manifest.rows(split) for split in manifest.splits}
         out["model"] = manifest.config.get("model")
     elif manifest.kind == "train":
-        for key in ("steps", "step", "epochs_completed", "train_seconds", "tokens_per_second", "final_loss",
-                    "loss", "rewards/accuracies", "peak_memory_mb", "peak_rss_mb"):
+        for key in ("steps", "pairs", "tokens", "train_seconds", "tokens_per_second", "world_size",
+                    "global_batch_size", "trainable_parameters"):
             if key in s:
                 out[key] = s[key]
+        for key in ("peak_cpu_rss_bytes", "peak_gpu_allocated_bytes"):
+            if s.get(key):
+                out[key.replace("_bytes", "_gib")] = round(s[key] / 2**30, 2)
+        out.update(_last_logged(root))
         out["loss_type"] = manifest.config.get("loss_type")
         out["beta"] = manifest.config.get("beta")
         out["model"] = manifest.config.get("model")
@@ -68,6 +73,22 @@ def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:
             if s.get(key) is not None:
                 out[key] = s[key]
         out["report"] = str(root / "report.md")
+    return out
+
+
+def _last_logged(train_dir: Path) -> dict[str, Any]:
+    """The newest logged training and eval metrics of a train folder (complete or still running)."""
+    path = train_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = read_metrics_jsonl(path)
+    out: dict[str, Any] = {}
+    train = last_row_with(rows, "loss")
+    if train:
+        out["last logged"] = {k: train[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins") if k in train}
+    evals = last_row_with(rows, "eval/loss")
+    if evals:
+        out["last eval"] = {k: evals[k] for k in ("step", "eval/loss", "eval/rewards/accuracies") if k in evals}
     return out
 
 
@@ -113,6 +134,7 @@ def describe(path: Path, step: str | None = None) -> dict[str, Any]:
                     step=step or KIND_STEPS.get(partial.get("kind", "")))
         if partial.get("kind") == "train":
             info["checkpoints"] = _checkpoints(path)
+            info["stats"] = _last_logged(path)
         shards = [p for p in path.rglob("part-*.parquet")]
         if shards:
             info["committed_shards"] = len(shards)
@@ -206,6 +228,8 @@ def render(result: dict[str, Any], as_json: bool = False) -> str:
                 lines.append(f"      complete checkpoints: {', '.join(e['checkpoints'])}")
             if e.get("committed_shards"):
                 lines.append(f"      committed shards: {e['committed_shards']}")
+            for k, v in e.get("stats", {}).items():
+                lines.append(f"      {k}: {_fmt(v)}")
         elif e.get("error"):
             lines.append(f"      {e['error']}")
     lines.append(f"next: {result['next']}")
