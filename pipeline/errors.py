@@ -34,6 +34,12 @@ class LockHeldError(DpoError):
     exit_code = 4
 
 
+class PushError(DpoError):
+    """The Hub upload failed after the local export was committed; rerunning retries the upload."""
+
+    exit_code = 5
+
+
 class Preempted(DpoError):
     """Stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning the same command resumes.
 
@@ -49,5 +55,6 @@ EXIT_CODES = {
     2: "bad input: options, config file or a malformed data record",
     3: "artifact problem: missing, incomplete, corrupt or from other inputs",
     4: "the output directory is locked by another live job",
+    5: "the Hugging Face Hub upload failed (the local export is complete; rerun to retry)",
     75: "pre-empted (SIGTERM/SIGUSR1): a checkpoint was saved; rerun to resume",
 }

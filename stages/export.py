@@ -29,7 +29,7 @@ from ..artifacts.shards import file_entry
 from ..pipeline import report
 from ..pipeline.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from ..pipeline.checkpoint import step_dir_name
-from ..pipeline.errors import ArtifactError, DpoError, UsageError
+from ..pipeline.errors import ArtifactError, PushError, UsageError
 from ..pipeline.lora import count_parameters
 from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
 
@@ -39,12 +39,6 @@ KIND = "model"
 NOT_SEMANTIC = {"semantic": False}
 STEP = re.compile(r"^step-(\d+)$")
 log = logging.getLogger(__name__)
-
-
-class PushError(DpoError):
-    """The upload to the Hub failed; the local export is complete and stays valid."""
-
-    exit_code = 5
 
 
 @dataclasses.dataclass(frozen=True)
