@@ -342,6 +342,9 @@ def _train(cfg: TrainConfig, accelerator, tokenized: ArtifactReader, reference, 
             log.info("trained %d steps in %.0fs (%.0f tokens/s, peak RSS %.0f MiB); final model in %s", step,
                      totals["train_seconds"], stats["tokens_per_second"], stats["peak_cpu_rss_bytes"] / 2**20, final)
         exit_code = 0
+    except Preempted as exc:
+        exit_code = exc.exit_code  # W&B marks the run as stopped, not crashed; the rerun continues it
+        raise
     finally:
         bar.close()
         tracker.close(exit_code)
