@@ -11,12 +11,14 @@ How a pair becomes tokens:
 - plain pairs are ``BOS? + prompt + response + EOS`` without a template (TRL's non-conversational
   layout); BOS only if the tokenizer adds one to plain text.
 
-Prompt and conversation are tokenized whole, so the response's ids are exactly those the model
-sees in context, and the prompt's ids must be a prefix of the conversation's. That holds for a
-sound template and clean data; where it does not (a template that renders the prompt differently
-once the answer follows, a prompt ending in a space the tokenizer merges into the response) the
-pair would be mis-masked, so it is reported as `PrefixMismatch` instead. The prompt is tokenized
-once, so its ids are identical in chosen and rejected by construction.
+Prompt and conversation are tokenized whole, so the response's ids are the ones the model sees in
+context, and the prompt's ids are kept as its prefix. Where a tokenizer merges across the boundary
+(a prompt ending in a space or a template ending in '>' that BPE joins with the response's first
+character), the response text after the prompt is tokenized on its own and appended, as TRL does:
+the prompt's ids stay identical in chosen and rejected by construction. A template whose rendering
+of the prompt is not even a text prefix of the conversation (it renders the prompt differently once
+the answer follows) cannot be split without mis-masking, so that pair is reported as
+`PrefixMismatch` instead.
 """
 
 from __future__ import annotations
@@ -164,15 +166,44 @@ class PairEncoder:
             chat.append(pair.is_chat or self.settings.apply_chat_template)
         # The Rust tokenizer directly, without offsets: the same ids as tokenizer(texts), about twice as fast.
         ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        results: list[Encoded | Drop | PrefixMismatch] = []
+        results: list[Encoded | Drop | PrefixMismatch | None] = []
+        prompts = [(self.text_prefix if not c else []) + ids[3 * i] for i, c in enumerate(chat)]
+        responses: dict[tuple[int, int], list[int]] = {}
+        retokenize: list[tuple[int, int]] = []
         for i in range(len(pairs)):
             if i in failed:
                 results.append(failed[i])
                 continue
-            prefix = [] if chat[i] else self.text_prefix
-            prompt, chosen_full, rejected_full = (prefix + ids[3 * i + k] for k in range(3))
-            results.append(self._split(prompt, chosen_full, rejected_full, chat[i], texts[3 * i : 3 * i + 3]))
+            prompt_text, prompt = texts[3 * i], prompts[i]
+            results.append(None)
+            for side in (1, 2):
+                full = (self.text_prefix if not chat[i] else []) + ids[3 * i + side]
+                if full[: len(prompt)] == prompt:
+                    responses[i, side] = full[len(prompt):]
+                elif texts[3 * i + side].startswith(prompt_text):
+                    retokenize.append((i, side))
+                else:
+                    results[i] = self._mismatch(prompt, full, chat[i], side, texts[3 * i : 3 * i + 3])
+                    break
+        if retokenize:
+            tails = [texts[3 * i + side][len(texts[3 * i]):] for i, side in retokenize]
+            encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(tails, add_special_tokens=False)
+            responses.update({key: e.ids for key, e in zip(retokenize, encoded)})
+        for i in range(len(pairs)):
+            if results[i] is None:
+                results[i] = self._split(prompts[i], responses[i, 1], responses[i, 2], chat[i])
         return results
+
+    @staticmethod
+    def _mismatch(prompt: list[int], full: list[int], chat: bool, side: int, texts: list[str]) -> PrefixMismatch:
+        name = "chosen" if side == 1 else "rejected"
+        at = next(k for k in range(len(prompt)) if k >= len(full) or full[k] != prompt[k])
+        what = "the chat template's rendering of the prompt" if chat else "the prompt text"
+        return PrefixMismatch(
+            name,
+            f"{what} is not a prefix of prompt+{name} (they diverge at token {at}: prompt renders "
+            f"{texts[0][-60:]!r}, prompt+{name} renders {texts[side][len(texts[0]) - 60 : len(texts[0]) + 20]!r})",
+        )
 
     def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
         if not pair.is_chat and not self.settings.apply_chat_template:
@@ -192,22 +223,10 @@ class PairEncoder:
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _split(self, prompt: list[int], chosen_full: list[int], rejected_full: list[int], chat: bool,
-               texts: list[str]) -> Encoded | Drop | PrefixMismatch:
-        responses = []
-        for side, full in (("chosen", chosen_full), ("rejected", rejected_full)):
-            if full[: len(prompt)] != prompt:
-                at = next(k for k in range(len(prompt)) if k >= len(full) or full[k] != prompt[k])
-                what = "the chat template's rendering of the prompt" if chat else "the prompt text"
-                return PrefixMismatch(
-                    side,
-                    f"{what} is not a token prefix of prompt+{side} (they diverge at token {at}: prompt renders "
-                    f"{texts[0][-60:]!r}, prompt+{side} renders {texts[1 if side == 'chosen' else 2][len(texts[0]) - 60 : len(texts[0]) + 20]!r})",
-                )
-            responses.append(self._finish(full[len(prompt):], chat))
+    def _split(self, prompt: list[int], chosen: list[int], rejected: list[int], chat: bool) -> Encoded | Drop:
+        chosen, rejected = self._finish(chosen, chat), self._finish(rejected, chat)
         prompt = self._cut_prompt(prompt)
         s = self.settings
-        chosen, rejected = responses
         truncated = False
         if len(prompt) + max(len(chosen), len(rejected)) > s.max_seq_length:
             if s.truncation == "drop":

@@ -154,7 +154,7 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
         if state is OutputState.RESUME:
             log.info("resuming the partial output in %s (fingerprint %s)", out, fp)
         started = time.perf_counter()
-        splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder)
+        splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
         processed = _write_shards(cfg, out, splits, encoder, settings)
         elapsed = time.perf_counter() - started
         manifest = _close(cfg, out, fp, splits, encoder, tok_fp, source_stats, source_hashes,
@@ -169,7 +169,7 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
 
 
 def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: list[Source],
-                encoder: PairEncoder) -> tuple[dict[str, list[Item]], list[dict[str, Any]]]:
+                encoder: PairEncoder, source_hashes: dict[int, str]) -> tuple[dict[str, list[Item]], list[dict[str, Any]]]:
     """Every sampled record of every source, normalised, assigned to its split."""
     columns = parse_columns(cfg.columns)
     train: list[Item] = []
@@ -178,7 +178,8 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
     for split, sources in (("train", train_sources), ("eval", eval_sources)):
         for source in sources:
             records = source.read()
-            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source.name, source.spec.spec)
+            # Keyed by content, not path: the same data and seed give the same sample wherever it lives.
+            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.spec)
             records = [records[i] for i in keep]
             fmt = _source_format(cfg, source, records, columns, encoder)
             items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]

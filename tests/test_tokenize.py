@@ -185,6 +185,25 @@ def test_chat_data_needs_a_template(tmp_path):
         assert tok.decode(row["rejected_input_ids"][: row["prompt_length"]]).endswith("<|assistant|>")
 
 
+def test_token_merge_across_the_prompt_boundary_keeps_prompt_ids_and_response_text(tmp_path):
+    """GPT-2's BPE joins "Q: " + "Yes" into "Q", ":", " Yes": the prompt's own ids must still lead."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "Q: is it blue? A: ", "chosen": "Yes it is.", "rejected": "No."}) + "\n"
+        + json.dumps({"prompt": "<b>", "chosen": '"quoted"', "rejected": "plain"}) + "\n"
+    )
+    tokenize(tmp_path / "out", str(data), tokenizer=GPT2_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    got = rows(tmp_path / "out")
+    assert len(got) == 2
+    for row, (prompt, chosen, rejected) in zip(got, [("Q: is it blue? A: ", "Yes it is.", "No."),
+                                                      ("<b>", '"quoted"', "plain")]):
+        n = row["prompt_length"]
+        assert row["chosen_input_ids"][:n] == row["rejected_input_ids"][:n] == tok(prompt)["input_ids"]
+        assert tok.decode(labelled(row["chosen_input_ids"], row["chosen_labels"])) == chosen + tok.eos_token
+        assert tok.decode(labelled(row["rejected_input_ids"], row["rejected_labels"])) == rejected + tok.eos_token
+
+
 def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
     template = tmp_path / "broken.jinja"
     # the generation prompt says 'assistant:\n' but a rendered answer follows 'assistant: ' (no newline)
@@ -192,7 +211,7 @@ def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
         "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
     )
-    with pytest.raises(DataError, match=r"json, row \[\d+\]: the chat template's rendering of the prompt is not a token prefix"):
+    with pytest.raises(DataError, match=r"json, row \[\d+\]: the chat template's rendering of the prompt is not a prefix"):
         tokenize(tmp_path / "out", f"{SHAREGPT}:3", chat_template=str(template))
     assert not (tmp_path / "out" / "manifest.json").exists()
     manifest = tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
@@ -262,7 +281,7 @@ def test_mixing_fraction_count_seed_and_eval_split(tmp_path):
 
 
 def test_eval_data_source(tmp_path):
-    m = tokenize(tmp_path / "out", f"{HH}:100", eval_data=(f"{SHAREGPT}:10",), max_seq_length=4096)
+    m = tokenize(tmp_path / "out", f"{HH}:100", eval_data=(f"{SHAREGPT}:10",), max_seq_length=16384)
     assert m.stats["pairs_per_source"]["eval"] == {SHAREGPT: 10}
     assert rows(tmp_path / "out", "eval")[0]["index"] == m.stats["pairs"]["train"]
 
