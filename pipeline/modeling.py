@@ -46,15 +46,20 @@ def _check_model_dir(path: Path) -> None:
         raise UsageError(f"model {path}: no config.json, so this is not a Hugging Face model folder")
 
 
-def _disable_dropout(config) -> list[str]:
-    changed = []
-    for sub in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-        for key, value in list(vars(sub).items()):
+def _dropout_rates(config) -> dict[tuple[bool, str], float]:
+    """Every non-zero dropout rate of ``config`` and its text config, keyed by (in text config, name)."""
+    rates = {}
+    for is_text, sub in ((False, config), (True, config.get_text_config())):
+        for key, value in vars(sub).items():
             if (key.endswith("dropout") or key.endswith("_pdrop") or key.endswith("dropout_prob")
                     or key.endswith("dropout_rate")) and isinstance(value, float) and value != 0.0:
-                setattr(sub, key, 0.0)
-                changed.append(key)
-    return changed
+                rates[is_text, key] = value
+    return rates
+
+
+def _set_dropout_rates(config, rates: dict[tuple[bool, str], float]) -> None:
+    for (is_text, key), value in rates.items():
+        setattr(config.get_text_config() if is_text else config, key, value)
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout: bool = False,
@@ -65,14 +70,17 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     path = Path(path)
     _check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
-    if not keep_dropout:
-        changed = _disable_dropout(config)
-        if changed:
-            log.debug("dropout set to 0 in %s: %s", path, ", ".join(changed))
+    rates = {} if keep_dropout else _dropout_rates(config)
+    if rates:
+        _set_dropout_rates(config, dict.fromkeys(rates, 0.0))
+        log.debug("dropout set to 0 in %s: %s", path, ", ".join(key for _, key in rates))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
     except (OSError, ValueError) as exc:
         raise UsageError(f"model {path}: cannot be loaded as a causal LM: {exc}") from None
+    # The modules were built with the zeroed rates; the config gets the original ones back so a
+    # saved model (checkpoints, final/, export) keeps the base model's dropout for later fine-tuning.
+    _set_dropout_rates(model.config, rates)
     if device is not None:
         model.to(device)
     return model.eval()

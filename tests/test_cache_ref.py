@@ -26,7 +26,7 @@ from dpo.pipeline.modeling import load_causal_lm, model_identity
 from dpo.pipeline.refcache import load_reference, reference_model_mismatch
 from dpo.stages import cache_ref as stage
 
-from conftest import DEMO_MODEL, DPO, HH_DATA, REPO, dpo_env, run_dpo
+from conftest import DEMO_MODEL, DPO, HH_DATA, REPO, dpo_env, free_port, run_dpo
 
 COLUMNS = ["index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]
 
@@ -205,7 +205,13 @@ def test_load_causal_lm_turns_dropout_off(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.3))
     model.save_pretrained(tmp_path / "m")
-    assert load_causal_lm(tmp_path / "m").config.attention_dropout == 0.0
+    loaded = load_causal_lm(tmp_path / "m")
+    assert loaded.model.layers[0].self_attn.attention_dropout == 0.0
+    ids = torch.randint(0, 64, (2, 8))
+    loaded.train()
+    assert torch.equal(loaded(ids).logits, loaded(ids).logits)  # no dropout noise even in train mode
+    # ...but what it saves keeps the base model's rate, for whoever fine-tunes the result later.
+    assert loaded.config.attention_dropout == 0.3
     kept = load_causal_lm(tmp_path / "m", keep_dropout=True, dtype="bfloat16")
     assert kept.config.attention_dropout == 0.3 and next(kept.parameters()).dtype == torch.bfloat16
     assert not kept.training
@@ -214,7 +220,7 @@ def test_load_causal_lm_turns_dropout_off(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one(tokenized, reference, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "dpo.cli", "cache-ref", "--tokenized", str(tokenized), "--model", str(DEMO_MODEL),
            "--out", str(out), "--rows-per-shard", "8", "--batch-size", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dpo_env(), timeout=300, cwd=REPO)
