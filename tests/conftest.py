@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import socket
 from pathlib import Path
 
 import pytest
+
+# The models here are tiny: a second intra-op thread only spins (and steals the core a subprocess or
+# another xdist worker needs). Set before anything imports torch; child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo"
@@ -39,6 +44,13 @@ def run_dpo(*args: str | os.PathLike, check: bool = False, env: dict | None = No
     if check and proc.returncode != 0:
         raise AssertionError(f"dpo {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous that may run beside another one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def build_tiny_llama(out: Path, tokenizer_dir: Path = DEMO_MODEL, hidden: int = 32, layers: int = 2,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import HH_DATA, REPO, build_tiny_llama, dpo_env
+from conftest import HH_DATA, REPO, build_tiny_llama, dpo_env, free_port
 
 SLURM = REPO / "examples" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sh")) + sorted(SLURM.glob("*.sbatch"))
@@ -158,7 +158,7 @@ def test_preempted_train_saves_a_checkpoint_and_requeues(tmp_path, fake_slurm, m
     env = fake_slurm | {"DPO_RUN_FILE": str(spec), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
                         "SLURM_JOB_NODELIST": "localhost", "DPO_GPUS_PER_NODE": "1"}
     if mode == "local-2-processes":
-        env |= {"DPO_SLURM_LOCAL": "1", "DPO_GPUS_PER_NODE": "2", "DPO_MASTER_PORT": "29631"}
+        env |= {"DPO_SLURM_LOCAL": "1", "DPO_GPUS_PER_NODE": "2", "DPO_MASTER_PORT": str(free_port())}
     subprocess.run([sys.executable, "-m", "dpo.cli", "run", "--config", spec, "--step", "tokenize", "--step",
                     "cache-ref"], env=env, check=True, capture_output=True)
     job = subprocess.Popen(["bash", SLURM / "train.sbatch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
