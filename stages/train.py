@@ -37,7 +37,7 @@ from ..pipeline import losses
 from ..pipeline.accel import build_accelerator, make_adamw
 from ..pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
 from ..pipeline.checkpoint import CheckpointManager, save_model
-from ..pipeline.errors import ArtifactError, Preempted, UsageError
+from ..pipeline.errors import Preempted, UsageError
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.lora import LoraSettings, apply_lora, count_parameters
@@ -76,8 +76,10 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     epochs: int = 1
     max_steps: int | None = None
-    per_device_batch_size: int = 8
-    grad_accum: int = 1
+    # The fingerprint holds the global batch (per device x accumulation x processes) instead: the
+    # same run on 8 GPUs x 1 or 2 GPUs x 4 accumulation is the same training, and may resume across.
+    per_device_batch_size: int = dataclasses.field(default=8, metadata=NOT_SEMANTIC)
+    grad_accum: int = dataclasses.field(default=1, metadata=NOT_SEMANTIC)
     max_grad_norm: float = 1.0
     seed: int = 42
     dtype: str = "float32"
@@ -86,12 +88,13 @@ class TrainConfig:
     lora: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    zero_stage: int | None = None
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    deepspeed_config: str | None = None
+    # How the work is laid out, not what is computed; CheckpointManager refuses a ZeRO layout change.
+    zero_stage: int | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
+    offload_optimizer: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    offload_params: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    deepspeed_config: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
     # Same result either way (tested), so switching them on a resumed run is allowed.
     forward: str = dataclasses.field(default="concatenated", metadata=NOT_SEMANTIC)
     gradient_checkpointing: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
@@ -185,21 +188,24 @@ def run(cfg: TrainConfig) -> None:
     input_refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     if reference is not None:
         input_refs.append(InputRef("ref-logps", str(cfg.ref_cache), reference.fingerprint))
-    fp = fingerprint(STAGE, VERSION, cfg, [r.fingerprint for r in input_refs] + [model_identity(cfg.model)["digest"]])
+    semantic = {**semantic_config(cfg),
+                "global_batch": cfg.per_device_batch_size * cfg.grad_accum * accelerator.num_processes}
+    fp = fingerprint(STAGE, VERSION, semantic, [r.fingerprint for r in input_refs] + [model_identity(cfg.model)["digest"]])
 
     checkpoints = CheckpointManager(out / "checkpoints", accelerator=accelerator, fingerprint=fp,
-                                    config=semantic_config(cfg), keep_last=cfg.keep_last, inputs=input_refs)
+                                    config=semantic, keep_last=cfg.keep_last, inputs=input_refs)
     with contextlib.ExitStack() as stack:
         state = error = None
         if accelerator.is_main_process:
-            stack.enter_context(ArtifactLock(out, timeout_s=cfg.lock_timeout))
+            # Any failure here is handed to every rank: the others would wait in the broadcast forever.
             try:
+                stack.enter_context(ArtifactLock(out, timeout_s=cfg.lock_timeout))
                 if not cfg.overwrite:
                     # Before prepare_output, which would wipe a partial run of another config:
                     # its checkpoints are refused with what differs, never silently discarded.
                     checkpoints.check_latest()
                 state = prepare_output(out, KIND, fp, cfg.overwrite)
-            except ArtifactError as exc:
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank just below
                 error = exc
         state, error = _broadcast(accelerator, (state, error))
         if error is not None:
@@ -216,6 +222,9 @@ def _train(cfg: TrainConfig, accelerator, tokenized: ArtifactReader, reference, 
     started = time.perf_counter()
     train_rows = tokenized.read_split("train")
     eval_rows = tokenized.read_split("eval").to_pylist() if cfg.eval_steps else []
+    if cfg.eval_steps and not eval_rows:
+        raise UsageError(f"--eval-steps {cfg.eval_steps}: the eval split of {cfg.tokenized} has no pairs "
+                         "(all were filtered out?); see its rejects.jsonl, or pass --eval-steps 0")
     info = tokenized.manifest.stats.get("tokenizer_info", {})
     pad_id = info.get("pad_token_id")
     pad_id = pad_id if pad_id is not None else info.get("eos_token_id", 0)
@@ -250,9 +259,6 @@ def _train(cfg: TrainConfig, accelerator, tokenized: ArtifactReader, reference, 
     saved_cursor = trainer.get("data_cursor", {"epoch": 0, "samples_done": 0})
     # In pairs, so DDP resumed on another number of processes continues at the same place in the data.
     cursor = Cursor(int(saved_cursor["epoch"]), int(saved_cursor["samples_done"]) // global_batch)
-    if trainer and int(trainer["global_batch"]) != global_batch:
-        log.warning("resuming with a global batch of %d pairs; the checkpoint was made with %d",
-                    global_batch, trainer["global_batch"])
     totals = {"tokens": float(trainer.get("tokens", 0)), "pairs": float(trainer.get("pairs", 0)),
               "train_seconds": float(trainer.get("train_seconds", 0.0))}
     if step:

@@ -4,8 +4,9 @@ Reference: one process, global batch 4, constant learning rate (so a run's first
 depend on its total length). Against it:
 - 2 processes over gloo (DDP, ZeRO-2, ZeRO-3) with 2 pairs each give the same loss curve;
 - SIGKILL in the middle of a checkpoint save, then a rerun, gives the same curve (1e-6) and the
-  half-written checkpoint is discarded; a DDP run resumes on another number of processes (at the
-  same pair of the data), a ZeRO run refuses to, naming the saved world size;
+  half-written checkpoint is discarded; a DDP run resumes on another number of processes with the
+  same global batch (and is refused, naming it, with another), a ZeRO run refuses to, naming the
+  saved world size;
 - SIGTERM makes a run save a checkpoint and exit 75; the rerun resumes and matches.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_MODEL, DPO, HH_DATA, dpo_env, run_dpo
+from conftest import DEMO_MODEL, DPO, HH_DATA, REPO, dpo_env, run_dpo
 
 pytestmark = pytest.mark.slow
 
@@ -103,14 +104,20 @@ def test_ddp_matches_single_process_and_resumes_on_another_world_size(inputs, re
                    env=dpo_env(DPO_TEST_KILL_DURING="checkpoint-save:4"), check=False)
     assert killed.returncode != 0
     assert_curves_match(losses(out), reference, MULTI_TOL, steps=range(1, 5))
-    # One process with the same flags: the global batch becomes 2 pairs; the run continues from step 2
-    # at the same place in the data (8 pairs seen), as the cursor counts pairs, not per-rank batches.
-    train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "2", *after_kill())
+    # One process with the same per-device batch would halve the global batch: another training,
+    # refused by name, since resuming it would reshuffle the epoch and change the step count.
+    refused = train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "2",
+                    *after_kill(), check=False)
+    assert refused.returncode == 3 and "global_batch: 4 -> 2" in refused.stderr, refused.stderr[-3000:]
+    # One process accumulating 2 micro-batches keeps the global batch of 4: it resumes from step 2 and
+    # the whole curve equals the single-process run's.
+    train(inputs, out, "--per-device-batch-size", "2", "--grad-accum", "2", "--max-steps", STEPS,
+          "--save-every", "2", "--lock-timeout", "1")
     curve = losses(out)
     assert sorted(curve) == list(range(1, STEPS + 1))
-    assert_curves_match(curve, reference, MULTI_TOL, steps=range(1, 3))
+    assert_curves_match(curve, reference, MULTI_TOL)
     stats = json.loads((out / "manifest.json").read_text())["stats"]
-    assert stats["pairs"] == 2 * 4 + (STEPS - 2) * 2 and stats["world_size"] == 1  # from scratch: 6 * 2
+    assert stats["pairs"] == 4 * STEPS and stats["world_size"] == 1
 
 
 def test_zero2_matches_and_refuses_another_world_size(inputs, reference, tmp_path):
@@ -121,16 +128,22 @@ def test_zero2_matches_and_refuses_another_world_size(inputs, reference, tmp_pat
     assert_curves_match(losses(out), reference, MULTI_TOL, steps=range(1, 5))
     saved = json.loads((out / "checkpoints" / "step-00000002" / "manifest.json").read_text())
     assert saved["zero_stage"] == 2 and saved["world_size"] == 2
-    refused = train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "2",
-                    "--zero-stage", "2", *after_kill(), procs=1, check=False)
+    refused = train(inputs, out, "--per-device-batch-size", "2", "--grad-accum", "2", "--max-steps", STEPS,
+                    "--save-every", "2", "--zero-stage", "2", *after_kill(), procs=1, check=False)
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert "saved by DeepSpeed ZeRO-2 with world size 2; this run has 1 processes" in refused.stderr
 
 
 def test_zero3_matches_and_saves_a_loadable_model(inputs, reference, tmp_path):
+    # Persistence threshold 0 partitions every parameter, the output layer too (DeepSpeed keeps
+    # small ones whole by default): its gathers are collective, and the ranks score different
+    # numbers of label tokens, so this is what shows LabelLogProbs calls it equally often on each.
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
     out = tmp_path / "train"
-    train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "3", "--zero-stage", "3",
-          procs=2)
+    train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "3",
+          "--deepspeed-config", tmp_path / "zero3.json", procs=2)
     assert_curves_match(losses(out), reference, MULTI_TOL)
     from transformers import AutoModelForCausalLM
 
