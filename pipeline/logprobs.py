@@ -110,6 +110,9 @@ class LabelLogProbs(nn.Module):
             head_path = "full"
         self.head_path = head_path
         self._transform = _logit_transform(hf.config) if hasattr(hf, "config") else None
+        # A ZeRO-3 partitioned head all-gathers its weight on every call, a collective: every rank
+        # must call it equally often, so it gets one call per forward whatever the rank's row count.
+        self._one_head_call = out is not None and hasattr(getattr(out, "weight", None), "ds_id")
 
     @property
     def hf_model(self) -> nn.Module:
@@ -119,7 +122,9 @@ class LabelLogProbs(nn.Module):
         logits = self.hf_model.get_output_embeddings()(rows)
         return self._transform(logits) if self._transform is not None else logits
 
-    def _chunk_rows(self, vocab: int) -> int:
+    def _chunk_rows(self, vocab: int, rows: int) -> int:
+        if self._one_head_call:
+            return max(1, rows)
         return max(1, self.chunk_bytes // (4 * vocab))
 
     def vocab_size(self) -> int:
@@ -155,7 +160,12 @@ class LabelLogProbs(nn.Module):
             full = self._scores(ids, mask, ids, use_body=False)[0]
         tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 5e-2
         err = (fast - full).abs().max().item() if fast.numel() else 0.0
-        if not err <= tol * max(1.0, full.abs().max().item()):
+        agreed = torch.tensor([1 if err <= tol * max(1.0, full.abs().max().item()) else 0], device=input_ids.device)
+        if self._one_head_call and torch.distributed.is_initialized():
+            # Ranks check different rows but must take one path: under ZeRO-3 every forward is
+            # collective (and all ranks run this first forward together, so the reduce is safe).
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        if not agreed.item():
             log.warning(
                 "%s: its head is not a plain linear layer (log-prob error %.3g on a check); "
                 "computing log-probs through the full forward instead", type(self.hf_model).__name__, err,
@@ -166,10 +176,10 @@ class LabelLogProbs(nn.Module):
 
     def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False):
         rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body)
-        step = self._chunk_rows(self.vocab_size())
+        step = self._chunk_rows(self.vocab_size(), rows.shape[0])
         keep = torch.is_grad_enabled() and rows.requires_grad
         logps, terms = [], []
-        for start in range(0, rows.shape[0], step):
+        for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
             args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
             logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
             logps.append(logp)
