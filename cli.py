@@ -181,7 +181,7 @@ def train(
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (PEFT) instead of all weights; the adapter is what is saved.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 16,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA scaling alpha.")] = 32.0,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")] = 0.05,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input; 0 by default, like every other dropout (see --keep-dropout).")] = 0.0,
     lora_target_modules: Annotated[list[str], typer.Option("--lora-target-modules", help="Module names to adapt (repeatable), or all-linear.")] = ["all-linear"],
     zero_stage: Annotated[Optional[int], typer.Option("--zero-stage", help="DeepSpeed ZeRO stage 0-3 (default: plain DDP).", show_default=False)] = None,
     offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer", help="ZeRO-Offload the optimizer state to CPU (stage >= 1).")] = False,

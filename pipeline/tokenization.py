@@ -235,6 +235,9 @@ class PairEncoder:
             if room <= 0:
                 return Drop("no_trainable_tokens", f"the {len(prompt)}-token prompt fills --max-seq-length {s.max_seq_length}")
             chosen, rejected, truncated = chosen[:room], rejected[:room], True
+            if chosen == rejected:
+                return Drop("identical_after_truncation",
+                            f"chosen and rejected share their first {room} tokens, all that --max-seq-length leaves")
         return Encoded(prompt, chosen, rejected, truncated)
 
     def _finish(self, response: list[int], chat: bool) -> list[int]:

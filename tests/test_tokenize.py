@@ -204,6 +204,21 @@ def test_token_merge_across_the_prompt_boundary_keeps_prompt_ids_and_response_te
         assert tok.decode(labelled(row["rejected_input_ids"], row["rejected_labels"])) == rejected + tok.eos_token
 
 
+def test_pair_whose_responses_agree_within_the_length_limit_is_dropped(tmp_path):
+    """keep-start would leave chosen == rejected: a pair with no preference signal, so it is dropped."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "Once upon a time", "chosen": " there was a cat who sat on a mat all day long.",
+                    "rejected": " there was a cat who ran away from home at night."}) + "\n"
+        + json.dumps({"prompt": "Once upon a time", "chosen": " a dog barked.", "rejected": " the sun set."}) + "\n"
+    )
+    m = tokenize(tmp_path / "out", str(data), max_seq_length=12)
+    assert m.stats["dropped"] == {"identical_after_truncation": 1}
+    assert m.stats["pairs"]["train"] == 1
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(1, "identical_after_truncation")]
+
+
 def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
     template = tmp_path / "broken.jinja"
     # the generation prompt says 'assistant:\n' but a rendered answer follows 'assistant: ' (no newline)
