@@ -66,8 +66,18 @@ def stage_command(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        finally:
+            _close_process_group()
 
     return wrapper
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before exit: a process group left to interpreter shutdown can
+    abort the process ("terminate called without an active exception") after a successful run."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _version(value: bool) -> None:

@@ -41,6 +41,8 @@ RANKS_AGREE = textwrap.dedent("""
             if watcher.should_stop(accelerator):
                 break
     print(json.dumps({"rank": accelerator.process_index, "stopped_at": step, "why": watcher.signal_name}))
+    import torch.distributed
+    torch.distributed.destroy_process_group()
 """)
 
 
