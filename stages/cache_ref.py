@@ -27,7 +27,7 @@ import torch
 
 from ..artifacts.fingerprint import fingerprint, semantic_config
 from ..artifacts.lock import ArtifactLock
-from ..artifacts.manifest import InputRef, Manifest
+from ..artifacts.manifest import InputRef, Manifest, read_manifest
 from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
@@ -61,7 +61,7 @@ class CacheRefConfig:
     dtype: str = "float32"
     forward: str = field(default="concatenated", metadata=PLUMBING)  # both give the same values
     splits: tuple[str, ...] = ()  # empty: every split of the tokenized artifact
-    verify: bool = field(default=False, metadata=PLUMBING)  # changes the identity digest, which is fingerprinted
+    verify: bool = field(default=False, metadata=PLUMBING)  # checks the full sha256; the sampled one is fingerprinted
     rows_per_shard: int = 2048
     overwrite: bool = field(default=False, metadata=PLUMBING)
     lock_timeout: float = field(default=600.0, metadata=PLUMBING)
@@ -103,13 +103,17 @@ def _run(config: CacheRefConfig, distributed: bool) -> None:
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
     _check_vocab(config, info)
     identity = dist.on_main(lambda: model_identity(config.model, exact=config.verify))
-    fp = fingerprint(STAGE, VERSION, {**semantic_config(config), "model_identity": identity["digest"]}, [tokenized.fingerprint])
+    # The sampled identity is the key whether or not --verify hashed the weights in full, so adding
+    # --verify to a finished cache checks it (below) instead of asking to recompute it.
+    fp = fingerprint(STAGE, VERSION, {**semantic_config(config), "model_identity": identity["sampled_digest"]},
+                     [tokenized.fingerprint])
 
     lock = ArtifactLock(out, config.lock_timeout)
     state = dist.on_main(lambda: _take_output(lock, out, fp, config.overwrite))
     try:
         if state is OutputState.COMPLETE:
             if dist.is_main():
+                _check_verified(out, identity)
                 say_complete(out, KIND, fp)
             return
         if state is OutputState.RESUME:
@@ -127,6 +131,21 @@ def _run(config: CacheRefConfig, distributed: bool) -> None:
     finally:
         if dist.is_main():
             lock.release()
+
+
+def _check_verified(out: Path, identity: dict) -> None:
+    """With --verify, a complete cache must have been made from weights with the same full sha256."""
+    if not identity.get("exact"):
+        return
+    recorded = read_manifest(out).stats.get("model_identity", {}).get("sha256_digest")
+    if recorded is None:
+        log.warning("%s was made without --verify: its model matches by sampled identity, but there is no full "
+                    "sha256 recorded to compare the weights with", out)
+    elif recorded != identity["sha256_digest"]:
+        raise ArtifactError(
+            f"{out} was computed from weights whose sha256 ({recorded}) differs from the --model's "
+            f"({identity['sha256_digest']}), though they agree on the sampled identity: rerun with --overwrite"
+        )
 
 
 def _resolve_splits(config: CacheRefConfig, tokenized: ArtifactReader) -> tuple[str, ...]:
