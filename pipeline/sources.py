@@ -95,12 +95,12 @@ class Source:
         return self.spec.path
 
     def content_hash(self) -> str:
-        """sha256 over the files' contents (and names relative to the source), or the hub fingerprint."""
+        """sha256 over the files' contents (and names inside a folder source), or the hub fingerprint."""
         if self.kind == "hub":
             return hash_json({"hub": self.spec.path, "fingerprint": _load_hub(self.spec.path)._fingerprint})
         root = Path(self.spec.path)
         return hash_json(
-            [[str(f.relative_to(root)) if f != root else f.name, sha256_file(f)] for f in self.files]
+            [[str(f.relative_to(root)) if f != root else "", sha256_file(f)] for f in self.files]
         )
 
     def read(self) -> list[Record]:

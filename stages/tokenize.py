@@ -72,10 +72,12 @@ SCHEMA = pa.schema([
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeConfig:
-    data: tuple[str, ...]
+    # Sources enter the fingerprint as (split, amount, content hash): the same data found at another
+    # path or from another working directory (a requeued job) is the same artifact.
+    data: tuple[str, ...] = dataclasses.field(metadata=NOT_SEMANTIC)
     tokenizer: str = dataclasses.field(metadata=NOT_SEMANTIC)  # its content fingerprint is an input
     out: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    eval_data: tuple[str, ...] = ()
+    eval_data: tuple[str, ...] = dataclasses.field(default=(), metadata=NOT_SEMANTIC)
     eval_fraction: float = 0.0
     max_seq_length: int = 1024
     max_prompt_length: int | None = None
@@ -140,7 +142,8 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
                     cfg.max_seq_length, encoder.context)
     tok_fp = tokenizer_fingerprint(cfg.tokenizer)
     source_hashes = {id(s): s.content_hash() for s in train_sources + eval_sources}
-    inputs = [source_hashes[id(s)] for s in train_sources + eval_sources] + [tok_fp]
+    inputs = [f"{split}:{s.spec.amount}:{source_hashes[id(s)]}"
+              for split, sources in (("train", train_sources), ("eval", eval_sources)) for s in sources] + [tok_fp]
     if template_override is not None:
         inputs.append(sha256_file(cfg.chat_template))
     fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)

@@ -395,12 +395,24 @@ def test_fingerprint_is_pinned_and_ignores_non_semantic_options():
     cfg = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out")
     inputs = ["0" * 64, "dd5de5ed7a1c485f"]
     fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)
-    assert fp == "4c8ba79228b4dfeb"
-    same = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="/elsewhere/tok", out="other", num_proc=8,
+    assert fp == "17e853338a3a93d2"
+    same = TokenizeConfig(data=("/moved/pairs.jsonl:0.5",), tokenizer="/elsewhere/tok", out="other", num_proc=8,
                           quiet=True, lock_timeout=5, overwrite=True)
     assert fingerprint("tokenize", TOKENIZE_VERSION, same, inputs) == fp
     assert fingerprint("tokenize", TOKENIZE_VERSION, TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok",
                                                                     out="out", max_seq_length=512), inputs) != fp
+
+
+def test_same_data_at_another_path_is_the_same_artifact(tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved.jsonl.gz"
+    shutil.copy(HH, moved)
+    first = tokenize(tmp_path / "a", f"{HH}:20")
+    second = tokenize(tmp_path / "b", f"{moved}:20")
+    assert first.fingerprint == second.fingerprint
+    assert [r["chosen_input_ids"] for r in rows(tmp_path / "a")] == [r["chosen_input_ids"] for r in rows(tmp_path / "b")]
+    assert tokenize(tmp_path / "c", f"{moved}:21").fingerprint != first.fingerprint
 
 
 def test_tokenizer_fingerprint_is_content_based(tmp_path):
