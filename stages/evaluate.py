@@ -154,7 +154,7 @@ def _tokenizer(model_dir: Path, tokenized: Manifest):
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError):
             continue
-        if tokenized.stats.get("chat_template") and not tokenizer.chat_template:
+        if tokenized.stats.get("chat_template"):  # the template the pairs were tokenized with
             tokenizer.chat_template = tokenized.stats["chat_template"]
         return tokenizer
     raise UsageError(

@@ -150,7 +150,7 @@ def _tokenizer(source: Source, train_dir: Path):
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
             template = tokenized.stats.get("chat_template") if tokenized is not None else None
-            if template and not tokenizer.chat_template:
+            if template:  # the one training saw (tokenize may have had --chat-template), not the folder's
                 tokenizer.chat_template = template
             return tokenizer
     raise ArtifactError(f"no tokenizer found for {source.folder} (looked in {', '.join(map(str, candidates))})")
