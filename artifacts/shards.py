@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..pipeline.errors import ArtifactError
 from .fingerprint import sha256_file
-from .manifest import FileEntry, Manifest, fsync_dir, read_manifest, resolve_inside
+from .manifest import FileEntry, Manifest, fsync_path, read_manifest, resolve_inside
 
 
 def shard_path(split: str, index: int, count: int) -> str:
@@ -39,7 +39,7 @@ def write_shard(root: Path, relative: str, table: pa.Table) -> FileEntry:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
     return FileEntry(path=relative, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target))
 
 

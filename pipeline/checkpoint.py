@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..artifacts.fingerprint import canonical
-from ..artifacts.manifest import InputRef, fsync_dir, write_json_atomic
+from ..artifacts.manifest import InputRef, fsync_path, write_json_atomic
 from .accel import zero_stage_of
 from .errors import ArtifactError
 
@@ -370,7 +370,7 @@ class CheckpointManager:
         if acc.is_main_process:
             files = []
             for path in sorted(p for p in partial.rglob("*") if p.is_file()):
-                _fsync_file(path)
+                fsync_path(path)
                 files.append({"path": path.relative_to(partial).as_posix(), "bytes": path.stat().st_size})
             from .. import __version__
 
@@ -384,7 +384,7 @@ class CheckpointManager:
             }
             write_json_atomic(partial / MANIFEST, manifest)
             os.replace(partial, final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
             self._prune()
             log.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
@@ -462,14 +462,6 @@ def _verify_files(checkpoint: Checkpoint) -> None:
 def _torch_load(path: Path) -> Any:
     # Our own files; RNG states hold numpy arrays and Python tuples, which weights_only refuses.
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fault_point(name: str, step: int) -> None:
