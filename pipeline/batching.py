@@ -54,6 +54,16 @@ def length_grouped_batches(lengths: Sequence[int] | np.ndarray, batch_size: int,
     return batches
 
 
+def pad_token_id(tokenized_stats: Mapping) -> int:
+    """The id a tokenized artifact pads with: its tokenizer's pad token, else EOS (GPT-2 has no pad).
+
+    Padding is masked out of attention and labels, so any in-vocabulary id gives the same result.
+    """
+    info = tokenized_stats.get("tokenizer_info") or {}
+    pad = info.get("pad_token_id")
+    return int(pad if pad is not None else info.get("eos_token_id") or 0)
+
+
 def pair_lengths(rows: Sequence[Mapping]) -> np.ndarray:
     """The padded length a pair needs in a concatenated batch: the longer of its two sides."""
     return np.array([max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows], dtype=np.int64)

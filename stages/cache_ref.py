@@ -31,7 +31,7 @@ from ..artifacts.manifest import InputRef, Manifest, read_manifest
 from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, collate_pairs, length_grouped_batches
+from ..pipeline.batching import SIDES, collate_pairs, length_grouped_batches, pad_token_id
 from ..pipeline.errors import ArtifactError, DataError, UsageError
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
@@ -278,10 +278,7 @@ class _Scorer:
 def _compute(config: CacheRefConfig, tokenized: ArtifactReader, tasks: list[ShardTask], out: Path,
              info: dict) -> dict:
     """Score and commit this rank's shards that no earlier run committed; returns this rank's stats."""
-    pad = info.get("pad_token_id")
-    if pad is None:
-        pad = info.get("eos_token_id") or 0  # padding is masked out: any in-vocabulary id will do
-    scorer = _Scorer(config, int(pad))
+    scorer = _Scorer(config, pad_token_id({"tokenizer_info": info}))
     todo = [t for t in tasks if committed_shard(out, t.path) is None]
     stats = {"shards_computed": len(todo), "shards_resumed": len(tasks) - len(todo), "pairs": 0, "tokens": 0,
              "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0}

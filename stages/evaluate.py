@@ -29,7 +29,7 @@ from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest, wr
 from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
 from ..artifacts.shards import ArtifactReader, file_entry, write_shard
 from ..pipeline import losses, report
-from ..pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
+from ..pipeline.batching import collate_pairs, length_grouped_batches, pad_token_id, pair_lengths
 from ..pipeline.errors import ArtifactError, DataError, UsageError
 from ..pipeline.logprobs import IGNORE_INDEX, LabelLogProbs
 from ..pipeline.logs import progress
@@ -211,10 +211,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = _load_model(model_dir, cfg.dtype).to(device)
-        info = tokenized.manifest.stats.get("tokenizer_info", {})
-        pad_id = info.get("pad_token_id")
-        pad_id = info.get("eos_token_id", 0) if pad_id is None else pad_id
-        pairs = _score(model, rows, pad_id, objective, cfg)
+        pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg)
         if reference is not None:
             _add_reference(pairs, rows, cfg, tokenized.manifest)
         if objective.loss_type == "simpo" or "ref_chosen_logps" in pairs:

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..artifacts.output import OutputState, commit_output, prepare_output, say_c
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import losses
 from ..pipeline.accel import build_accelerator, make_adamw
-from ..pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
+from ..pipeline.batching import collate_pairs, length_grouped_batches, pad_token_id, pair_lengths
 from ..pipeline.checkpoint import CheckpointManager, save_model
 from ..pipeline.errors import Preempted, UsageError
 from ..pipeline.logprobs import LabelLogProbs
@@ -225,9 +224,7 @@ def _train(cfg: TrainConfig, accelerator, tokenized: ArtifactReader, reference, 
     if cfg.eval_steps and not eval_rows:
         raise UsageError(f"--eval-steps {cfg.eval_steps}: the eval split of {cfg.tokenized} has no pairs "
                          "(all were filtered out?); see its rejects.jsonl, or pass --eval-steps 0")
-    info = tokenized.manifest.stats.get("tokenizer_info", {})
-    pad_id = info.get("pad_token_id")
-    pad_id = pad_id if pad_id is not None else info.get("eos_token_id", 0)
+    pad_id = pad_token_id(tokenized.manifest.stats)
     world = accelerator.num_processes
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * world
     if train_rows.num_rows < global_batch:
