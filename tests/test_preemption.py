@@ -40,7 +40,9 @@ RANKS_AGREE = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 hears it
             if watcher.should_stop(accelerator):
                 break
-    print(json.dumps({"rank": accelerator.process_index, "stopped_at": step, "why": watcher.signal_name}))
+    # One file per rank: two ranks printing to one pipe can interleave on a line.
+    with open(f"rank-{accelerator.process_index}.json", "w") as f:
+        json.dump({"rank": accelerator.process_index, "stopped_at": step, "why": watcher.signal_name}, f)
     import torch.distributed
     torch.distributed.destroy_process_group()
 """)
@@ -56,7 +58,6 @@ def test_ranks_agree_on_stopping(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    rows = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert rows == [{"rank": 0, "stopped_at": 3, "why": "a stop signal on another rank"},
                     {"rank": 1, "stopped_at": 3, "why": "SIGUSR1"}]
