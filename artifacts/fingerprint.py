@@ -12,23 +12,32 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
 FINGERPRINT_CHARS = 16
 
 
-def semantic_config(config: Any) -> dict[str, Any]:
-    """The fields of a config dataclass that change a stage's output.
+def leaf_values(config: Any, semantic: bool = True) -> Iterator[tuple[dataclasses.Field, Any, bool]]:
+    """(field, value, semantic) for every option of a config dataclass, in declaration order.
 
-    A field opts out with ``field(metadata={"semantic": False})``.
+    A field whose metadata says ``group`` holds a nested config dataclass, whose options are
+    yielded in its place; a field opts out of the fingerprint with ``metadata={"semantic": False}``
+    (a group's opt-out covers all its options).
     """
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if f.metadata.get("semantic", True)
-    }
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        inner = semantic and f.metadata.get("semantic", True)
+        if f.metadata.get("group"):
+            yield from leaf_values(value, inner)
+        else:
+            yield f, value, inner
+
+
+def semantic_config(config: Any) -> dict[str, Any]:
+    """The options of a config dataclass that change a stage's output (see leaf_values)."""
+    return {f.name: value for f, value, semantic in leaf_values(config) if semantic}
 
 
 def canonical(value: Any) -> Any:

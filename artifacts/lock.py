@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..pipeline.errors import LockHeldError
+from .errors import LockHeldError
 
 LOCK_NAME = ".dpo.lock"
 log = logging.getLogger(__name__)

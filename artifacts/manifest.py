@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.errors import ArtifactError
+from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -97,16 +97,19 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return target
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """tmp file, fsync, rename, fsync the directory: a reader sees the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def fsync_path(path: Path) -> None:

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..pipeline.errors import ArtifactError
+from .errors import ArtifactError
 from .lock import LOCK_NAME
 from .manifest import MANIFEST, Manifest, read_manifest, write_json_atomic, write_manifest
 

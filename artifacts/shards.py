@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..pipeline.errors import ArtifactError
+from .errors import ArtifactError
 from .fingerprint import sha256_file
 from .manifest import FileEntry, Manifest, fsync_path, read_manifest, resolve_inside
 

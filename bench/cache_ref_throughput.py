@@ -27,7 +27,8 @@ import torch
 
 from dpo.artifacts.shards import ArtifactReader
 from dpo.pipeline import distributed as dist
-from dpo.pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
+from dpo.pipeline.batching import length_grouped_batches, pair_lengths
+from dpo.pipeline.scoring import collate_pairs
 from dpo.pipeline.logprobs import LabelLogProbs
 from dpo.pipeline.modeling import load_causal_lm
 

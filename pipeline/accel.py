@@ -13,18 +13,42 @@ plain DDP (or a single process).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .errors import UsageError
+from ..artifacts.errors import UsageError
+from .config import option
 
 log = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-OFFLOAD_DEVICES = ("none", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How training is laid out over processes and in which precision it computes."""
+
+    PANEL: ClassVar[str] = "Distributed"
+
+    mixed_precision: str = option("no", choices=MIXED_PRECISION, help=(
+        "no, bf16 or fp16 autocast through Accelerate (master weights stay in --dtype)."))
+    # How the work is laid out, not what is computed; CheckpointManager refuses a ZeRO layout change.
+    zero_stage: int | None = option(None, semantic=False, choices=(0, 1, 2, 3), help=(
+        "DeepSpeed ZeRO stage 0-3 (default: plain DDP)."))
+    offload_optimizer: bool = option(False, semantic=False, help=(
+        "ZeRO-Offload the optimizer state to CPU (stage >= 1)."))
+    offload_params: bool = option(False, semantic=False, help="Offload parameters to CPU (stage 3).")
+    deepspeed_config: str | None = option(None, semantic=False, help=(
+        "DeepSpeed JSON config ('auto' values are filled from these flags)."))
+
+    def check(self) -> None:
+        if self.zero_stage is not None:
+            generate_deepspeed_config(self.zero_stage, offload_optimizer=self.offload_optimizer,
+                                      offload_params=self.offload_params)
 
 
 def generate_deepspeed_config(zero_stage: int, *, offload_optimizer: bool = False, offload_params: bool = False,
@@ -95,10 +119,9 @@ def _fill_auto(config: dict[str, Any], source: str, per_device_batch_size: int, 
     return config
 
 
-def build_accelerator(mixed_precision: str = "no", zero_stage: int | None = None, offload_optimizer: bool = False,
-                      offload_params: bool = False, deepspeed_config: str | os.PathLike | None = None,
-                      grad_accum: int = 1, per_device_batch_size: int = 1, max_grad_norm: float = 0.0,
-                      cpu: bool | None = None, seed: int | None = None):
+def build_accelerator(config: DistributedConfig = DistributedConfig(), grad_accum: int = 1,
+                      per_device_batch_size: int = 1, max_grad_norm: float = 0.0, cpu: bool | None = None,
+                      seed: int | None = None):
     """An Accelerator for this process: DDP when launched with several processes, DeepSpeed when asked.
 
     ``cpu=None`` means CPU exactly when no CUDA device is visible. On CPU the process group uses gloo
@@ -110,42 +133,41 @@ def build_accelerator(mixed_precision: str = "no", zero_stage: int | None = None
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    if mixed_precision not in MIXED_PRECISION:
-        raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}")
-    if grad_accum < 1 or per_device_batch_size < 1:
-        raise UsageError("--grad-accum and --per-device-batch-size must be at least 1")
+    mixed_precision = config.mixed_precision
     if cpu is None:
         cpu = not torch.cuda.is_available()
     if cpu and mixed_precision == "fp16":
         raise UsageError("--mixed-precision fp16 needs a GPU (use bf16 or no on CPU)")
 
-    config = None
-    if deepspeed_config is not None:
-        config = _fill_auto(_read_deepspeed_file(deepspeed_config), f"--deepspeed-config {deepspeed_config}",
-                            per_device_batch_size, grad_accum, max_grad_norm)
-    elif zero_stage is not None:
-        config = generate_deepspeed_config(
-            zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+    ds_config = None
+    if config.deepspeed_config is not None:
+        ds_config = _fill_auto(_read_deepspeed_file(config.deepspeed_config),
+                               f"--deepspeed-config {config.deepspeed_config}", per_device_batch_size, grad_accum,
+                               max_grad_norm)
+    elif config.zero_stage is not None:
+        ds_config = generate_deepspeed_config(
+            config.zero_stage, offload_optimizer=config.offload_optimizer, offload_params=config.offload_params,
             per_device_batch_size=per_device_batch_size, grad_accum=grad_accum, max_grad_norm=float(max_grad_norm))
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml dpo train ...`
         env_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if env_file != "none":
-            config = _fill_auto(_read_deepspeed_file(env_file), f"deepspeed_config_file {env_file}",
+            ds_config = _fill_auto(_read_deepspeed_file(env_file), f"deepspeed_config_file {env_file}",
                                 per_device_batch_size, grad_accum, max_grad_norm)
         else:
-            config = generate_deepspeed_config(
+            ds_config = generate_deepspeed_config(
                 int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
                 offload_optimizer=os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none",
                 offload_params=os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none",
                 per_device_batch_size=per_device_batch_size, grad_accum=grad_accum,
                 max_grad_norm=float(max_grad_norm))
     plugin = None
-    if config is not None:
-        # The launcher's inline DeepSpeed fields were folded into `config` above (or overridden by our
+    if ds_config is not None:
+        # The launcher's inline DeepSpeed fields were folded into `ds_config` above (or overridden by our
         # flags), so Accelerate's "these fields would be ignored next to a config file" check does not apply.
         os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-        plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=config["zero_optimization"].get("stage") == 3)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config,
+                                 zero3_init_flag=ds_config["zero_optimization"].get("stage") == 3)
 
     kwargs_handlers = []
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:

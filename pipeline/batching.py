@@ -1,9 +1,13 @@
-"""Batches of preference pairs: length-grouped formation and right-padded collation.
+"""Batches of preference pairs: length-grouped formation and the padding collation is built from.
 
 Padding costs compute in proportion to its share of the batch, so batches are formed from pairs
 of similar length: fully sorted when the order does not matter (reference log-probs), or sorted
 within shuffled "megabatches" when it does (training, where a fully sorted order would feed the
 model short sequences first and long ones last).
+
+Pairs travel as Arrow tables (slices of a tokenized split): tokens go from Arrow buffers to padded
+tensors through numpy, never through Python lists. pipeline/scoring.py lays batches out per
+forward mode with the helpers here.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .errors import DataError
-from .logprobs import IGNORE_INDEX
+from ..artifacts.errors import DataError
+from .tokenization import IGNORE_INDEX
 
 SIDES = ("chosen", "rejected")
 
@@ -64,70 +70,68 @@ def pad_token_id(tokenized_stats: Mapping) -> int:
     return int(pad if pad is not None else info.get("eos_token_id") or 0)
 
 
-def pair_lengths(rows: Sequence[Mapping]) -> np.ndarray:
-    """The padded length a pair needs in a concatenated batch: the longer of its two sides."""
-    return np.array([max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows], dtype=np.int64)
+def as_table(rows: pa.Table | Sequence[Mapping]) -> pa.Table:
+    """Pairs as an Arrow table: a table (or slice) as it is, a list of row dicts converted."""
+    return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
 
 
-def _pad(sequences: list, value: int, length: int) -> torch.Tensor:
-    out = np.full((len(sequences), length), value, dtype=np.int64)
-    for i, seq in enumerate(sequences):
-        out[i, : len(seq)] = seq
-    return torch.from_numpy(out)
+def pair_indices(table: pa.Table) -> np.ndarray:
+    """The pairs' ``index`` column as a (writable) int64 array."""
+    return np.array(table.column("index").to_numpy(), dtype=np.int64)
 
 
-def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
+def pair_lengths(rows: pa.Table | Sequence[Mapping]) -> np.ndarray:
+    """The padded length a pair needs in a concatenated batch: the longer of its two sides.
+
+    Read from the length columns a tokenized artifact has, else from the token lists' lengths,
+    never by turning tokens into Python objects.
+    """
+    table = as_table(rows)
+    sides = [table.column(f"{side}_length") if f"{side}_length" in table.column_names
+             else pc.list_value_length(table.column(f"{side}_input_ids")) for side in SIDES]
+    return np.maximum(*(np.asarray(s.to_numpy(zero_copy_only=False), dtype=np.int64) for s in sides))
+
+
+def ragged(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (all values in row order, each row's length), as numpy arrays."""
+    values = table.column(column)
+    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.asarray(flat, dtype=np.int64), lengths
+
+
+def pad_ragged(flat: np.ndarray, lengths: np.ndarray, value: int, width: int) -> np.ndarray:
+    """Rows of ``lengths`` (concatenated in ``flat``) right-padded with ``value`` to ``[n, width]``."""
+    out = np.full((len(lengths), width), value, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, np.arange(len(flat)) - starts] = flat
+    return out
+
+
+def padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
     if pad_to_multiple_of and longest % pad_to_multiple_of:
         return longest + pad_to_multiple_of - longest % pad_to_multiple_of
     return max(longest, 1)
 
 
-def _side(rows: Sequence[Mapping], side: str) -> tuple[list, list]:
-    ids, labels = [], []
-    for i, row in enumerate(rows):
-        a, b = row[f"{side}_input_ids"], row[f"{side}_labels"]
-        if len(a) != len(b):
-            at = f"pair index {row['index']}" if "index" in row else f"batch row {i}"
-            raise DataError(
-                f"{at}: {side}_labels has {len(b)} entries but {side}_input_ids has {len(a)}; they must align"
-            )
-        ids.append(a)
-        labels.append(b)
-    return ids, labels
+def side_tokens(table: pa.Table, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids, labels, lengths) of one side of every pair, checked to align."""
+    ids, lengths = ragged(table, f"{side}_input_ids")
+    labels, label_lengths = ragged(table, f"{side}_labels")
+    bad = np.nonzero(lengths != label_lengths)[0]
+    if len(bad):
+        i = int(bad[0])
+        at = f"pair index {table.column('index')[i].as_py()}" if "index" in table.column_names else f"batch row {i}"
+        raise DataError(f"{at}: {side}_labels has {int(label_lengths[i])} entries but {side}_input_ids has "
+                        f"{int(lengths[i])}; they must align")
+    return ids, labels, lengths
 
 
-def _batch(ids: list, labels: list, pad_token_id: int, length: int) -> dict[str, torch.Tensor]:
-    input_ids = _pad(ids, pad_token_id, length)
-    mask = torch.zeros_like(input_ids)
-    for i, seq in enumerate(ids):
-        mask[i, : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(labels, IGNORE_INDEX, length)}
-
-
-def collate_pairs(rows: Sequence[Mapping], pad_token_id: int, mode: str = "concatenated",
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded tensors for a batch of B pairs.
-
-    ``concatenated``: ``input_ids``, ``attention_mask``, ``labels`` of shape [2B, T], chosen rows
-    first then rejected, padded to one length (one forward for both sides). ``separate``: the same
-    three per side, prefixed ``chosen_`` and ``rejected_``, each padded to its own longest row.
-    Labels are -100 on padding; ``index`` [B] is included when the rows carry it.
-    """
-    if mode not in ("concatenated", "separate"):
-        raise ValueError(f"mode must be 'concatenated' or 'separate', not {mode!r}")
-    if not rows:
-        raise ValueError("collate_pairs needs at least one row")
-    sides = {side: _side(rows, side) for side in SIDES}
-    batch: dict[str, torch.Tensor] = {}
-    if mode == "concatenated":
-        ids = sides["chosen"][0] + sides["rejected"][0]
-        labels = sides["chosen"][1] + sides["rejected"][1]
-        length = _padded_length(max(len(s) for s in ids), pad_to_multiple_of)
-        batch.update(_batch(ids, labels, pad_token_id, length))
-    else:
-        for side, (ids, labels) in sides.items():
-            length = _padded_length(max(len(s) for s in ids), pad_to_multiple_of)
-            batch.update({f"{side}_{k}": v for k, v in _batch(ids, labels, pad_token_id, length).items()})
-    if all("index" in r for r in rows):
-        batch["index"] = torch.tensor([int(r["index"]) for r in rows], dtype=torch.long)
-    return batch
+def right_padded(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, pad_token_id: int,
+                 width: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding) of shape ``[n, width]``."""
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": torch.from_numpy(pad_ragged(ids, lengths, pad_token_id, width)),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(pad_ragged(labels, lengths, IGNORE_INDEX, width))}

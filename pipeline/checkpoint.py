@@ -38,7 +38,7 @@ import torch
 from ..artifacts.fingerprint import canonical
 from ..artifacts.manifest import InputRef, fsync_path, write_json_atomic
 from .accel import zero_stage_of
-from .errors import ArtifactError
+from ..artifacts.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.manifest["step"])
+        return int(_STEP_DIR.match(self.path.name).group(1))
 
     @property
     def trainer_state(self) -> dict[str, Any]:
@@ -228,6 +228,25 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path})"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Checkpoint]:
+    """The complete checkpoints under ``root`` (``<out>/checkpoints``), oldest first: a step folder
+    counts once its manifest exists and reads as JSON."""
+    root = Path(root)
+    found = []
+    if not root.is_dir():
+        return found
+    for child in root.iterdir():
+        if not _STEP_DIR.match(child.name) or not (child / MANIFEST).is_file():
+            continue
+        try:
+            manifest = json.loads((child / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("ignoring checkpoint %s: unreadable %s (%s)", child, MANIFEST, exc)
+            continue
+        found.append(Checkpoint(child, manifest))
+    return sorted(found, key=lambda c: c.step)
 
 
 class CheckpointManager:
@@ -254,20 +273,7 @@ class CheckpointManager:
 
     def complete(self) -> list[Checkpoint]:
         """Complete checkpoints (manifest present and readable), oldest first."""
-        found = []
-        if not self.root.is_dir():
-            return found
-        for child in self.root.iterdir():
-            match = _STEP_DIR.match(child.name)
-            if not match or not (child / MANIFEST).is_file():
-                continue
-            try:
-                manifest = json.loads((child / MANIFEST).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                log.warning("ignoring checkpoint %s: unreadable %s (%s)", child, MANIFEST, exc)
-                continue
-            found.append(Checkpoint(child, manifest))
-        return sorted(found, key=lambda c: c.step)
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Checkpoint | None:
         done = self.complete()

@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .errors import UsageError
+from ..artifacts.errors import UsageError
 
 FORMATS = ("auto", "text", "chat", "chat-prompt", "hh", "sharegpt")
 CHAT_FORMATS = ("chat", "chat-prompt", "sharegpt")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "system")
-HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .tokenization import IGNORE_INDEX
+
 # float32 logits per chunk; 256 MiB keeps a 128k-vocab chunk at ~500 rows and a 512-vocab one unchunked.
 CHUNK_BYTES = 256 << 20
 log = logging.getLogger(__name__)

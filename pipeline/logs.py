@@ -8,9 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+from .distributed import rank
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import ClassVar
 
 import torch
 
-from .errors import UsageError
+from ..artifacts.errors import UsageError
+from .config import at_least, fraction, option, positive
 
 log = logging.getLogger(__name__)
 
@@ -20,22 +22,21 @@ ALL_LINEAR = "all-linear"
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+class LoraConfig:
+    PANEL: ClassVar[str] = "LoRA"
+
+    lora: bool = option(False, help="Train LoRA adapters (PEFT) instead of all weights; the adapter is what is saved.")
+    lora_rank: int = option(16, check=at_least(1), help="LoRA rank r.")
+    lora_alpha: float = option(32.0, check=positive, help="LoRA scaling alpha.")
+    lora_dropout: float = option(0.0, check=fraction(), help=(
+        "Dropout on the LoRA input; 0 by default, like every other dropout (see --keep-dropout)."))
     # "all-linear" is PEFT's shorthand for every linear layer but the output head: the
     # model-agnostic choice that QLoRA found to matter most for quality.
-    target_modules: tuple[str, ...] = (ALL_LINEAR,)
+    lora_target_modules: tuple[str, ...] = option((ALL_LINEAR,), help=(
+        "Module names to adapt (repeatable), or all-linear."))
 
     def check(self) -> None:
-        if self.rank < 1:
-            raise UsageError(f"--lora-rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise UsageError(f"--lora-alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--lora-dropout must lie in [0, 1), got {self.dropout}")
-        if not self.target_modules:
+        if not self.lora_target_modules:
             raise UsageError("--lora-target-modules needs at least one module name (or 'all-linear')")
 
 
@@ -43,30 +44,29 @@ def _targets(modules: tuple[str, ...]) -> str | list[str]:
     return ALL_LINEAR if tuple(m.lower() for m in modules) == (ALL_LINEAR,) else list(modules)
 
 
-def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, settings: LoraConfig) -> torch.nn.Module:
     """Wrap ``model`` in a PEFT LoRA model whose only trainable parameters are the adapters."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    import peft
 
-    settings.check()
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=_targets(settings.target_modules),
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=_targets(settings.lora_target_modules),
         bias="none",
     )
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = peft.get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UsageError(
-            f"--lora-target-modules {', '.join(settings.target_modules)}: {exc}. "
+            f"--lora-target-modules {', '.join(settings.lora_target_modules)}: {exc}. "
             f"This model's linear layers are named: {', '.join(names)}"
         ) from None
     trainable, total = count_parameters(peft_model)
     log.info("LoRA r=%d alpha=%g dropout=%g on %s: %s of %s parameters train (%.2f%%)",
-             settings.rank, settings.alpha, settings.dropout, ", ".join(settings.target_modules),
+             settings.lora_rank, settings.lora_alpha, settings.lora_dropout, ", ".join(settings.lora_target_modules),
              f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
 
@@ -79,10 +79,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)

@@ -1,6 +1,6 @@
-"""Preference losses as pure functions of per-example log-probabilities.
+"""Preference losses: one small class each, one registry, and the options that pick and tune them.
 
-Every loss takes per-example tensors ``[B]`` and returns a :class:`PreferenceLoss` of per-example
+Every loss maps per-example tensors ``[B]`` to a :class:`PreferenceLoss` of per-example
 ``losses`` and detached implicit ``chosen_rewards`` / ``rejected_rewards`` (as torchtune's DPO
 loss does); the trainer takes the mean over the global batch. Notation, used in every docstring:
 
@@ -11,30 +11,25 @@ loss does); the trainer takes the mean over the global batch. Notation, used in 
 
 The implicit rewards are β times the log-ratios the loss itself compares: ``β·(πc − refc)`` for
 the summed losses, ``β·(π̄c − ref̄c)`` for the per-token ones (``dpo_norm``, ``ipo``, as
-open-instruct and TRL log them) and ``β·π̄c`` for the reference-free ``simpo``.
+open-instruct logs them) and ``β·π̄c`` for the reference-free ``simpo``.
+
+Adding a loss is one class here (decorated with ``@register``) and its test: ``LossConfig`` (the
+options of train and evaluate), the CLI's choices and evaluate's objective all read the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
-
-LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust")
-
-# The β each loss is used with in the literature: DPO (Rafailov et al.) 0.1, Tulu 3's
-# length-normalised DPO 5, SimPO 2 (its paper's sweeps land on 2-2.5).
-DEFAULT_BETA = MappingProxyType(
-    {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "wpo": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1}
-)
-
-# Losses whose formula has a label-smoothing term; for ipo and hinge a nonzero ε would be ignored.
-SMOOTHED = frozenset({"dpo", "dpo_norm", "simpo", "wpo", "robust"})
+from ..artifacts.errors import UsageError
+from .config import non_negative, option, positive, validate
+from .logprobs import SequenceLogProbs
 
 METRIC_NAMES = (
     "loss",
@@ -54,49 +49,36 @@ class PreferenceLoss:
     rejected_rewards: torch.Tensor  # [B], detached
 
 
-def needs_reference(loss_type: str) -> bool:
-    return loss_type != "simpo"
+def _float(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.float()
 
 
-def needs_wpo_term(loss_type: str) -> bool:
-    return loss_type == "wpo"
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """Per-example values a loss may read; float32 (the loss is cheap, and bf16 sums lose digits)."""
 
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    chosen_num_tokens: torch.Tensor
+    rejected_num_tokens: torch.Tensor
+    reference_chosen: torch.Tensor | None = None
+    reference_rejected: torch.Tensor | None = None
+    chosen_wpo_term: torch.Tensor | None = None  # see pipeline/logprobs.py
+    rejected_wpo_term: torch.Tensor | None = None
 
-def resolve_beta(loss_type: str, beta: float | None) -> float:
-    return DEFAULT_BETA[loss_type] if beta is None else float(beta)
+    @classmethod
+    def of(cls, chosen: SequenceLogProbs, rejected: SequenceLogProbs,
+           reference: Mapping[str, torch.Tensor] | None = None) -> LossInputs:
+        """From the policy's scores of a batch and the reference cache's values for its pairs."""
+        reference = reference or {}
+        return cls(_float(chosen.logps), _float(rejected.logps), chosen.num_tokens, rejected.num_tokens,
+                   _float(reference.get("chosen_logps")), _float(reference.get("rejected_logps")),
+                   _float(chosen.wpo_term), _float(rejected.wpo_term))
 
-
-def check_loss_options(
-    loss_type: str,
-    beta: float | None = None,
-    label_smoothing: float = 0.0,
-    gamma_beta_ratio: float = 0.3,
-    rpo_alpha: float = 0.0,
-) -> float:
-    """Validate the loss options a user gave; return the resolved β. Raises UsageError."""
-    if loss_type not in LOSS_TYPES:
-        raise UsageError(f"--loss-type {loss_type!r} is not one of: {', '.join(LOSS_TYPES)}")
-    beta = resolve_beta(loss_type, beta)
-    if not (beta > 0 and math.isfinite(beta)):
-        raise UsageError(f"--beta must be a positive number, got {beta}")
-    if loss_type == "robust":
-        if not 0.0 <= label_smoothing < 0.5:
-            raise UsageError(
-                f"--label-smoothing must lie in [0, 0.5) for the robust loss (it divides by 1 - 2ε), "
-                f"got {label_smoothing}"
-            )
-    elif not 0.0 <= label_smoothing <= 0.5:
-        raise UsageError(f"--label-smoothing must lie in [0, 0.5], got {label_smoothing}")
-    if label_smoothing > 0 and loss_type not in SMOOTHED:
-        raise UsageError(
-            f"--label-smoothing has no effect on the {loss_type} loss; it applies to "
-            f"{', '.join(t for t in LOSS_TYPES if t in SMOOTHED)}"
-        )
-    if not (math.isfinite(gamma_beta_ratio) and gamma_beta_ratio >= 0):
-        raise UsageError(f"--gamma-beta-ratio must be a non-negative number, got {gamma_beta_ratio}")
-    if not (math.isfinite(rpo_alpha) and rpo_alpha >= 0):
-        raise UsageError(f"--rpo-alpha must be a non-negative number, got {rpo_alpha}")
-    return beta
+    def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(πc − refc, πr − refr); the reference is a constant of the update."""
+        return (self.policy_chosen - self.reference_chosen.detach(),
+                self.policy_rejected - self.reference_rejected.detach())
 
 
 def per_token(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
@@ -113,56 +95,74 @@ def _rewards(beta: float, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple
     return beta * chosen.detach(), beta * rejected.detach()
 
 
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
+class Loss:
+    """A preference loss: its formula (``__call__``) and what it needs and accepts."""
+
+    name: ClassVar[str]
+    default_beta: ClassVar[float] = 0.1
+    needs_reference: ClassVar[bool] = True
+    needs_wpo_term: ClassVar[bool] = False
+    smoothed: ClassVar[bool] = False  # its formula has a label-smoothing term
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        raise NotImplementedError
+
+    def check(self, config: LossConfig) -> None:
+        """Option combinations this loss refuses, beyond the generic ones."""
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(cls: type[Loss]) -> type[Loss]:
+    LOSSES[cls.name] = cls()
+    return cls
+
+
+@register
+class Dpo(Loss):
     """DPO (Rafailov et al. 2023), with cDPO's label smoothing: −(1−ε)·logσ(βz) − ε·logσ(−βz)."""
-    chosen_ratio = policy_chosen - reference_chosen.detach()
-    rejected_ratio = policy_rejected - reference_rejected.detach()
-    losses = _smoothed_sigmoid(beta * (chosen_ratio - rejected_ratio), label_smoothing)
-    return PreferenceLoss(losses, *_rewards(beta, chosen_ratio, rejected_ratio))
+
+    name = "dpo"
+    smoothed = True
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        chosen, rejected = x.ratios()
+        losses = _smoothed_sigmoid(config.beta * (chosen - rejected), config.label_smoothing)
+        return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
 
-def dpo_norm_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    chosen_num_tokens: torch.Tensor,
-    rejected_num_tokens: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
+@register
+class DpoNorm(Loss):
     """Tulu 3's length-normalised DPO: the DPO loss of per-token averaged log-probs."""
-    return dpo_loss(
-        per_token(policy_chosen, chosen_num_tokens),
-        per_token(policy_rejected, rejected_num_tokens),
-        per_token(reference_chosen, chosen_num_tokens),
-        per_token(reference_rejected, rejected_num_tokens),
-        beta,
-        label_smoothing,
-    )
+
+    name = "dpo_norm"
+    default_beta = 5.0
+    smoothed = True
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        averaged = LossInputs(
+            per_token(x.policy_chosen, x.chosen_num_tokens), per_token(x.policy_rejected, x.rejected_num_tokens),
+            x.chosen_num_tokens, x.rejected_num_tokens,
+            per_token(x.reference_chosen, x.chosen_num_tokens), per_token(x.reference_rejected, x.rejected_num_tokens),
+        )
+        return LOSSES["dpo"](averaged, config)
 
 
-def simpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    chosen_num_tokens: torch.Tensor,
-    rejected_num_tokens: torch.Tensor,
-    beta: float,
-    gamma_beta_ratio: float = 0.3,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
+@register
+class Simpo(Loss):
     """SimPO (Meng et al. 2024), reference-free: z = (π̄c − π̄r) − γ/β, loss as DPO's of βz."""
-    chosen = per_token(policy_chosen, chosen_num_tokens)
-    rejected = per_token(policy_rejected, rejected_num_tokens)
-    losses = _smoothed_sigmoid(beta * (chosen - rejected - gamma_beta_ratio), label_smoothing)
-    return PreferenceLoss(losses, *_rewards(beta, chosen, rejected))
+
+    name = "simpo"
+    default_beta = 2.0  # its paper's sweeps land on 2-2.5
+    needs_reference = False
+    smoothed = True
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        chosen = per_token(x.policy_chosen, x.chosen_num_tokens)
+        rejected = per_token(x.policy_rejected, x.rejected_num_tokens)
+        losses = _smoothed_sigmoid(config.beta * (chosen - rejected - config.gamma_beta_ratio), config.label_smoothing)
+        return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
 
 def wpo_weight(chosen_wpo_term: torch.Tensor, rejected_wpo_term: torch.Tensor) -> torch.Tensor:
@@ -175,70 +175,68 @@ def wpo_weight(chosen_wpo_term: torch.Tensor, rejected_wpo_term: torch.Tensor) -
     return torch.exp((chosen_wpo_term + rejected_wpo_term).detach().clamp(max=0.0))
 
 
-def wpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    chosen_wpo_term: torch.Tensor,
-    rejected_wpo_term: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
+@register
+class Wpo(Loss):
     """Weighted preference optimisation: each pair's DPO loss times its (constant) WPO weight."""
-    dpo = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing)
-    weight = wpo_weight(chosen_wpo_term, rejected_wpo_term).to(dpo.losses.dtype)
-    return PreferenceLoss(dpo.losses * weight, dpo.chosen_rewards, dpo.rejected_rewards)
+
+    name = "wpo"
+    needs_wpo_term = True
+    smoothed = True
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        if x.chosen_wpo_term is None or x.rejected_wpo_term is None:
+            raise ValueError("the wpo loss needs the policy's wpo terms (LabelLogProbs(..., with_wpo_term=True))")
+        dpo = LOSSES["dpo"](x, config)
+        weight = wpo_weight(x.chosen_wpo_term, x.rejected_wpo_term).to(dpo.losses.dtype)
+        return PreferenceLoss(dpo.losses * weight, dpo.chosen_rewards, dpo.rejected_rewards)
 
 
-def ipo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    chosen_num_tokens: torch.Tensor,
-    rejected_num_tokens: torch.Tensor,
-    beta: float,
-) -> PreferenceLoss:
+@register
+class Ipo(Loss):
     """IPO (Azar et al. 2023): (z̄ − 1/(2β))², z̄ built from per-token averaged log-ratios."""
-    chosen_ratio = per_token(policy_chosen - reference_chosen.detach(), chosen_num_tokens)
-    rejected_ratio = per_token(policy_rejected - reference_rejected.detach(), rejected_num_tokens)
-    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
-    return PreferenceLoss(losses, *_rewards(beta, chosen_ratio, rejected_ratio))
+
+    name = "ipo"
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        chosen, rejected = x.ratios()
+        chosen, rejected = per_token(chosen, x.chosen_num_tokens), per_token(rejected, x.rejected_num_tokens)
+        losses = (chosen - rejected - 1 / (2 * config.beta)) ** 2
+        return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
 
-def hinge_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    beta: float,
-) -> PreferenceLoss:
+@register
+class Hinge(Loss):
     """SLiC-style hinge on the DPO margin: relu(1 − βz)."""
-    chosen_ratio = policy_chosen - reference_chosen.detach()
-    rejected_ratio = policy_rejected - reference_rejected.detach()
-    losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
-    return PreferenceLoss(losses, *_rewards(beta, chosen_ratio, rejected_ratio))
+
+    name = "hinge"
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        chosen, rejected = x.ratios()
+        losses = torch.relu(1 - config.beta * (chosen - rejected))
+        return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
 
-def robust_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
+@register
+class Robust(Loss):
     """rDPO (Chowdhury et al. 2024), unbiased under label noise ε: [−(1−ε)logσ(βz) + ε logσ(−βz)]/(1−2ε)."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise UsageError(f"the robust loss needs label smoothing in [0, 0.5), got {label_smoothing}")
-    chosen_ratio = policy_chosen - reference_chosen.detach()
-    rejected_ratio = policy_rejected - reference_rejected.detach()
-    logits = beta * (chosen_ratio - rejected_ratio)
-    losses = (
-        -(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)
-    ) / (1 - 2 * label_smoothing)
-    return PreferenceLoss(losses, *_rewards(beta, chosen_ratio, rejected_ratio))
+
+    name = "robust"
+    smoothed = True
+
+    def check(self, config: LossConfig) -> None:
+        if not 0.0 <= config.label_smoothing < 0.5:
+            raise UsageError(
+                f"--label-smoothing must lie in [0, 0.5) for the robust loss (it divides by 1 - 2ε), "
+                f"got {config.label_smoothing}"
+            )
+
+    def __call__(self, x: LossInputs, config: LossConfig) -> PreferenceLoss:
+        self.check(config)
+        eps = config.label_smoothing
+        chosen, rejected = x.ratios()
+        logits = config.beta * (chosen - rejected)
+        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+        return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
 
 def rpo_nll(policy_chosen: torch.Tensor, chosen_num_tokens: torch.Tensor) -> torch.Tensor:
@@ -246,50 +244,98 @@ def rpo_nll(policy_chosen: torch.Tensor, chosen_num_tokens: torch.Tensor) -> tor
     return -per_token(policy_chosen, chosen_num_tokens)
 
 
-def preference_loss(
-    loss_type: str,
-    *,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    chosen_num_tokens: torch.Tensor,
-    rejected_num_tokens: torch.Tensor,
-    reference_chosen_logps: torch.Tensor | None = None,
-    reference_rejected_logps: torch.Tensor | None = None,
-    beta: float | None = None,
-    label_smoothing: float = 0.0,
-    gamma_beta_ratio: float = 0.3,
-    rpo_alpha: float = 0.0,
-    chosen_wpo_term: torch.Tensor | None = None,
-    rejected_wpo_term: torch.Tensor | None = None,
-) -> PreferenceLoss:
-    """The per-example loss of ``loss_type`` (plus ``rpo_alpha`` times the RPO term)."""
-    beta = check_loss_options(loss_type, beta, label_smoothing, gamma_beta_ratio, rpo_alpha)
-    # Summed log-probs of long responses lose digits in bf16; the loss is cheap, so do it in float32.
-    pc, pr = policy_chosen_logps.float(), policy_rejected_logps.float()
-    nc, nr = chosen_num_tokens, rejected_num_tokens
-    if needs_reference(loss_type):
-        if reference_chosen_logps is None or reference_rejected_logps is None:
-            raise ValueError(f"the {loss_type} loss needs the reference log-probs")
-        rc, rr = reference_chosen_logps.float(), reference_rejected_logps.float()
-    if loss_type == "dpo":
-        out = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
-    elif loss_type == "dpo_norm":
-        out = dpo_norm_loss(pc, pr, rc, rr, nc, nr, beta, label_smoothing)
-    elif loss_type == "simpo":
-        out = simpo_loss(pc, pr, nc, nr, beta, gamma_beta_ratio, label_smoothing)
-    elif loss_type == "wpo":
-        if chosen_wpo_term is None or rejected_wpo_term is None:
-            raise ValueError("the wpo loss needs the policy's wpo terms (LabelLogProbs(..., with_wpo_term=True))")
-        out = wpo_loss(pc, pr, rc, rr, chosen_wpo_term.float(), rejected_wpo_term.float(), beta, label_smoothing)
-    elif loss_type == "ipo":
-        out = ipo_loss(pc, pr, rc, rr, nc, nr, beta)
-    elif loss_type == "hinge":
-        out = hinge_loss(pc, pr, rc, rr, beta)
-    else:
-        out = robust_loss(pc, pr, rc, rr, beta, label_smoothing)
-    if rpo_alpha:
-        out = dataclasses.replace(out, losses=out.losses + rpo_alpha * rpo_nll(pc, nc))
-    return out
+LOSS_TYPES = tuple(LOSSES)
+DEFAULT_BETA = MappingProxyType({name: loss.default_beta for name, loss in LOSSES.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which loss, with which hyperparameters: train's options, and evaluate's objective.
+
+    ``beta`` None means the loss's own default; ``resolved()`` fills it in, and that resolved form
+    is what train records (its manifest's ``loss`` section) and evaluate rebuilds.
+    """
+
+    PANEL: ClassVar[str] = "Loss"
+
+    loss_type: str = option("dpo", choices=LOSS_TYPES, help=(
+        f"The preference loss: {', '.join(LOSS_TYPES)} (reference-free: "
+        f"{', '.join(n for n, loss in LOSSES.items() if not loss.needs_reference)})."))
+    beta: float | None = option(None, check=positive, help=(
+        "Strength of the KL penalty / reward scale. Default by loss type: "
+        f"{'; '.join(f'{b:g} for {n}' for n, b in DEFAULT_BETA.items())}."))
+    label_smoothing: float = option(0.0, help="Label smoothing ε (cDPO); for robust it must lie in [0, 0.5).")
+    gamma_beta_ratio: float = option(0.3, check=non_negative, help="SimPO's target margin γ/β.")
+    rpo_alpha: float = option(0.0, check=non_negative, help=(
+        "Add this times the chosen response's per-token NLL (RPO); 0 = off."))
+
+    @property
+    def loss(self) -> Loss:
+        return LOSSES[self.loss_type]
+
+    def check(self) -> None:
+        if self.loss_type not in LOSSES:
+            return  # the choices check names it
+        loss = self.loss
+        if loss.name != "robust" and not 0.0 <= self.label_smoothing <= 0.5:
+            raise UsageError(f"--label-smoothing must lie in [0, 0.5], got {self.label_smoothing}")
+        if self.label_smoothing > 0 and not loss.smoothed:
+            raise UsageError(
+                f"--label-smoothing has no effect on the {self.loss_type} loss; it applies to "
+                f"{', '.join(name for name, other in LOSSES.items() if other.smoothed)}"
+            )
+        loss.check(self)
+
+    def resolved(self) -> LossConfig:
+        """Checked, with β filled in from the loss's default."""
+        validate(self)
+        return self if self.beta is not None else dataclasses.replace(self, beta=self.loss.default_beta)
+
+    def __call__(self, x: LossInputs) -> PreferenceLoss:
+        """The per-example loss (plus ``rpo_alpha`` times the RPO term); call on a resolved config."""
+        if self.loss.needs_reference and (x.reference_chosen is None or x.reference_rejected is None):
+            raise ValueError(f"the {self.loss_type} loss needs the reference log-probs")
+        out = self.loss(x, self)
+        if self.rpo_alpha:
+            out = dataclasses.replace(out, losses=out.losses + self.rpo_alpha * rpo_nll(x.policy_chosen, x.chosen_num_tokens))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LossConfig:
+        """A loss section as train's manifest records it (or the flat config of older train runs)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: data[k] for k in names if k in data}).resolved()
+
+
+def needs_reference(loss_type: str) -> bool:
+    return LOSSES[loss_type].needs_reference
+
+
+def needs_wpo_term(loss_type: str) -> bool:
+    return LOSSES[loss_type].needs_wpo_term
+
+
+def check_loss_options(loss_type: str, **options: Any) -> float:
+    """Validate the loss options a user gave (LossConfig's fields); return the resolved β. Raises UsageError."""
+    return LossConfig(loss_type=loss_type, **options).resolved().beta
+
+
+def preference_loss(loss_type: str, *, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    chosen_num_tokens: torch.Tensor, rejected_num_tokens: torch.Tensor,
+                    reference_chosen_logps: torch.Tensor | None = None,
+                    reference_rejected_logps: torch.Tensor | None = None,
+                    chosen_wpo_term: torch.Tensor | None = None, rejected_wpo_term: torch.Tensor | None = None,
+                    **options: Any) -> PreferenceLoss:
+    """The per-example loss of ``loss_type`` from keyword tensors and LossConfig options, in one call."""
+    config = LossConfig(loss_type=loss_type, **options).resolved()
+    return config(LossInputs(
+        _float(policy_chosen_logps), _float(policy_rejected_logps), chosen_num_tokens, rejected_num_tokens,
+        _float(reference_chosen_logps), _float(reference_rejected_logps), _float(chosen_wpo_term),
+        _float(rejected_wpo_term),
+    ))
 
 
 def metric_sums(

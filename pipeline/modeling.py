@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..artifacts.fingerprint import hash_json, sha256_file
-from .errors import UsageError
+from ..artifacts.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

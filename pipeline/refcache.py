@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts.manifest import Manifest, read_manifest
 from ..artifacts.shards import ArtifactReader
-from .errors import ArtifactError
+from ..artifacts.errors import ArtifactError
 
 KIND = "ref-logps"
 COLUMNS = ("index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts.fingerprint import FINGERPRINT_CHARS, hash_json, sha256_file
-from .errors import UsageError
+from ..artifacts.errors import ArtifactError, UsageError
 from .formats import Drop, Pair
 
 IGNORE_INDEX = -100
@@ -254,3 +254,24 @@ class PairEncoder:
         if bos is not None and prompt[0] == bos and limit > 1:
             return [bos] + prompt[len(prompt) - limit + 1 :]
         return prompt[len(prompt) - limit :]
+
+
+def tokenizer_with_template(candidates: list[str | Path | None], chat_template: str | None):
+    """The first loadable tokenizer among ``candidates`` (folders, in the caller's order of
+    preference), carrying ``chat_template``: the template the pairs were tokenized with, which is not
+    the folder's own when tokenize had --chat-template. An ArtifactError lists what was tried."""
+    from transformers import AutoTokenizer
+
+    tried = []
+    for folder in candidates:
+        if folder is None or str(folder) in tried:
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            tried.append(str(folder))
+            continue
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        return tokenizer
+    raise ArtifactError(f"no tokenizer could be loaded from any of: {', '.join(tried) or 'no candidates'}")

@@ -10,18 +10,32 @@ passes it back here and continues the same W&B run instead of starting a new one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .errors import UsageError
+from ..artifacts.errors import UsageError
+from .config import at_least, option
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    PANEL: ClassVar[str] = "Logging"
+
+    logging_steps: int = option(10, semantic=False, check=at_least(1), help=(
+        "Log metrics every N steps (step 1 and the last step always)."))
+    wandb_project: str | None = option(None, semantic=False, help=(
+        "Also log to this Weights & Biases project (WANDB_MODE=offline works)."))
+    wandb_entity: str | None = option(None, semantic=False, help="W&B entity (team or user).")
+    wandb_run_name: str | None = option(None, semantic=False, help="W&B run name.")
 
 
 def new_run_id() -> str:
@@ -60,9 +74,8 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
 class Tracker:
     """Writes one JSON object per logged step to ``<out>/metrics.jsonl`` and mirrors it to W&B."""
 
-    def __init__(self, out: Path, *, is_main: bool, resume_step: int, run_id: str | None,
-                 wandb_project: str | None, wandb_entity: str | None, wandb_run_name: str | None,
-                 config: dict[str, Any]):
+    def __init__(self, out: Path, settings: TrackingConfig, *, is_main: bool, resume_step: int,
+                 run_id: str | None, config: dict[str, Any]):
         self.is_main = is_main
         self.path = Path(out) / METRICS_FILE
         self.run_id = run_id or new_run_id()
@@ -76,12 +89,10 @@ class Tracker:
         else:
             self.path.unlink(missing_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        if wandb_project:
-            self._wandb_run = self._start_wandb(Path(out), wandb_project, wandb_entity, wandb_run_name, config,
-                                                resuming=resume_step > 0)
+        if settings.wandb_project:
+            self._wandb_run = self._start_wandb(Path(out), settings, config, resuming=resume_step > 0)
 
-    def _start_wandb(self, out: Path, project: str, entity: str | None, name: str | None,
-                     config: dict[str, Any], resuming: bool):
+    def _start_wandb(self, out: Path, settings: TrackingConfig, config: dict[str, Any], resuming: bool):
         try:
             import wandb
         except ImportError:
@@ -89,7 +100,8 @@ class Tracker:
         wandb_dir = Path(os.environ.get("WANDB_DIR") or out)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
-            project=project, entity=entity, name=name, id=self.run_id, dir=str(wandb_dir), config=config,
+            project=settings.wandb_project, entity=settings.wandb_entity, name=settings.wandb_run_name,
+            id=self.run_id, dir=str(wandb_dir), config=config,
             # "allow": the same id continues the run a pre-empted job started, or starts it.
             resume="allow",
         )

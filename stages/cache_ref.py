@@ -5,18 +5,18 @@ before training, means `dpo train` never holds a second model nor spends a forwa
 
 Build: read the tokenized artifact's manifest, identify the model (cheap, or exact with
 --verify), fingerprint, take the output (rank 0 holds the lock). Run: the pairs of each split are
-cut into output shards by row range; rank r computes shards r, r+W, ...; within a shard pairs are
-batched by length and scored by LabelLogProbs; each shard is committed by an atomic rename, so a
-killed run resumes at the first missing shard and a shard's values do not depend on which rank or
-which run computed it. Close: after a barrier, rank 0 lists the shards and writes the manifest.
+cut into output shards by row range; in round r rank k computes shard r*W+k; within a shard pairs
+are batched by length and scored (pipeline/scoring.py); each shard is committed by an atomic
+rename, so a killed or pre-empted run resumes at the first missing shard and a shard's values do
+not depend on which rank or which run computed it. Close: rank 0 lists the shards and commits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +25,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ..artifacts.errors import ArtifactError, DataError, UsageError
 from ..artifacts.fingerprint import fingerprint, semantic_config
-from ..artifacts.lock import ArtifactLock
-from ..artifacts.manifest import InputRef, Manifest, read_manifest
-from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.manifest import InputRef, Manifest
+from ..artifacts.runner import StageRun, on_main
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, collate_pairs, length_grouped_batches, pad_token_id
-from ..pipeline.errors import ArtifactError, DataError, UsageError
+from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_lengths
+from ..pipeline.config import StageOptions, at_least, flatten, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
+from ..pipeline.scoring import FORWARDS, PairScorer
 
 STAGE = "cache-ref"
 VERSION = 1
-FORWARDS = ("concatenated", "separate")
-INPUT_COLUMNS = ["index"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels")]
+INPUT_COLUMNS = ["index"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
@@ -49,33 +49,28 @@ SCHEMA = pa.schema([
 ])
 log = logging.getLogger(__name__)
 
-PLUMBING = {"semantic": False}  # where things live and how fast they are computed: not what is computed
 
-
-@dataclasses.dataclass(frozen=True)
-class CacheRefConfig:
-    tokenized: str = field(metadata=PLUMBING)
-    model: str = field(metadata=PLUMBING)  # the model enters the fingerprint by its identity, not its path
-    out: str = field(metadata=PLUMBING)
-    batch_size: int = field(default=8, metadata=PLUMBING)
-    dtype: str = "float32"
-    forward: str = field(default="concatenated", metadata=PLUMBING)  # both give the same values
-    splits: tuple[str, ...] = ()  # empty: every split of the tokenized artifact
-    verify: bool = field(default=False, metadata=PLUMBING)  # checks the full sha256; the sampled one is fingerprinted
-    rows_per_shard: int = 2048
-    overwrite: bool = field(default=False, metadata=PLUMBING)
-    lock_timeout: float = field(default=600.0, metadata=PLUMBING)
-    quiet: bool = field(default=False, metadata=PLUMBING)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.forward not in FORWARDS:
-            raise UsageError(f"--forward must be one of {', '.join(FORWARDS)}, not {self.forward!r}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, not {self.batch_size}")
-        if self.rows_per_shard < 1:
-            raise UsageError(f"--rows-per-shard must be >= 1, not {self.rows_per_shard}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheRefConfig(StageOptions):
+    # Where things live and how fast they are computed is not what is computed: not semantic.
+    tokenized: str = option(semantic=False, help="Tokenized artifact (from `dpo tokenize`).")
+    # The model enters the fingerprint by its identity, not its path.
+    model: str = option(semantic=False, help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).")
+    out: str = option(semantic=False, help="Output folder for the ref-logps artifact.")
+    batch_size: int = option(8, semantic=False, check=at_least(1), help=(
+        "Pairs per forward; batches are formed from pairs of similar length."))
+    dtype: str = option("float32", choices=tuple(DTYPES), help=(
+        "Weights dtype: float32, bfloat16 or float16 (log-softmax is always float32). Part of the fingerprint."))
+    forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), help=(
+        "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory. Same values."))
+    splits: tuple[str, ...] = option((), flag="--split", help=(
+        "Split to compute (repeatable); default: every split of --tokenized."))
+    # Checks the full sha256; the sampled identity is what is fingerprinted.
+    verify: bool = option(False, semantic=False, help=(
+        "Identify the model by the full sha256 of its weight files (reads them all) instead of a sampled identity; "
+        "a finished cache is checked against it."))
+    rows_per_shard: int = option(2048, check=at_least(1), help=(
+        "Pairs per output shard: the unit of resumption and of work per process."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,58 +81,54 @@ class ShardTask:
     stop: int
 
 
+# ---------------------------------------------------------------------------------------- build
+
+
 def run(config: CacheRefConfig) -> None:
-    distributed = dist.init()
+    validate(config)
+    dist.init()
     try:
-        _run(config, distributed)
+        _run(config)
     finally:
         dist.close()
 
 
-def _run(config: CacheRefConfig, distributed: bool) -> None:
+def _run(config: CacheRefConfig) -> None:
     started = time.perf_counter()
-    out = Path(config.out)
     tokenized = ArtifactReader(config.tokenized, kind="tokenized")
-    splits = _resolve_splits(config, tokenized)
-    config = dataclasses.replace(config, splits=splits)
+    config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
     _check_vocab(config, info)
-    identity = dist.on_main(lambda: model_identity(config.model, exact=config.verify))
+    collective = dist.COLLECTIVE
+    identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify))
     # The sampled identity is the key whether or not --verify hashed the weights in full, so adding
     # --verify to a finished cache checks it (below) instead of asking to recompute it.
     fp = fingerprint(STAGE, VERSION, {**semantic_config(config), "model_identity": identity["sampled_digest"]},
                      [tokenized.fingerprint])
 
-    lock = ArtifactLock(out, config.lock_timeout)
-    state = dist.on_main(lambda: _take_output(lock, out, fp, config.overwrite))
-    try:
-        if state is OutputState.COMPLETE:
-            if dist.is_main():
-                _check_verified(out, identity)
-                say_complete(out, KIND, fp)
+    with StageRun(STAGE, config.out, KIND, fp, overwrite=config.overwrite, lock_timeout=config.lock_timeout,
+                  collective=collective) as run:
+        if run.complete:
+            if run.is_main:
+                _check_verified(run.manifest, identity, config.out)
             return
-        if state is OutputState.RESUME:
-            log.info("resuming %s from its committed shards", out)
-        plan = _plan(tokenized, splits, config.rows_per_shard)
-        mine = plan[dist.rank()::dist.world_size()]
-        local = _compute(config, tokenized, mine, out, info)
-        dist.barrier()
-        gathered = dist.all_gather_object(local)
-        if dist.is_main():
-            manifest = _manifest(config, tokenized, fp, identity, plan, out, gathered, started)
-            commit_output(out, manifest)
-            _report(out, manifest)
-        dist.barrier()  # no rank reports success before the artifact exists
-    finally:
-        if dist.is_main():
-            lock.release()
+        plan = _plan(tokenized, config.splits, config.rows_per_shard)
+        local = _compute(config, tokenized, plan, run, info)
+        ranks = dist.COLLECTIVE.gather(local)
+        if run.stop_requested():
+            done = sum(r["shards_committed"] for r in ranks)
+            raise run.preempted(f"after committing {done} of {len(plan)} shards in {config.out}")
+        manifest = _manifest(config, tokenized, fp, identity, plan, ranks, started) if run.is_main else None
+        run.commit(manifest)
+        if manifest is not None:
+            _report(Path(config.out), manifest)
 
 
-def _check_verified(out: Path, identity: dict) -> None:
+def _check_verified(manifest: Manifest, identity: dict, out: str) -> None:
     """With --verify, a complete cache must have been made from weights with the same full sha256."""
     if not identity.get("exact"):
         return
-    recorded = read_manifest(out).stats.get("model_identity", {}).get("sha256_digest")
+    recorded = manifest.stats.get("model_identity", {}).get("sha256_digest")
     if recorded is None:
         log.warning("%s was made without --verify: its model matches by sampled identity, but there is no full "
                     "sha256 recorded to compare the weights with", out)
@@ -177,21 +168,15 @@ def _check_vocab(config: CacheRefConfig, info: dict) -> None:
         )
 
 
-def _take_output(lock: ArtifactLock, out: Path, fp: str, overwrite: bool) -> OutputState:
-    lock.acquire()
-    try:
-        return prepare_output(out, KIND, fp, overwrite)
-    except BaseException:
-        lock.release()
-        raise
-
-
 def _plan(tokenized: ArtifactReader, splits: tuple[str, ...], rows_per_shard: int) -> list[ShardTask]:
     plan = []
     for split in splits:
         bounds = shard_bounds(tokenized.manifest.rows(split), rows_per_shard)
         plan.extend(ShardTask(split, shard_path(split, k, len(bounds)), a, b) for k, (a, b) in enumerate(bounds))
     return plan
+
+
+# ------------------------------------------------------------------------------------------ run
 
 
 def _read_rows(tokenized: ArtifactReader, split: str, start: int, stop: int) -> pa.Table:
@@ -233,102 +218,103 @@ def _check_ids(table: pa.Table, task: ShardTask, vocab: int, root: Path) -> None
                 )
 
 
-class _Scorer:
+class _Reference:
     """The reference model on this rank's device, loaded on first use (a resumed run may need none)."""
 
     def __init__(self, config: CacheRefConfig, pad_token_id: int):
         self.config = config
         self.pad_token_id = pad_token_id
-        self.device = dist.device()
-        self.module: LabelLogProbs | None = None
+        self.scorer: PairScorer | None = None
         self.vocab = 0
         self.load_seconds = 0.0
 
-    def load(self) -> None:
-        if self.module is None:
+    def load(self) -> PairScorer:
+        if self.scorer is None:
             t0 = time.perf_counter()
-            model = load_causal_lm(self.config.model, self.config.dtype, device=self.device)
-            self.module = LabelLogProbs(model)
-            self.vocab = self.module.vocab_size()
+            device = dist.device()
+            module = LabelLogProbs(load_causal_lm(self.config.model, self.config.dtype, device=device))
+            self.vocab = module.vocab_size()
+            self.scorer = PairScorer(module, self.config.forward, self.pad_token_id, device)
             self.load_seconds = time.perf_counter() - t0
-
-    @torch.no_grad()
-    def score(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], int]:
-        """Logps and label counts per side for a batch of pairs, and the padded token count."""
-        batch = collate_pairs(rows, self.pad_token_id, self.config.forward)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        n = len(rows)
-        if self.config.forward == "concatenated":
-            res = self.module(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            parts = {"chosen": (res.logps[:n], res.num_tokens[:n]), "rejected": (res.logps[n:], res.num_tokens[n:])}
-            padded = batch["input_ids"].numel()
-        else:
-            parts, padded = {}, 0
-            for side in SIDES:
-                res = self.module(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
-                parts[side] = (res.logps, res.num_tokens)
-                padded += batch[f"{side}_input_ids"].numel()
-        values = {}
-        for side, (logps, counts) in parts.items():
-            values[f"{side}_logps"] = logps.float().cpu()
-            values[f"{side}_num_tokens"] = counts.cpu()
-        return values, padded
+        return self.scorer
 
 
-def _compute(config: CacheRefConfig, tokenized: ArtifactReader, tasks: list[ShardTask], out: Path,
+def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[ShardTask], run: StageRun,
              info: dict) -> dict:
-    """Score and commit this rank's shards that no earlier run committed; returns this rank's stats."""
-    scorer = _Scorer(config, pad_token_id({"tokenizer_info": info}))
-    todo = [t for t in tasks if committed_shard(out, t.path) is None]
-    stats = {"shards_computed": len(todo), "shards_resumed": len(tasks) - len(todo), "pairs": 0, "tokens": 0,
+    """Score and commit this rank's uncommitted shards; returns this rank's stats.
+
+    Ranks work in rounds of one shard each and ask after every round whether any rank was told to
+    stop (a collective, so every rank asks as often); a stop signal also abandons the shard being
+    scored after its current batch, so the stop comes within one batch.
+    """
+    out, world, rank = Path(config.out), dist.world_size(), dist.rank()
+    reference = _Reference(config, pad_token_id({"tokenizer_info": info}))
+    stats = {"shards_computed": 0, "shards_resumed": 0, "shards_committed": 0, "pairs": 0, "tokens": 0,
              "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0}
-    if not todo:
-        return stats
-    scorer.load()
-    stats["load_seconds"] = scorer.load_seconds
-    bar = progress(sum(t.stop - t.start for t in todo), desc="cache-ref", unit="pairs",
-                   quiet=config.quiet)
+    mine = plan[rank::world]
+    todo = [t for t in mine if committed_shard(out, t.path) is None]
+    stats["shards_resumed"] = stats["shards_committed"] = len(mine) - len(todo)
+    bar = progress(sum(t.stop - t.start for t in todo), desc="cache-ref", unit="pairs", quiet=config.quiet)
     with bar:
-        for task in todo:
-            table = _read_rows(tokenized, task.split, task.start, task.stop)
-            _check_ids(table, task, scorer.vocab, tokenized.root)
-            t0 = time.perf_counter()
-            result, shard_stats = _score_table(scorer, table, config.batch_size, bar)
-            if scorer.device.type == "cuda":
-                torch.cuda.synchronize(scorer.device)
-            stats["compute_seconds"] += time.perf_counter() - t0
-            for key, value in shard_stats.items():
-                stats[key] += value
-            write_shard(out, task.path, result)
-            log.debug("committed %s (%d pairs)", task.path, result.num_rows)
+        for round_ in range(math.ceil(len(plan) / world)):
+            task = plan[round_ * world + rank] if round_ * world + rank < len(plan) else None
+            if task in todo and not run.signalled:
+                _compute_shard(config, tokenized, task, reference, stats, run, bar)
+            if run.stop_requested():
+                break
+    stats["load_seconds"] = reference.load_seconds
     return stats
 
 
-def _score_table(scorer: _Scorer, table: pa.Table, batch_size: int, bar) -> tuple[pa.Table, dict]:
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in INPUT_COLUMNS}
+def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: ShardTask, reference: _Reference,
+                   stats: dict, run: StageRun, bar) -> None:
+    table = _read_rows(tokenized, task.split, task.start, task.stop)
+    scorer = reference.load()
+    _check_ids(table, task, reference.vocab, tokenized.root)
+    t0 = time.perf_counter()
+    scored = _score_table(scorer, table, config.batch_size, bar, run)
+    if scored is None:
+        return  # stopped mid-shard: nothing of it is committed, the rerun scores it again
+    result, shard_stats = scored
+    if scorer.device.type == "cuda":
+        torch.cuda.synchronize(scorer.device)
+    stats["compute_seconds"] += time.perf_counter() - t0
+    for key, value in shard_stats.items():
+        stats[key] += value
+    write_shard(Path(config.out), task.path, result)
+    stats["shards_computed"] += 1
+    stats["shards_committed"] += 1
+    log.debug("committed %s (%d pairs)", task.path, result.num_rows)
+
+
+@torch.no_grad()
+def _score_table(scorer: PairScorer, table: pa.Table, batch_size: int, bar,
+                 run: StageRun) -> tuple[pa.Table, dict] | None:
     n = table.num_rows
-    lengths = {s: np.array([len(x) for x in columns[f"{s}_input_ids"]], dtype=np.int64) for s in SIDES}
-    label_counts = np.zeros(n, dtype=np.int64)
     out = {name: np.zeros(n, dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in SCHEMA.names[1:]}
     padded = 0
-    key = np.maximum(lengths["chosen"], lengths["rejected"])
-    for positions in length_grouped_batches(key, batch_size):
-        rows = [{name: columns[name][i] for name in INPUT_COLUMNS} for i in positions]
-        values, batch_padded = scorer.score(rows)
-        padded += batch_padded
-        for name, tensor in values.items():
-            out[name][positions] = tensor.numpy()
+    lengths = pair_lengths(table)
+    for positions in length_grouped_batches(lengths, batch_size):
+        if run.signalled:
+            return None
+        scores = scorer(table.take(positions))
+        padded += scores.slots
+        for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
+            out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
+            out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
         bar.update(len(positions))
-    for side in SIDES:
-        label_counts += out[f"{side}_num_tokens"]
-    result = pa.table({"index": columns["index"].astype(np.int64), **out}, schema=SCHEMA)
-    stats = {"pairs": n, "tokens": int(lengths["chosen"].sum() + lengths["rejected"].sum()),
-             "padded_tokens": int(padded), "label_tokens": int(label_counts.sum())}
-    return result, stats
+    result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)
+    tokens = int(sum(pc.sum(table.column(f"{side}_length")).as_py() or 0 for side in SIDES))
+    label_tokens = int(out["chosen_num_tokens"].sum() + out["rejected_num_tokens"].sum())
+    return result, {"pairs": n, "tokens": tokens, "padded_tokens": int(padded), "label_tokens": label_tokens}
+
+
+# ---------------------------------------------------------------------------------------- close
 
 
 def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identity: dict, plan: list[ShardTask],
-              out: Path, ranks: list[dict], started: float) -> Manifest:
+              ranks: list[dict], started: float) -> Manifest:
+    out = Path(config.out)
     entries = []
     for task in plan:
         entry = committed_shard(out, task.path)
@@ -363,7 +349,7 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
     return Manifest(
         kind=KIND,
         fingerprint=fp,
-        config={**dataclasses.asdict(config), "splits": list(config.splits), "identity": "sha256" if config.verify else "sampled"},
+        config={**flatten(config), "identity": "sha256" if config.verify else "sampled"},
         inputs=[InputRef(kind="tokenized", path=str(config.tokenized), fingerprint=tokenized.fingerprint)],
         files=entries,
         stats=stats,

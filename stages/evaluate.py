@@ -23,100 +23,81 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..artifacts.fingerprint import fingerprint, sha256_file
-from ..artifacts.lock import ArtifactLock
+from ..artifacts.errors import ArtifactError, DataError, UsageError
+from ..artifacts.fingerprint import fingerprint, semantic_config, sha256_file
 from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest, write_json_atomic
-from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry, write_shard
-from ..pipeline import losses, report
-from ..pipeline.batching import collate_pairs, length_grouped_batches, pad_token_id, pair_lengths
-from ..pipeline.errors import ArtifactError, DataError, UsageError
-from ..pipeline.logprobs import IGNORE_INDEX, LabelLogProbs
+from ..pipeline import report
+from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
+from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
+from ..pipeline.losses import LossConfig, LossInputs
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
+from ..pipeline.scoring import PairScorer
+from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 
 STAGE = "evaluate"
 VERSION = 1
 KIND = "eval"
-DEFAULT_BETA = 0.1
-NOT_SEMANTIC = {"semantic": False}
 PAIR_COLUMNS = ("index", "source", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
-                "rejected_labels", "prompt_length")
+                "rejected_labels", "prompt_length", "chosen_length", "rejected_length")
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(StageOptions):
     # Inputs enter the fingerprint through their fingerprints (or content identity), not their paths.
-    model: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    tokenized: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    out: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    ref_cache: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    train: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    baseline: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    split: str = "eval"
-    # Resolved with --train into the objective, which is what enters the fingerprint.
-    beta: float | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    loss_type: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    generate: int = 0
-    prompts: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)  # content hashed as an input
-    temperature: float = 0.0
-    max_new_tokens: int = 128
-    seed: int = 0
-    dtype: str = "float32"
-    batch_size: int = dataclasses.field(default=16, metadata=NOT_SEMANTIC)
-    overwrite: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
-    lock_timeout: float = dataclasses.field(default=600.0, metadata=NOT_SEMANTIC)
-    quiet: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    model: str = option(semantic=False, help=(
+        "Model folder to evaluate (from `dpo export`, or any Hugging Face model or PEFT adapter folder)."))
+    tokenized: str = option(semantic=False, help="Tokenized artifact holding the held-out pairs.")
+    out: str = option(semantic=False, help="Output folder: metrics.json, report.md, plots, manifest.json.")
+    ref_cache: str | None = option(None, semantic=False, help=(
+        "Reference log-probs of the same tokenized artifact: enables implicit rewards and the reference columns."))
+    train: str | None = option(None, semantic=False, help=(
+        "Train artifact of this model: its loss (type, β, ...) defines the implicit reward, and its metrics.jsonl "
+        "is plotted."))
+    baseline: str | None = option(None, semantic=False, help=(
+        "An earlier `dpo evaluate` output (e.g. of the base model) to compare against, before/after, in report.md."))
+    split: str = option("eval", help="Split of the tokenized artifact to evaluate on.")
+    # The loss whose implicit reward is reported when no --train is given. The resolved objective
+    # (from --train or these) is what enters the fingerprint.
+    loss: LossConfig = group(LossConfig, semantic=False)
+    generate: int = option(0, check=at_least(0), panel="Generation", help=(
+        "Complete this many held-out prompts (or --prompts) and compare lengths; 0 = off."))
+    prompts: str | None = option(None, semantic=False, panel="Generation", help=(  # content hashed as an input
+        'JSONL of prompts to complete instead: {"prompt": text} or {"messages": [...]} per line.'))
+    temperature: float = option(0.0, check=non_negative, panel="Generation", help=(
+        "Sampling temperature for --generate; 0 = greedy."))
+    max_new_tokens: int = option(128, check=at_least(1), panel="Generation", help="Longest completion, in tokens.")
+    seed: int = option(0, panel="Generation", help="Seed for sampled generation.")
+    dtype: str = option("float32", choices=tuple(DTYPES), help=(
+        "dtype to load the model in: float32, bfloat16 or float16."))
+    batch_size: int = option(16, semantic=False, check=at_least(1), help="Pairs (or prompts) per forward pass.")
 
     def check(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
-        if self.generate < 0:
-            raise UsageError(f"--generate must be >= 0, got {self.generate}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise UsageError("--max-new-tokens and --batch-size must be at least 1")
         if self.prompts and not self.generate:
             raise UsageError("--prompts needs --generate N (how many of its prompts to complete)")
-        if self.loss_type is not None and self.loss_type not in losses.LOSS_TYPES:
-            raise UsageError(f"--loss-type {self.loss_type!r} is not one of: {', '.join(losses.LOSS_TYPES)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """Which loss's implicit reward (and eval loss) is reported, with which hyperparameters."""
-
-    loss_type: str
-    beta: float
-    label_smoothing: float = 0.0
-    gamma_beta_ratio: float = 0.3
-    rpo_alpha: float = 0.0
-    source: str = "default"
 
 
 # ---------------------------------------------------------------------------------------- build
 
 
-def _objective(cfg: EvaluateConfig, train: Manifest | None) -> Objective:
-    """β and the loss from the train artifact when given (what the model was trained with), else flags."""
-    if train is not None:
-        tc = train.config
-        loss_type = tc.get("loss_type", "dpo")
-        beta = losses.resolve_beta(loss_type, tc.get("beta"))
-        if cfg.beta is not None and cfg.beta != beta:
-            log.warning("--beta %g ignored: %s was trained with beta %g, which the implicit reward uses",
-                        cfg.beta, cfg.train, beta)
-        if cfg.loss_type is not None and cfg.loss_type != loss_type:
-            log.warning("--loss-type %s ignored: %s was trained with %s", cfg.loss_type, cfg.train, loss_type)
-        return Objective(loss_type, beta, float(tc.get("label_smoothing", 0.0)),
-                         float(tc.get("gamma_beta_ratio", 0.3)), float(tc.get("rpo_alpha", 0.0)), f"train {cfg.train}")
-    loss_type = cfg.loss_type or "dpo"
-    beta = cfg.beta if cfg.beta is not None else (losses.DEFAULT_BETA[loss_type] if cfg.loss_type else DEFAULT_BETA)
-    losses.check_loss_options(loss_type, beta)
-    return Objective(loss_type, float(beta), source="--beta" if cfg.beta is not None else "default")
+def _objective(cfg: EvaluateConfig, train: Manifest | None) -> tuple[LossConfig, str]:
+    """The loss from the train artifact when given (what the model was trained with), else the flags;
+    and where it came from."""
+    if train is None:
+        return cfg.loss.resolved(), "--beta" if cfg.loss.beta is not None else "default"
+    trained = LossConfig.from_json(train.config.get("loss") or train.config)
+    defaults = LossConfig()
+    for f in dataclasses.fields(LossConfig):
+        given, used = getattr(cfg.loss, f.name), getattr(trained, f.name)
+        if given != getattr(defaults, f.name) and given != used:
+            log.warning("--%s %s ignored: %s was trained with %s %s, which the implicit reward uses",
+                        f.name.replace("_", "-"), given, cfg.train, f.name.replace("_", " "), used)
+    return trained, f"train {cfg.train}"
 
 
 def _model_input(path: Path) -> InputRef:
@@ -145,31 +126,17 @@ def _load_model(path: Path, dtype: str) -> torch.nn.Module:
 
 def _tokenizer(model_dir: Path, tokenized: Manifest):
     """The model folder's tokenizer when it has one (export saves it), else the one the data was made with."""
-    from transformers import AutoTokenizer
-
-    for source in (model_dir, tokenized.config.get("tokenizer")):
-        if source is None:
-            continue
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError):
-            continue
-        if tokenized.stats.get("chat_template"):  # the template the pairs were tokenized with
-            tokenizer.chat_template = tokenized.stats["chat_template"]
-        return tokenizer
-    raise UsageError(
-        f"no tokenizer in {model_dir} nor at {tokenized.config.get('tokenizer')} (recorded by the tokenized artifact)"
-    )
+    return tokenizer_with_template([model_dir, tokenized.config.get("tokenizer")], tokenized.stats.get("chat_template"))
 
 
-def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> list[dict[str, Any]]:
+def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
     if split not in reader.splits:
         raise UsageError(
             f"{tokenized_dir} has no split {split!r}; its splits are: {', '.join(reader.splits) or 'none'} "
             "(choose one with --split)"
         )
-    rows = reader.read_split(split, columns=list(PAIR_COLUMNS)).to_pylist()
-    if not rows:
+    rows = reader.read_split(split, columns=list(PAIR_COLUMNS))
+    if rows.num_rows == 0:
         raise DataError(f"{tokenized_dir}: split {split!r} has no pairs to evaluate")
     return rows
 
@@ -178,13 +145,12 @@ def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> list[
 
 
 def run(cfg: EvaluateConfig) -> Manifest | None:
-    cfg.check()
-    out = Path(cfg.out)
+    validate(cfg)
     tokenized = ArtifactReader(cfg.tokenized, kind="tokenized")
     train = read_manifest(cfg.train, "train") if cfg.train else None
     baseline = read_manifest(cfg.baseline, KIND) if cfg.baseline else None
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps") if cfg.ref_cache else None
-    objective = _objective(cfg, train)
+    objective, source = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
@@ -197,112 +163,113 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
-    semantic = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("semantic", True)},
-                "objective": dataclasses.asdict(objective) | {"source": None}}
+    # "source": None keeps the fingerprints of earlier evaluations, whose objective carried the key.
+    semantic = {**semantic_config(cfg), "objective": {**objective.to_json(), "source": None}}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
-    with ArtifactLock(out, timeout_s=cfg.lock_timeout):
-        state = prepare_output(out, KIND, fp, cfg.overwrite)
-        if state is OutputState.COMPLETE:
-            say_complete(out, KIND, fp)
-            return read_manifest(out)
+    with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+        if stage_run.complete:
+            return stage_run.manifest
         started = time.perf_counter()
         rows = _read_pairs(tokenized, cfg.split, cfg.tokenized)
         # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = _load_model(model_dir, cfg.dtype).to(device)
-        pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg)
+        pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg, stage_run)
         if reference is not None:
             _add_reference(pairs, rows, cfg, tokenized.manifest)
-        if objective.loss_type == "simpo" or "ref_chosen_logps" in pairs:
+        if not objective.loss.needs_reference or "ref_chosen_logps" in pairs:
             _add_rewards(pairs, objective)
         else:
             log.warning("no --ref-cache: implicit rewards (β·log-ratio to the reference) are not reported")
-        sources = [r["source"] for r in rows]
-        metrics: dict[str, Any] = report.pair_metrics(pairs)
         generations = []
         if cfg.generate:
-            generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg)
-            metrics.update(report.generation_metrics(generations))
-        metrics["by_source"] = report.grouped_metrics(pairs, sources)
-        metrics["evaluated"] = {
-            "model": cfg.model, "tokenized": cfg.tokenized, "split": cfg.split, "reference": cfg.ref_cache,
-            "loss_type": objective.loss_type, "beta": objective.beta, "objective_from": objective.source,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        if baseline is not None:
-            metrics["baseline"] = {"path": cfg.baseline, "fingerprint": baseline.fingerprint,
-                                   "metrics": _metrics_of(Path(cfg.baseline), baseline)}
-        files = _write_outputs(out, cfg, pairs, [r["index"] for r in rows], sources, metrics, generations, train, objective)
-        manifest = Manifest(kind=KIND, fingerprint=fp, config=dataclasses.asdict(cfg) | {"objective": dataclasses.asdict(objective)},
-                            inputs=inputs, files=files, stats={k: v for k, v in metrics.items() if k != "by_source"})
-        commit_output(out, manifest)
-    log.info("evaluated %d pairs of split %r in %.1fs: %s", len(rows), cfg.split, time.perf_counter() - started,
+            generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg, stage_run)
+        metrics = _metrics(cfg, pairs, rows, generations, objective, source, baseline, started)
+        files = _write_outputs(Path(cfg.out), cfg, pairs, rows, metrics, generations, train, objective)
+        stage_run.commit(Manifest(
+            kind=KIND, fingerprint=fp, config={**flatten(cfg), "objective": {**objective.to_json(), "source": source}},
+            inputs=inputs, files=files, stats={k: v for k, v in metrics.items() if k != "by_source"}))
+    log.info("evaluated %d pairs of split %r in %.1fs: %s", rows.num_rows, cfg.split, time.perf_counter() - started,
              ", ".join(f"{k} {report.fmt(metrics.get(k))}" for k in ("rewards/accuracies", "rewards/margins",
                                                                       "logp_accuracies/summed") if k in metrics))
-    log.info("report: %s", out / "report.md")
-    return manifest
+    log.info("report: %s", Path(cfg.out) / "report.md")
+    return read_manifest(cfg.out, KIND)
 
 
-def _score(model, rows: list[dict], pad_id: int, objective: Objective, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
+def _stop_point(stage_run: StageRun) -> None:
+    if stage_run.stop_requested():
+        raise stage_run.preempted("before the evaluation was complete (nothing is committed until it is)")
+
+
+def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: EvaluateConfig,
+           stage_run: StageRun) -> dict[str, np.ndarray]:
     """The model's summed label log-probs (and WPO terms when the loss needs them) of every pair."""
-    scorer = LabelLogProbs(model)
-    device = next(model.parameters()).device
-    want_wpo = losses.needs_wpo_term(objective.loss_type)
-    n = len(rows)
-    out = {name: np.zeros(n, dtype=np.float64) for name in
-           ("policy_chosen_logps", "policy_rejected_logps", "chosen_num_tokens", "rejected_num_tokens")}
-    if want_wpo:
-        out["chosen_wpo_term"], out["rejected_wpo_term"] = np.zeros(n), np.zeros(n)
-    batches = length_grouped_batches(pair_lengths(rows), cfg.batch_size)
+    want_wpo = objective.loss.needs_wpo_term
+    scorer = PairScorer(LabelLogProbs(model), "concatenated", pad_id, next(model.parameters()).device, want_wpo)
+    n = rows.num_rows
+    names = ["policy_chosen_logps", "policy_rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]
+    names += ["chosen_wpo_term", "rejected_wpo_term"] if want_wpo else []
+    out = {name: np.zeros(n, dtype=np.float64) for name in names}
     bar = progress(n, "evaluate", unit="pair", quiet=cfg.quiet)
-    with torch.no_grad():
-        for positions in batches:
-            batch = collate_pairs([rows[p] for p in positions], pad_id, mode="concatenated")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            result = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=want_wpo)
-            b = len(positions)
-            for side, sl in (("chosen", slice(0, b)), ("rejected", slice(b, 2 * b))):
-                out[f"policy_{side}_logps"][positions] = result.logps[sl].double().cpu().numpy()
-                out[f"{side}_num_tokens"][positions] = result.num_tokens[sl].double().cpu().numpy()
+    with torch.no_grad(), bar:
+        for positions in length_grouped_batches(pair_lengths(rows), cfg.batch_size):
+            _stop_point(stage_run)
+            scores = scorer(rows.take(positions))
+            for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
+                out[f"policy_{side}_logps"][positions] = values.logps.double().cpu().numpy()
+                out[f"{side}_num_tokens"][positions] = values.num_tokens.double().cpu().numpy()
                 if want_wpo:
-                    out[f"{side}_wpo_term"][positions] = result.wpo_term[sl].double().cpu().numpy()
-            bar.update(b)
-    bar.close()
+                    out[f"{side}_wpo_term"][positions] = values.wpo_term.double().cpu().numpy()
+            bar.update(len(positions))
     return out
 
 
-def _add_reference(pairs: dict[str, np.ndarray], rows: list[dict], cfg: EvaluateConfig, tokenized: Manifest) -> None:
+def _add_reference(pairs: dict[str, np.ndarray], rows: pa.Table, cfg: EvaluateConfig, tokenized: Manifest) -> None:
     ref = load_reference(cfg.ref_cache, tokenized, [cfg.split])
-    values = ref.lookup(torch.tensor([r["index"] for r in rows], dtype=torch.long))
-    for side in ("chosen", "rejected"):
+    indices = pair_indices(rows)
+    values = ref.lookup(torch.from_numpy(indices))
+    for side in SIDES:
         counted = values[f"{side}_num_tokens"].double().numpy()
         bad = np.nonzero(counted != pairs[f"{side}_num_tokens"])[0]
         if len(bad):
-            row = rows[int(bad[0])]
             raise ArtifactError(
-                f"{cfg.ref_cache}: pair index {row['index']} has {int(counted[bad[0]])} {side} label tokens in the "
-                f"cache but {int(pairs[f'{side}_num_tokens'][bad[0]])} in {cfg.tokenized}; the cache does not "
-                "belong to these tokens"
+                f"{cfg.ref_cache}: pair index {int(indices[bad[0]])} has {int(counted[bad[0]])} {side} label tokens "
+                f"in the cache but {int(pairs[f'{side}_num_tokens'][bad[0]])} in {cfg.tokenized}; the cache does "
+                "not belong to these tokens"
             )
         pairs[f"ref_{side}_logps"] = values[f"{side}_logps"].double().numpy()
 
 
-def _add_rewards(pairs: dict[str, np.ndarray], objective: Objective) -> None:
+def _add_rewards(pairs: dict[str, np.ndarray], objective: LossConfig) -> None:
     """Implicit rewards and per-pair loss exactly as training computes them (pipeline/losses.py)."""
     t = {k: torch.from_numpy(v) for k, v in pairs.items()}
-    result = losses.preference_loss(
-        objective.loss_type,
-        policy_chosen_logps=t["policy_chosen_logps"], policy_rejected_logps=t["policy_rejected_logps"],
-        chosen_num_tokens=t["chosen_num_tokens"], rejected_num_tokens=t["rejected_num_tokens"],
-        reference_chosen_logps=t.get("ref_chosen_logps"), reference_rejected_logps=t.get("ref_rejected_logps"),
-        beta=objective.beta, label_smoothing=objective.label_smoothing,
-        gamma_beta_ratio=objective.gamma_beta_ratio, rpo_alpha=objective.rpo_alpha,
-        chosen_wpo_term=t.get("chosen_wpo_term"), rejected_wpo_term=t.get("rejected_wpo_term"),
-    )
+
+    def side(name: str) -> SequenceLogProbs:
+        return SequenceLogProbs(t[f"policy_{name}_logps"], t[f"{name}_num_tokens"], t.get(f"{name}_wpo_term"))
+
+    reference = {f"{s}_logps": t[f"ref_{s}_logps"] for s in SIDES if f"ref_{s}_logps" in t}
+    result = objective(LossInputs.of(side("chosen"), side("rejected"), reference))
     pairs["rewards_chosen"] = result.chosen_rewards.double().numpy()
     pairs["rewards_rejected"] = result.rejected_rewards.double().numpy()
     pairs["losses"] = result.losses.detach().double().numpy()
+
+
+def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, generations: list[dict],
+             objective: LossConfig, source: str, baseline: Manifest | None, started: float) -> dict[str, Any]:
+    metrics: dict[str, Any] = report.pair_metrics(pairs)
+    if generations:
+        metrics.update(report.generation_metrics(generations))
+    metrics["by_source"] = report.grouped_metrics(pairs, rows.column("source").to_pylist())
+    metrics["evaluated"] = {
+        "model": cfg.model, "tokenized": cfg.tokenized, "split": cfg.split, "reference": cfg.ref_cache,
+        "loss_type": objective.loss_type, "beta": objective.beta, "objective_from": source,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if baseline is not None:
+        metrics["baseline"] = {"path": cfg.baseline, "fingerprint": baseline.fingerprint,
+                               "metrics": _metrics_of(Path(cfg.baseline), baseline)}
+    return metrics
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -348,9 +315,9 @@ def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
     return prompts
 
 
-def _held_out_prompts(rows: list[dict], limit: int) -> list[dict[str, Any]]:
+def _held_out_prompts(rows: pa.Table, limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` pairs by index; the prompt is the shared prefix before the response labels."""
-    chosen = sorted(rows, key=lambda r: r["index"])[:limit]
+    chosen = rows.take(np.argsort(pair_indices(rows), kind="stable")[:limit]).to_pylist()
     out = []
     for row in chosen:
         length = int(row["prompt_length"])
@@ -371,7 +338,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def _generate(model, tokenizer, rows: list[dict], cfg: EvaluateConfig) -> list[dict[str, Any]]:
+def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun) -> list[dict[str, Any]]:
     """Greedy (temperature 0) or sampled completions, left-padded in batches, with token counts."""
     items = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else _held_out_prompts(rows, cfg.generate)
     stop = _stop_ids(model, tokenizer)
@@ -382,6 +349,7 @@ def _generate(model, tokenizer, rows: list[dict], cfg: EvaluateConfig) -> list[d
     results = []
     bar = progress(len(items), "generate", unit="prompt", quiet=cfg.quiet)
     for start in range(0, len(items), cfg.batch_size):
+        _stop_point(stage_run)
         chunk = items[start: start + cfg.batch_size]
         longest = max(len(i["prompt_ids"]) for i in chunk)
         new_tokens = cfg.max_new_tokens if limit is None else max(1, min(cfg.max_new_tokens, limit - longest))
@@ -424,11 +392,11 @@ def _metrics_of(path: Path, manifest: Manifest) -> dict[str, Any]:
     return json.loads((path / "metrics.json").read_text())
 
 
-def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray], indices: list[int], sources: list[str],
+def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table,
                    metrics: dict[str, Any], generations: list[dict], train: Manifest | None,
-                   objective: Objective) -> list:
+                   objective: LossConfig) -> list:
     files = []
-    table = pa.table({"index": pa.array(indices, pa.int64()), "source": pa.array(sources, pa.string()),
+    table = pa.table({"index": pa.array(pair_indices(rows), pa.int64()), "source": rows.column("source").cast(pa.string()),
                       **{k: pa.array(v) for k, v in pairs.items()}})
     files.append(write_shard(out, "pairs.parquet", table))
     if generations:
@@ -461,7 +429,7 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray],
 
 
 def _report_md(cfg: EvaluateConfig, metrics: dict[str, Any], generations: list[dict],
-               plots: list[tuple[str, str]], training_rows: list[dict], objective: Objective) -> str:
+               plots: list[tuple[str, str]], training_rows: list[dict], objective: LossConfig) -> str:
     ev = metrics["evaluated"]
     lines = [f"# Evaluation of `{cfg.model}`", ""]
     lines.append(f"{metrics['pairs']:,} held-out pairs from split `{cfg.split}` of `{cfg.tokenized}`; "

@@ -21,43 +21,45 @@ from typing import Any
 
 import torch
 
+from ..artifacts.errors import ArtifactError, PushError, UsageError
 from ..artifacts.fingerprint import fingerprint
-from ..artifacts.lock import LOCK_NAME, ArtifactLock
+from ..artifacts.lock import LOCK_NAME
 from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest
-from ..artifacts.output import PARTIAL, OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.output import PARTIAL
+from ..artifacts.runner import StageRun
 from ..artifacts.shards import file_entry
 from ..pipeline import report
-from ..pipeline.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from ..pipeline.checkpoint import step_dir_name
-from ..pipeline.errors import ArtifactError, PushError, UsageError
+from ..pipeline.checkpoint import complete_checkpoints, step_dir_name
+from ..pipeline.config import StageOptions, flatten, option, validate
 from ..pipeline.lora import count_parameters
 from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
+from ..pipeline.tokenization import tokenizer_with_template
 
 STAGE = "export"
 VERSION = 1
 KIND = "model"
-NOT_SEMANTIC = {"semantic": False}
 STEP = re.compile(r"^step-(\d+)$")
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    train: str = dataclasses.field(metadata=NOT_SEMANTIC)  # enters the fingerprint through its own
-    out: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    checkpoint: str = "final"
-    dtype: str | None = None  # None: the dtype it trained in
-    merge: bool = True
-    push_to_hub: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)
-    private: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
-    overwrite: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
-    lock_timeout: float = dataclasses.field(default=600.0, metadata=NOT_SEMANTIC)
+def _checkpoint_spec(value: str) -> str | None:
+    if value in ("final", "latest") or STEP.match(value):
+        return None
+    return "must be final, latest or step-N (e.g. step-120)"
 
-    def check(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
-        if self.checkpoint not in ("final", "latest") and not STEP.match(self.checkpoint):
-            raise UsageError(f"--checkpoint {self.checkpoint!r}: expected final, latest or step-N (e.g. step-120)")
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig(StageOptions):
+    train: str = option(semantic=False, help="Train artifact (from `dpo train`).")  # enters the fingerprint through its own
+    out: str = option(semantic=False, help="Output folder: a Hugging Face model folder with README.md and manifest.json.")
+    checkpoint: str = option("final", check=_checkpoint_spec, help=(
+        "final (the finished run), latest (the newest complete checkpoint, or final) or step-N."))
+    dtype: str | None = option(None, choices=tuple(DTYPES), help=(
+        "float32, bfloat16 or float16 for the saved weights (default: the dtype it trained in)."))
+    merge: bool = option(True, help="For a LoRA run, merge the adapter into the base model (--no-merge exports the adapter).")
+    push_to_hub: str | None = option(None, semantic=False, help=(
+        "Upload the finished folder to this Hugging Face Hub repo id (after the local export)."))
+    private: bool = option(False, semantic=False, help="Create the Hub repo as private (with --push-to-hub).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,27 +82,13 @@ class Source:
 # ---------------------------------------------------------------------------------------- build
 
 
-def _complete_checkpoints(train_dir: Path) -> list[tuple[int, Path, dict]]:
-    root = train_dir / "checkpoints"
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = STEP.match(child.name)
-            if match and (child / CHECKPOINT_MANIFEST).is_file():
-                try:
-                    found.append((int(match.group(1)), child, json.loads((child / CHECKPOINT_MANIFEST).read_text())))
-                except (OSError, json.JSONDecodeError):
-                    continue
-    return sorted(found, key=lambda c: c[0])
-
-
 def resolve_source(train_dir: Path, spec: str) -> Source:
     """``final``, ``latest`` (final if training finished, else the newest complete checkpoint) or ``step-N``."""
     if not train_dir.is_dir():
         raise UsageError(f"--train {train_dir}: no such directory")
     complete = read_manifest(train_dir, "train") if (train_dir / MANIFEST).is_file() else None
-    checkpoints = _complete_checkpoints(train_dir)
-    available = ", ".join(f"step-{s}" for s, _, _ in checkpoints) or "none"
+    checkpoints = complete_checkpoints(train_dir / "checkpoints")
+    available = ", ".join(f"step-{c.step}" for c in checkpoints) or "none"
     if spec == "final" or (spec == "latest" and complete is not None):
         if complete is None:
             raise ArtifactError(
@@ -112,16 +100,18 @@ def resolve_source(train_dir: Path, spec: str) -> Source:
     if not checkpoints:
         raise ArtifactError(f"{train_dir}: has no complete checkpoint to export (and no final model)")
     if spec == "latest":
-        step, folder, meta = checkpoints[-1]
+        chosen = checkpoints[-1]
     else:
         wanted = int(STEP.match(spec).group(1))
-        matches = [c for c in checkpoints if c[0] == wanted]
+        matches = [c for c in checkpoints if c.step == wanted]
         if not matches:
             raise ArtifactError(f"{train_dir}: has no complete checkpoint {spec} (complete checkpoints: {available})")
-        step, folder, meta = matches[0]
+        chosen = matches[0]
+    meta = chosen.manifest
     config = complete.config if complete is not None else dict(meta.get("config", {}))
     inputs = complete.inputs if complete is not None else [InputRef(**i) for i in meta.get("inputs", [])]
-    return Source(step_dir_name(step), folder / "model", step, meta.get("fingerprint", ""), config, inputs, complete)
+    return Source(step_dir_name(chosen.step), chosen.path / "model", chosen.step, meta.get("fingerprint", ""), config,
+                  inputs, complete)
 
 
 def _base_model_path(source: Source) -> Path:
@@ -138,22 +128,10 @@ def _base_model_path(source: Source) -> Path:
 
 def _tokenizer(source: Source, train_dir: Path):
     """The tokenizer with the chat template the data was made with (train saves it into final/)."""
-    from transformers import AutoTokenizer
-
-    candidates = [source.folder, train_dir / "final"]
     tokenized = _tokenized_manifest(source)
-    if tokenized is not None:
-        candidates.append(Path(str(tokenized.config.get("tokenizer"))))
-    if source.train_config.get("model"):
-        candidates.append(Path(source.train_config["model"]))
-    for folder in candidates:
-        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            template = tokenized.stats.get("chat_template") if tokenized is not None else None
-            if template:  # the one training saw (tokenize may have had --chat-template), not the folder's
-                tokenizer.chat_template = template
-            return tokenizer
-    raise ArtifactError(f"no tokenizer found for {source.folder} (looked in {', '.join(map(str, candidates))})")
+    candidates = [source.folder, train_dir / "final", tokenized and tokenized.config.get("tokenizer"),
+                  source.train_config.get("model")]
+    return tokenizer_with_template(candidates, tokenized.stats.get("chat_template") if tokenized else None)
 
 
 def _tokenized_manifest(source: Source) -> Manifest | None:
@@ -171,7 +149,7 @@ def _tokenized_manifest(source: Source) -> Manifest | None:
 
 
 def run(cfg: ExportConfig) -> Manifest:
-    cfg.check()
+    validate(cfg)
     train_dir, out = Path(cfg.train), Path(cfg.out)
     source = resolve_source(train_dir, cfg.checkpoint)
     dtype = cfg.dtype or str(source.train_config.get("dtype") or "float32")
@@ -181,21 +159,20 @@ def run(cfg: ExportConfig) -> Manifest:
     semantic = {"checkpoint": source.name, "dtype": dtype, "merge": merge}
     fp = fingerprint(STAGE, VERSION, semantic, [source.train_fingerprint])
 
-    with ArtifactLock(out, timeout_s=cfg.lock_timeout):
-        state = prepare_output(out, KIND, fp, cfg.overwrite)
-        if state is OutputState.COMPLETE:
-            say_complete(out, KIND, fp)
-            manifest = read_manifest(out)
-        else:
-            manifest = _export(cfg, source, train_dir, out, dtype, merge, fp)
+    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+        manifest = stage_run.manifest if stage_run.complete else _export(cfg, source, train_dir, stage_run, dtype,
+                                                                          merge, fp)
     if cfg.push_to_hub:
         push(out, cfg.push_to_hub, cfg.private)
     return manifest
 
 
-def _export(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dtype: str, merge: bool,
+def _export(cfg: ExportConfig, source: Source, train_dir: Path, stage_run: StageRun, dtype: str, merge: bool,
             fp: str) -> Manifest:
+    out = stage_run.out
     model, base = _load(source, dtype, merge)
+    if stage_run.stop_requested():
+        raise stage_run.preempted("before writing the export (nothing is committed until it is complete)")
     tokenizer = _tokenizer(source, train_dir)
     _fill_generation_config(model, tokenizer)
     model.save_pretrained(out, safe_serialization=True)
@@ -219,8 +196,8 @@ def _export(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dtype
     }
     inputs = [InputRef("train", str(train_dir), source.train_fingerprint)]
     manifest = Manifest(kind=KIND, fingerprint=fp, inputs=inputs, files=files, stats=stats,
-                        config=dataclasses.asdict(cfg) | {"checkpoint": source.name, "dtype": dtype, "merge": merge})
-    commit_output(out, manifest)
+                        config=flatten(cfg) | {"checkpoint": source.name, "dtype": dtype, "merge": merge})
+    stage_run.commit(manifest)
     log.info("exported %s of %s as %s (%s%s, %s parameters) to %s", source.name, train_dir,
              "an adapter" if stats["adapter"] else "a full model", dtype, ", LoRA merged" if merge else "",
              f"{total:,}", out)

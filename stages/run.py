@@ -15,8 +15,8 @@ Inputs chain by default: each step reads the outputs of the steps before it (a k
 section always wins). ``evaluate-base`` evaluates the untrained base model on the same pairs, and
 ``evaluate`` then reports the trained model's numbers next to it ("before" and "after").
 
-Each step is invoked through its own command, so a section means exactly what the same section
-means to ``dpo <stage> --config``. A step whose output is already complete with the same
+Each step's section is read against that stage's config exactly as ``dpo <stage> --config`` reads
+it (pipeline/config.py), and the stage runs in this process. A step whose output is already complete with the same
 fingerprint is a no-op and the log says "skipped": re-submitting a failed or pre-empted job
 continues where it stopped. The resolved run file (every chained path filled in) is written to
 ``<run_dir>/run.yaml`` so that ``dpo status <run_dir>`` knows the steps and their outputs.
@@ -29,18 +29,18 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import typer
 import yaml
 
+from ..artifacts.errors import DpoError, Preempted, UsageError
 from ..artifacts.manifest import MANIFEST
-from ..pipeline.config import load_run_file
-from ..pipeline.errors import Preempted, UsageError
-from ..pipeline.logs import rank
+from ..pipeline.config import from_mapping, leaves, load_run_file, section_values
+from ..pipeline.losses import LossConfig
+from ..pipeline.distributed import rank
+from . import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ class RunConfig:
     config: Path
     steps: tuple[str, ...] = ()  # empty: every step the run file has a section for
     quiet: bool = False
-    verbose: bool = False
 
 
 def _key(section: dict[str, Any], name: str) -> str | None:
@@ -134,10 +133,10 @@ def resolve(path: Path) -> dict[str, Any]:
         _default(section, "model", _get(ref, "model") or _get(train, "model") or base_model)
         _default(section, "tokenized", tokenized)
         _default(section, "ref_cache", ref_cache)
-        # The base model is judged with the trained loss's β and implicit reward, so that the
-        # before and after numbers measure the same thing.
-        _default(section, "loss_type", _get(train, "loss_type"))
-        _default(section, "beta", _get(train, "beta"))
+        # The base model is judged with the trained loss (type, β, ...) and its implicit reward, so
+        # that the before and after numbers measure the same thing.
+        for leaf in leaves(LossConfig):
+            _default(section, leaf.name, _get(train, leaf.name))
     if "evaluate" in sections:
         section = sections["evaluate"]
         _default(section, "model", outs.get("export"))
@@ -182,8 +181,8 @@ def _write_resolved(resolved: dict[str, Any], text: str) -> None:
         tmp.replace(target)
 
 
-def run(config: RunConfig, commands: Any) -> int:
-    """Run the steps in order; return 0, or the exit code of the first step that failed."""
+def run(config: RunConfig) -> tuple[int, Path | None]:
+    """Run the steps in order; return 0 or the exit code of the first step that failed, and the report."""
     resolved = resolve(config.config)
     wanted = config.steps or tuple(n for n in STEP_NAMES if n in resolved)
     for name in wanted:
@@ -191,68 +190,53 @@ def run(config: RunConfig, commands: Any) -> int:
             raise UsageError(f"--step {name!r} is not one of: {', '.join(STEP_NAMES)}")
         if name not in resolved:
             raise UsageError(f"--step {name}: {config.config} has no {name!r} section")
-    text = _resolved_text(resolved, config.config)
-    _write_resolved(resolved, text)
-    # Each step reads its section through its command's --config, as a user would. Every process
-    # reads its own copy: under accelerate launch, other ranks must not race rank 0's write.
-    with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp:
-        sections_file = Path(tmp) / RESOLVED
-        sections_file.write_text(text)
-        return _run_steps(config, resolved, wanted, sections_file, commands)
-
-
-def _run_steps(config: RunConfig, resolved: dict[str, Any], wanted: tuple[str, ...], sections_file: Path,
-               commands: Any) -> int:
-    for name, command_name, _ in STEPS:
-        if name not in wanted:
-            continue
-        out = Path(str(_get(resolved[name], "out")))
-        before = _manifest_identity(out)
-        command = commands.commands.get(command_name)
-        if command is None:
-            raise UsageError(f"step {name}: this dpo has no {command_name!r} command")
-        log.info("step %s: dpo %s, section %r of %s -> %s", name, command_name, name, config.config, out)
-        started = time.monotonic()
-        flags = ["--quiet"] * config.quiet + ["--verbose"] * config.verbose
-        code = _invoke(command, name, sections_file, config.config, flags)
-        seconds = time.monotonic() - started
-        if code == Preempted.exit_code:
-            log.warning("step %s was pre-empted after %.1fs and saved its progress; rerun `dpo run --config %s` "
-                        "to resume (completed steps are skipped)", name, seconds, config.config)
-            return code
-        if code:
-            log.error(
-                "step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
-                "completed steps are skipped", name, code, seconds, config.config,
-            )
-            return code
-        after = _manifest_identity(out)
-        if after is None:
-            log.error("step %s exited 0 but %s has no %s", name, out, MANIFEST)
-            return 3
-        skipped = before is not None and before == after
-        state = "skipped (output already complete with the same fingerprint)" if skipped else f"done in {seconds:.1f}s"
-        log.info("step %s: %s, fingerprint %s", name, state, after[0])
+    _write_resolved(resolved, _resolved_text(resolved, config.config))
+    for name, command, _ in STEPS:
+        if name in wanted:
+            code = _run_step(config, name, command, resolved[name])
+            if code:
+                return code, None
     if rank() != 0:
-        return 0
+        return 0, None
     for name in ("evaluate", "evaluate-base"):
         if name in wanted:
             report = Path(str(_get(resolved[name], "out"))) / "report.md"
-            if report.is_file():
-                log.info("report: %s", report)
-                typer.echo(f"report: {report}")
-            break
-    return 0
+            return 0, report if report.is_file() else None
+    return 0, None
 
 
-def _invoke(command: Any, section: str, run_file: Path, source: Path, flags: list[str]) -> int:
-    """Run one command in this process, as ``dpo <command> --config run_file`` reading ``section``."""
+def _run_step(config: RunConfig, name: str, command: str, section: dict[str, Any]) -> int:
+    """One step: its section read as ``dpo <command> --config`` reads it, then the stage; its exit code."""
+    config_cls, run_stage = STAGES[command].load()
+    values = section_values(config.config, name, config_cls, values=section)
+    if config.quiet:
+        values.setdefault("quiet", True)
     try:
-        # prog_name picks the section: the --config callback reads the section named by the
-        # context's info_name, which is how evaluate-base reuses the evaluate command.
-        code = command.main(args=["--config", str(run_file), *flags], prog_name=section, standalone_mode=False)
-    except typer.exceptions.TyperException as exc:  # a bad option value or YAML key, as click reports it
-        message = getattr(exc, "format_message", lambda: str(exc))()
-        message = message.replace(str(run_file), f"{source} (resolved)")
-        raise UsageError(f"{source}, section {section!r}: {message}") from None
-    return int(code or 0)
+        stage_config = from_mapping(config_cls, values)
+    except UsageError as exc:
+        raise UsageError(f"{config.config}, section {name!r}: {exc}") from None
+    out = Path(str(_get(section, "out")))
+    before = _manifest_identity(out)
+    log.info("step %s: dpo %s, section %r of %s -> %s", name, command, name, config.config, out)
+    started = time.monotonic()
+    try:
+        run_stage(stage_config)
+    except DpoError as exc:
+        seconds = time.monotonic() - started
+        log.error("dpo %s: error: %s", command, exc)
+        if isinstance(exc, Preempted):
+            log.warning("step %s was pre-empted after %.1fs and saved its progress; rerun `dpo run --config %s` "
+                        "to resume (completed steps are skipped)", name, seconds, config.config)
+        else:
+            log.error("step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
+                      "completed steps are skipped", name, exc.exit_code, seconds, config.config)
+        return exc.exit_code
+    after = _manifest_identity(out)
+    if after is None:
+        log.error("step %s finished but %s has no %s", name, out, MANIFEST)
+        return 3
+    skipped = before is not None and before == after
+    state = "skipped (output already complete with the same fingerprint)" if skipped else \
+        f"done in {time.monotonic() - started:.1f}s"
+    log.info("step %s: %s, fingerprint %s", name, state, after[0])
+    return 0

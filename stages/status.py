@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,18 @@ import yaml
 
 from ..artifacts.manifest import MANIFEST, Manifest, read_manifest
 from ..artifacts.output import PARTIAL
-from ..pipeline.errors import ArtifactError, UsageError
+from ..artifacts.errors import ArtifactError, UsageError
+from ..pipeline.checkpoint import complete_checkpoints
 from ..pipeline.report import last_row_with, read_metrics_jsonl
 from .run import RESOLVED, STEPS
 
 # kind -> the step that writes it, in pipeline order
 KIND_STEPS = {"tokenized": "tokenize", "ref-logps": "cache-ref", "train": "train", "model": "export", "eval": "evaluate"}
-STEP_OF_COMMAND = {name: command for name, command, _ in STEPS}
-CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 
 def _checkpoints(train_dir: Path) -> list[str]:
-    """Complete checkpoints of a train folder, oldest first: a step-N folder counts once its manifest exists."""
-    root = train_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p.name) for p in root.iterdir()
-             if (m := CHECKPOINT.match(p.name)) and (p / MANIFEST).is_file()]
-    return [name for _, name in sorted(found)]
+    """Complete checkpoints of a train folder, oldest first."""
+    return [c.path.name for c in complete_checkpoints(train_dir / "checkpoints")]
 
 
 def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:

@@ -33,12 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..artifacts.errors import DataError, UsageError
 from ..artifacts.fingerprint import fingerprint, sha256_file
-from ..artifacts.lock import ArtifactLock
-from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic
-from ..artifacts.output import OutputState, commit_output, prepare_output, say_complete
+from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
+from ..artifacts.runner import StageRun
 from ..artifacts.shards import committed_shard, file_entry, shard_bounds, shard_path, write_shard
-from ..pipeline.errors import DataError, UsageError
+from ..pipeline.config import StageOptions, at_least, flatten, fraction, option, validate
 from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns
 from ..pipeline.logs import progress
 from ..pipeline.sources import Record, Source, pick_fraction, resolve_source, sample_rows
@@ -47,6 +47,7 @@ from ..pipeline.tokenization import (
     read_template_file, tokenizer_fingerprint, tokenizer_info,
 )
 
+STAGE = "tokenize"
 TOKENIZE_VERSION = 1
 KIND = "tokenized"
 REJECTS = "rejects.jsonl"
@@ -54,8 +55,6 @@ REJECT_PARTS = ".rejects"  # per-shard reject lists, merged into rejects.jsonl a
 CHUNK_PAIRS = 256  # pairs per task handed to a worker process
 BAD_RECORD_MODES = ("error", "skip")
 log = logging.getLogger("dpo.tokenize")
-
-NOT_SEMANTIC = {"semantic": False}
 
 SCHEMA = pa.schema([
     ("index", pa.int64()),
@@ -70,48 +69,49 @@ SCHEMA = pa.schema([
 ])
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenizeConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizeConfig(StageOptions):
     # Sources enter the fingerprint as (split, amount, content hash): the same data found at another
     # path or from another working directory (a requeued job) is the same artifact.
-    data: tuple[str, ...] = dataclasses.field(metadata=NOT_SEMANTIC)
-    tokenizer: str = dataclasses.field(metadata=NOT_SEMANTIC)  # its content fingerprint is an input
-    out: str = dataclasses.field(metadata=NOT_SEMANTIC)
-    eval_data: tuple[str, ...] = dataclasses.field(default=(), metadata=NOT_SEMANTIC)
-    eval_fraction: float = 0.0
-    max_seq_length: int = 1024
-    max_prompt_length: int | None = None
-    truncation: str = "keep-start"
-    format: str = "auto"
-    columns: str | None = None
-    chat_template: str | None = dataclasses.field(default=None, metadata=NOT_SEMANTIC)  # content hashed as an input
-    apply_chat_template: bool = False
-    seed: int = 42
-    rows_per_shard: int = 50_000
-    on_bad_record: str = "error"
-    num_proc: int = dataclasses.field(default=1, metadata=NOT_SEMANTIC)
-    overwrite: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
-    lock_timeout: float = dataclasses.field(default=600.0, metadata=NOT_SEMANTIC)
-    quiet: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
-    verbose: bool = dataclasses.field(default=False, metadata=NOT_SEMANTIC)
+    data: tuple[str, ...] = option(semantic=False, panel="Data", help=(
+        "Preference data (repeatable): .jsonl/.jsonl.gz/.json/.parquet file or folder, datasets.save_to_disk "
+        "folder, or hub name. PATH:0.5 takes a fraction, PATH:1000 a row count (sampled with --seed)."))
+    tokenizer: str = option(semantic=False, panel="Data", help=(  # its content fingerprint is an input
+        "Tokenizer folder (a model folder works)."))
+    out: str = option(semantic=False, panel="Data", help="Output folder of the tokenized artifact.")
+    eval_data: tuple[str, ...] = option((), semantic=False, panel="Data", help=(
+        "Sources for the eval split (repeatable, same syntax as --data)."))
+    eval_fraction: float = option(0.0, check=fraction(), panel="Data", help=(
+        "Hold out this fraction of the --data records (seeded, before filtering) as the eval split."))
+    max_seq_length: int = option(1024, check=at_least(2), panel="Tokenization", help=(
+        "Most tokens in prompt+response, per side."))
+    max_prompt_length: int | None = option(None, check=at_least(1), panel="Tokenization", help=(
+        "Cut longer prompts from the left, keeping their latest turns (default: no limit)."))
+    truncation: str = option("keep-start", choices=TRUNCATION_MODES, panel="Tokenization", help=(
+        "Pairs over --max-seq-length: keep-start (keep the prompt and the start of the responses) or drop."))
+    format: str = option("auto", choices=FORMATS, panel="Data", help=(
+        "Record format: auto (detect per source), text, chat, chat-prompt, hh, sharegpt."))
+    columns: str | None = option(None, panel="Data", help=(
+        "Map other column names, e.g. prompt=question,chosen=good,rejected=bad."))
+    chat_template: str | None = option(None, semantic=False, panel="Tokenization", help=(  # content hashed as an input
+        "Jinja chat template file used instead of the tokenizer's."))
+    apply_chat_template: bool = option(False, panel="Tokenization", help=(
+        "Wrap plain-text pairs as one user turn and one assistant turn of the chat template."))
+    seed: int = option(42, panel="Data", help="Seed of the PATH:AMOUNT sampling and the eval split.")
+    rows_per_shard: int = option(50_000, check=at_least(1), help=(
+        "Input records per Parquet shard (before filtering); the unit of resume."))
+    on_bad_record: str = option("error", choices=BAD_RECORD_MODES, panel="Data", help=(
+        "A malformed record: error (stop, exit 2) or skip (list it in rejects.jsonl)."))
+    num_proc: int = option(1, semantic=False, check=at_least(1), help=(
+        "Tokenizer processes; the output is byte-identical for any value."))
 
     def check(self) -> None:
         if not self.data:
             raise UsageError("--data: give at least one source")
-        if self.max_seq_length < 2:
-            raise UsageError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_seq_length:
+        if self.max_prompt_length is not None and not self.max_prompt_length < self.max_seq_length:
             raise UsageError(
                 f"--max-prompt-length must be in [1, --max-seq-length) = [1, {self.max_seq_length}), got {self.max_prompt_length}"
             )
-        choices = {"truncation": TRUNCATION_MODES, "format": FORMATS, "on_bad_record": BAD_RECORD_MODES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.rows_per_shard < 1 or self.num_proc < 1:
-            raise UsageError("--rows-per-shard and --num-proc must be positive")
         parse_columns(self.columns)
 
 
@@ -128,7 +128,7 @@ class Item:
 
 
 def run(cfg: TokenizeConfig) -> Manifest | None:
-    cfg.check()
+    validate(cfg)
     train_sources = [resolve_source(s) for s in cfg.data]
     eval_sources = [resolve_source(s) for s in cfg.eval_data]
     template_override = read_template_file(cfg.chat_template)
@@ -146,23 +146,19 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
               for split, sources in (("train", train_sources), ("eval", eval_sources)) for s in sources] + [tok_fp]
     if template_override is not None:
         inputs.append(sha256_file(cfg.chat_template))
-    fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)
+    fp = fingerprint(STAGE, TOKENIZE_VERSION, cfg, inputs)
 
     out = Path(cfg.out)
-    with ArtifactLock(out, cfg.lock_timeout):
-        state = prepare_output(out, KIND, fp, cfg.overwrite)
-        if state is OutputState.COMPLETE:
-            say_complete(out, KIND, fp)
+    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+        if stage_run.complete:
             return None
-        if state is OutputState.RESUME:
-            log.info("resuming the partial output in %s (fingerprint %s)", out, fp)
         started = time.perf_counter()
         splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
-        processed = _write_shards(cfg, out, splits, encoder, settings)
+        processed = _write_shards(cfg, out, splits, encoder, settings, stage_run)
         elapsed = time.perf_counter() - started
         manifest = _close(cfg, out, fp, splits, encoder, tok_fp, source_stats, source_hashes,
                           train_sources, eval_sources, processed, elapsed)
-        commit_output(out, manifest)
+        stage_run.commit(manifest)
     _remove_reject_parts(out)
     _log_summary(out, manifest)
     return manifest
@@ -232,7 +228,7 @@ def _normalise(cfg: TokenizeConfig, record: Record, fmt: str, columns: dict[str,
 
 
 def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]], encoder: PairEncoder,
-                  settings: EncodeSettings) -> dict[str, int]:
+                  settings: EncodeSettings, stage_run: StageRun) -> dict[str, int]:
     """Tokenize and commit every shard not yet committed; returns this run's pair and token counts."""
     plan = []  # (split, shard number, shard count, items) in commit order
     for split, items in splits.items():
@@ -242,7 +238,7 @@ def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]],
     if len(pending) < len(plan):
         log.info("%d of %d shards already committed by an earlier run", len(plan) - len(pending), len(plan))
 
-    processed = {"pairs": 0, "tokens": 0}
+    processed = {"pairs": 0, "tokens": 0, "shards": 0}
     pending_keys = {(split, number) for split, number, *_ in pending}
     bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pair", quiet=cfg.quiet)
     with _Workers(cfg.num_proc, settings, encoder) as workers:
@@ -252,10 +248,14 @@ def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]],
             if (split, number) not in pending_keys:
                 first_index += committed_shard(out, shard_path(split, number, count)).rows
                 continue
+            if stage_run.stop_requested():
+                committed = len(plan) - len(pending) + processed["shards"]
+                raise stage_run.preempted(f"after committing {committed} of {len(plan)} shards in {out}")
             encoded = [r for _ in range(_chunk_count(items)) for r in next(results)]
             rows, part = _assemble(cfg, split, items, encoded, first_index)
             _commit_shard(out, split, number, count, rows, part)
             first_index += rows.num_rows
+            processed["shards"] += 1
             processed["pairs"] += rows.num_rows
             processed["tokens"] += int(pc.sum(rows["chosen_length"]).as_py() or 0) + int(
                 pc.sum(rows["rejected_length"]).as_py() or 0)
@@ -393,7 +393,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
             part = json.loads((out / _reject_part(split, number, count)).read_text())
             reject_rows.extend(part["rejects"])
             truncated += part["truncated"]
-    _write_rejects(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reject_rows))
+    write_text_atomic(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reject_rows))
     files.append(dataclasses.replace(file_entry(out, REJECTS), rows=len(reject_rows)))
 
     dropped = Counter(r["reason"] for r in reject_rows)
@@ -424,7 +424,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     }
     inputs = [InputRef("data", s.spec.spec, source_hashes[id(s)]) for s in train_sources + eval_sources]
     inputs.append(InputRef("tokenizer", cfg.tokenizer, tok_fp))
-    return Manifest(kind=KIND, fingerprint=fp, config=dataclasses.asdict(cfg), inputs=inputs, files=files, stats=stats)
+    return Manifest(kind=KIND, fingerprint=fp, config=flatten(cfg), inputs=inputs, files=files, stats=stats)
 
 
 def _uses_template(cfg: TokenizeConfig, source_stats: list[dict]) -> bool:
@@ -437,15 +437,6 @@ def _describe(values: np.ndarray) -> dict[str, float]:
     p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
     return {"min": int(values.min()), "p50": p50, "p90": p90, "p99": p99, "max": int(values.max()),
             "mean": round(float(values.mean()), 2)}
-
-
-def _write_rejects(out: Path, text: str) -> None:
-    tmp = out / (REJECTS + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / REJECTS)
 
 
 def _remove_reject_parts(out: Path) -> None:

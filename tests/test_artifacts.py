@@ -40,7 +40,7 @@ from dpo.artifacts.shards import (
     shard_path,
     write_shard,
 )
-from dpo.pipeline.errors import ArtifactError, LockHeldError
+from dpo.artifacts.errors import ArtifactError, LockHeldError
 
 
 def table(start: int, stop: int) -> pa.Table:

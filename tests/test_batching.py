@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpo.pipeline.batching import collate_pairs, length_grouped_batches, pair_lengths
-from dpo.pipeline.errors import DataError
+from dpo.pipeline.batching import length_grouped_batches, pair_lengths
+from dpo.pipeline.scoring import collate_pairs
+from dpo.artifacts.errors import DataError
 
 
 def pair(index, chosen, rejected, prompt=2):

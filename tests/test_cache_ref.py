@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dpo.artifacts.fingerprint import fingerprint
 from dpo.artifacts.manifest import read_manifest
-from dpo.pipeline.errors import ArtifactError
+from dpo.artifacts.errors import ArtifactError
 from dpo.pipeline.modeling import load_causal_lm, model_identity
 from dpo.pipeline.refcache import load_reference, reference_model_mismatch
 from dpo.stages import cache_ref as stage

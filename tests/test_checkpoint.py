@@ -18,7 +18,7 @@ import yaml
 from dpo.artifacts.manifest import InputRef
 from dpo.pipeline.accel import generate_deepspeed_config
 from dpo.pipeline.checkpoint import MANIFEST, CheckpointManager, describe_difference
-from dpo.pipeline.errors import ArtifactError
+from dpo.artifacts.errors import ArtifactError
 
 from conftest import REPO, build_tiny_llama
 

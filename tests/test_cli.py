@@ -3,19 +3,18 @@ mapped to their exit codes without a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from dpo import __version__
-from dpo.cli import ConfigOpt, LockTimeoutOpt, OverwriteOpt, QuietOpt, VerboseOpt, app, stage_command
-from dpo.pipeline.config import section_defaults
-from dpo.pipeline.errors import EXIT_CODES, DataError, LockHeldError, UsageError
+from dpo.cli import app, register_stage
+from dpo.pipeline.config import StageOptions, option, section_values
+from dpo.artifacts.errors import EXIT_CODES, DataError, LockHeldError, UsageError
 
 from conftest import dpo_env, run_dpo
 
@@ -51,8 +50,17 @@ def test_every_stage_command_documents_every_option():
                 assert param.opts[0] in result.output, (name, param.opts[0])
 
 
-# A stage command built exactly like the real ones (same shared options and wrapper), so the
-# config machinery is tested whichever stages exist yet.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyConfig(StageOptions):
+    data: tuple[str, ...] = option((), help="Sources.")
+    max_seq_length: int = option(1024, help="Tokens.")
+    truncation: str = option("keep-start", help="Mode.")
+    seed: int = option(42, help="Seed.")
+    fail: str = option("", help="Raise this error.")
+
+
+# A stage command built exactly like the real ones (generated from a config dataclass by the same
+# function), so the config machinery is tested whichever stages exist.
 def make_app(calls: list[dict]) -> typer.Typer:
     test_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -60,29 +68,17 @@ def make_app(calls: list[dict]) -> typer.Typer:
     def root() -> None:
         """Test root: makes `tokenize` a subcommand, as in the real app."""
 
-    @test_app.command("tokenize")
-    @stage_command
-    def tokenize(
-        config: ConfigOpt = None,
-        data: Annotated[Optional[list[str]], typer.Option("--data", help="Sources.")] = None,
-        max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Tokens.")] = 1024,
-        truncation: Annotated[str, typer.Option("--truncation", help="Mode.")] = "keep-start",
-        seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 42,
-        fail: Annotated[str, typer.Option("--fail", help="Raise this error.")] = "",
-        overwrite: OverwriteOpt = False,
-        lock_timeout: LockTimeoutOpt = 600.0,
-        quiet: QuietOpt = False,
-        verbose: VerboseOpt = False,
-    ) -> None:
-        """Record the resolved options."""
-        calls.append(dict(data=data, max_seq_length=max_seq_length, truncation=truncation, seed=seed,
-                          overwrite=overwrite, lock_timeout=lock_timeout, quiet=quiet))
+    def run(config: ToyConfig) -> None:
+        calls.append(dict(data=list(config.data) or None, max_seq_length=config.max_seq_length,
+                          truncation=config.truncation, seed=config.seed, overwrite=config.overwrite,
+                          lock_timeout=config.lock_timeout, quiet=config.quiet))
         errors = {"usage": UsageError, "data": DataError, "lock": LockHeldError}
-        if fail in errors:
-            raise errors[fail](f"{fail} went wrong")
-        if fail == "bug":
+        if config.fail in errors:
+            raise errors[config.fail](f"{config.fail} went wrong")
+        if config.fail == "bug":
             raise RuntimeError("a bug")
 
+    register_stage(test_app, "tokenize", ToyConfig, run, "Record the resolved options.")
     return test_app
 
 
@@ -153,10 +149,10 @@ def test_missing_config_file(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def test_wrongly_typed_config_value_is_reported_by_option(tmp_path):
+def test_wrongly_typed_config_value_names_file_section_and_key(tmp_path):
     result, calls = invoke(tmp_path, "tokenize:\n  max-seq-length: lots\n")
     assert result.exit_code == 2 and calls == []
-    assert "Invalid value for '--max-seq-length'" in result.output
+    assert f"{tmp_path / 'run.yaml'}: section 'tokenize', key 'max-seq-length': expected a whole number" in result.output
 
 
 def test_empty_config_file_and_missing_section_change_nothing(tmp_path):
@@ -166,21 +162,19 @@ def test_empty_config_file_and_missing_section_change_nothing(tmp_path):
         assert calls[0]["max_seq_length"] == 1024
 
 
-def test_section_defaults_checks_keys_against_the_command(tmp_path):
-    @click.command("cache-ref")
-    @click.option("--config")
-    @click.option("--batch-size", type=int, default=8)
-    @click.option("--split", multiple=True)
-    def cache_ref(config, batch_size, split):
-        """A minimal click command."""
+def test_section_values_checks_keys_against_the_config(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class CacheRef:
+        batch_size: int = option(8, help="Pairs.")
+        splits: tuple[str, ...] = option((), flag="--split", help="Splits.")
 
     run_file = tmp_path / "run.yaml"
     run_file.write_text("cache-ref:\n  batch-size: 4\n  split: eval\n")
-    assert section_defaults(run_file, "cache-ref", cache_ref) == {"batch_size": 4, "split": ["eval"]}
-    assert section_defaults(run_file, "tokenize", cache_ref) == {}
+    assert section_values(run_file, "cache-ref", CacheRef) == {"batch_size": 4, "splits": ("eval",)}
+    assert section_values(run_file, "tokenize", CacheRef) == {}
     run_file.write_text("cache-ref:\n  batch_sise: 4\n")
     with pytest.raises(UsageError, match=r"run.yaml: section 'cache-ref' has unknown option 'batch_sise'; known: batch-size, split"):
-        section_defaults(run_file, "cache-ref", cache_ref)
+        section_values(run_file, "cache-ref", CacheRef)
 
 
 @pytest.mark.parametrize("kind, code", [("usage", 2), ("data", 2), ("lock", 4)])

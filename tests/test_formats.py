@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpo.pipeline.errors import UsageError
+from dpo.artifacts.errors import UsageError
 from dpo.pipeline.formats import (
     Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns,
 )

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-from dpo.pipeline.batching import collate_pairs
+from dpo.pipeline.scoring import collate_pairs
 from dpo.pipeline.logprobs import LabelLogProbs
 
 from conftest import DEMO_MODEL

@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 
-from dpo.pipeline.errors import UsageError
+from dpo.artifacts.errors import UsageError
 from dpo.pipeline.losses import (
     DEFAULT_BETA,
     LOSS_TYPES,

@@ -1,4 +1,4 @@
-"""Pre-emption: SIGTERM/SIGUSR1 set a flag, and all ranks agree on stopping at the same step."""
+"""Pre-emption: SIGTERM/SIGUSR1 set a flag, and all ranks of a stage agree on stopping at the same step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from dpo.pipeline.preemption import PreemptionWatcher
+from dpo.artifacts.runner import StageRun, StopSignals
 
 from conftest import dpo_env
 
@@ -18,31 +18,43 @@ from conftest import dpo_env
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_sets_the_flag_and_handlers_are_restored(sig):
     before = signal.getsignal(sig)
-    with PreemptionWatcher() as watcher:
-        assert not watcher.should_stop(None)
+    with StopSignals() as signals:
+        assert signals.received is None
         os.kill(os.getpid(), sig)  # delivered before os.kill returns, to the main thread
-        assert watcher.requested and watcher.should_stop(None)
-        assert watcher.signal_name == sig.name
+        assert signals.received == sig.name
         os.kill(os.getpid(), sig)  # a second signal changes nothing (and does not kill us)
-        assert watcher.signal_name == sig.name
+        assert signals.received == sig.name
     assert signal.getsignal(sig) is before
+
+
+def test_stage_run_stops_releases_the_lock_and_restores_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with StageRun("test", tmp_path / "out", "eval", "f" * 16) as run:
+        assert (tmp_path / "out" / ".dpo.lock").is_file() and not run.stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert run.signalled and run.stop_requested()
+        error = run.preempted("after step 3")
+    assert error.exit_code == 75 and str(error).startswith("stopped by SIGTERM after step 3")
+    assert not (tmp_path / "out" / ".dpo.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 RANKS_AGREE = textwrap.dedent("""
     import os, signal, sys, json
+    from dpo.artifacts.runner import StageRun
+    from dpo.pipeline import distributed
     from dpo.pipeline.accel import build_accelerator
-    from dpo.pipeline.preemption import PreemptionWatcher
 
     accelerator = build_accelerator()
-    with PreemptionWatcher() as watcher:
+    with StageRun("test", "out", "eval", "f" * 16, collective=distributed.COLLECTIVE) as run:
         for step in range(1, 100):
             if step == 3 and accelerator.process_index == 1:
                 os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 hears it
-            if watcher.should_stop(accelerator):
+            if run.stop_requested():
                 break
     # One file per rank: two ranks printing to one pipe can interleave on a line.
     with open(f"rank-{accelerator.process_index}.json", "w") as f:
-        json.dump({"rank": accelerator.process_index, "stopped_at": step, "why": watcher.signal_name}, f)
+        json.dump({"rank": accelerator.process_index, "stopped_at": step, "why": run.signals.received}, f)
     import torch.distributed
     torch.distributed.destroy_process_group()
 """)

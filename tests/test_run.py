@@ -10,7 +10,7 @@ import yaml
 
 from conftest import HH_DATA, REPO, build_tiny_llama, run_dpo
 
-from dpo.pipeline.errors import UsageError
+from dpo.artifacts.errors import UsageError
 from dpo.stages import run as run_stage
 from dpo.stages import status as status_stage
 

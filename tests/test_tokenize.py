@@ -22,7 +22,7 @@ from conftest import DEMO_MODEL, DPO, GPT2_TOKENIZER, HH_DATA, SHAREGPT_DATA, dp
 from dpo.artifacts.fingerprint import fingerprint
 from dpo.artifacts.lock import ArtifactLock
 from dpo.artifacts.shards import ArtifactReader
-from dpo.pipeline.errors import ArtifactError, DataError, UsageError
+from dpo.artifacts.errors import ArtifactError, DataError, UsageError
 from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
 
 HH = str(HH_DATA)

@@ -171,14 +171,15 @@ FIRST_LOSS = {
 
 def test_every_loss_type_trains(data, tmp_path):
     """In one process (the CLI only builds this config): six subprocesses would cost a minute of imports."""
+    from dpo.pipeline.config import from_mapping
     from dpo.stages import train as stage
 
     for loss_type in ("dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust"):
         out = tmp_path / loss_type
-        stage.run(stage.TrainConfig(
+        stage.run(from_mapping(stage.TrainConfig, dict(
             tokenized=str(data["tok"]), model=str(DEMO_MODEL), out=str(out),
             ref_cache=None if loss_type == "simpo" else str(data["ref"]), loss_type=loss_type, max_steps=2,
-            per_device_batch_size=4, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, quiet=True))
+            per_device_batch_size=4, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, quiet=True)))
         first = rows(out)[0]
         assert all(math.isfinite(r["loss"]) for r in rows(out)), loss_type
         if loss_type in FIRST_LOSS:

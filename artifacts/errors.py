@@ -1,6 +1,7 @@
 """Errors a user can act on, each mapped by the CLI to a documented exit code.
 
-Anything that is not a DpoError is a bug in dpo and keeps its traceback.
+They live at the bottom of the stack (the artifact layer raises them too), so every layer above
+imports them from here. Anything that is not a DpoError is a bug in dpo and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class PushError(DpoError):
 
 
 class Preempted(DpoError):
-    """Stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning the same command resumes.
+    """Stopped on SIGTERM/SIGUSR1 after committing its work; rerunning the same command resumes.
 
     75 is EX_TEMPFAIL from sysexits.h: "try again later", which is what a requeue does.
     """

@@ -1,0 +1,215 @@
+"""The skeleton every stage shares: take the output, do the work, commit last, always let go.
+
+    with StageRun("cache-ref", out, "ref-logps", fingerprint, overwrite=..., lock_timeout=...,
+                  collective=COLLECTIVE) as run:
+        if run.complete:
+            return run.manifest           # same fingerprint: a no-op that says so
+        ...                                # the work, with run.stop_requested() at safe points
+        run.commit(manifest)               # manifest.json last: the artifact exists from here on
+
+Entering: rank 0 takes the output's lock and decides what the folder is (fresh, a partial run to
+resume, already complete, or refused); that decision, or rank 0's error, reaches every rank, so
+no rank waits forever at a collective that a failed rank 0 never joins. SIGTERM and SIGUSR1 only
+set a flag: ``stop_requested()`` (collective: every rank calls it at the same point) tells every
+rank at once, and the stage then commits what it has and raises ``run.preempted(...)`` (exit 75).
+Leaving, on every path (success, error, pre-emption, Ctrl-C): the lock is released and the signal
+handlers restored.
+
+The runner knows nothing of torch: ``collective`` is any object with ``world_size``, ``rank``,
+``broadcast(obj)`` (rank 0's value on every rank), ``any(flag)`` (or over ranks) and ``barrier()``;
+pipeline/distributed.py provides one over torch.distributed. ``inspect``, when given, looks at the
+locked folder before it is prepared (train refuses checkpoints of another config there, naming what
+differs, before a partial run of another fingerprint would be discarded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol, TypeVar
+
+from .errors import DpoError, Preempted
+from .lock import ArtifactLock
+from .manifest import Manifest, read_manifest
+from .output import OutputState, commit_output, prepare_output
+
+T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger(__name__)
+
+
+class Collective(Protocol):
+    world_size: int
+    rank: int
+
+    def broadcast(self, obj: Any) -> Any: ...
+
+    def any(self, flag: bool) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+class OneProcess:
+    """The collective of a single process: every operation is local."""
+
+    world_size = 1
+    rank = 0
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+
+ONE_PROCESS = OneProcess()
+
+
+def on_main(collective: Collective, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result, or the DpoError it raised, to every rank.
+
+    A bug on rank 0 keeps its traceback there and stops the other ranks with a DpoError that
+    points at rank 0's log, instead of leaving them at the next collective until the timeout.
+    """
+    if collective.world_size <= 1:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    if collective.rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except DpoError as exc:
+            outcome = ("error", exc)
+        except BaseException:
+            collective.broadcast(("crash", None))
+            raise
+    status, value = collective.broadcast(outcome)
+    if status == "error":
+        raise value
+    if status == "crash":
+        raise DpoError("rank 0 failed (its traceback is in its log); stopping this rank too")
+    return value
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 become a flag (nothing else is safe inside a signal handler).
+
+    Slurm sends SIGTERM about 30 s (KillWait) before SIGKILL when a job is pre-empted, cancelled or
+    reaches its time limit; ``sbatch --signal=USR1@120`` sends SIGUSR1 earlier, leaving time for a
+    large checkpoint.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            log.warning("received %s: stopping at the next safe point, then exiting with code %d",
+                        self.received, Preempted.exit_code)
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+class StageRun:
+    """One stage's hold on its output folder; see the module docstring."""
+
+    def __init__(self, stage: str, out: str | os.PathLike, kind: str, fingerprint: str, *, overwrite: bool = False,
+                 lock_timeout: float = 600.0, collective: Collective = ONE_PROCESS,
+                 inspect: Callable[[], None] | None = None):
+        self.stage = stage
+        self.out = Path(out)
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.overwrite = overwrite
+        self.collective = collective
+        self.inspect = inspect
+        self.lock = ArtifactLock(self.out, lock_timeout)
+        self.signals = StopSignals()
+        self.state: OutputState | None = None
+        self._locked = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.collective.rank == 0
+
+    @property
+    def complete(self) -> bool:
+        return self.state is OutputState.COMPLETE
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is OutputState.RESUME
+
+    @property
+    def manifest(self) -> Manifest:
+        return read_manifest(self.out, self.kind)
+
+    def __enter__(self) -> StageRun:
+        self.signals.__enter__()
+        try:
+            self.state = on_main(self.collective, self._take)
+        except BaseException:
+            self._leave()
+            raise
+        if self.complete and self.is_main:
+            log.info("%s is already a complete %s artifact with fingerprint %s: nothing to do",
+                     self.out, self.kind, self.fingerprint)
+        elif self.resumed and self.is_main:
+            log.info("resuming the partial output in %s (fingerprint %s)", self.out, self.fingerprint)
+        return self
+
+    def _take(self) -> OutputState:
+        self.lock.acquire()
+        self._locked = True
+        if self.inspect is not None and not self.overwrite:
+            self.inspect()
+        return prepare_output(self.out, self.kind, self.fingerprint, self.overwrite)
+
+    @property
+    def signalled(self) -> bool:
+        """Whether this process received a stop signal (local: safe to ask anywhere, any number of times)."""
+        return self.signals.received is not None
+
+    def stop_requested(self) -> bool:
+        """Whether any rank received a stop signal; collective, so call it at the same point on every rank."""
+        stop = self.collective.any(self.signals.received is not None)
+        if stop and self.signals.received is None:
+            self.signals.received = "a stop signal on another rank"
+        return stop
+
+    def preempted(self, saved: str) -> Preempted:
+        """The exception to raise once the stage has committed what it had (``saved`` says what)."""
+        return Preempted(f"stopped by {self.signals.received} {saved}; rerun the same command to resume")
+
+    def commit(self, manifest: Manifest | None) -> None:
+        """Write the manifest (rank 0's; other ranks pass None), then let every rank go on: none reports
+        success before it exists."""
+        if self.is_main:
+            commit_output(self.out, manifest)
+        self.collective.barrier()
+
+    def __exit__(self, *exc) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._locked:
+            self.lock.release()
+            self._locked = False
+        self.signals.__exit__()

@@ -1,0 +1,135 @@
+"""Scoring pairs: rows of a tokenized split in, per-pair (chosen, rejected) log-probs out.
+
+cache-ref, train and evaluate all score pairs the same way: lay a batch out for the model (a
+forward mode), run LabelLogProbs on it, and split the result back into chosen and rejected with
+the token and padding counts that throughput and padding statistics need. Forward modes are
+registered in FORWARDS; adding one (a packed layout, say) is one class here.
+
+- ``concatenated``: chosen rows then rejected rows in one ``[2B, T]`` batch: one forward.
+- ``separate``: two forwards, each side padded to its own longest row: less peak memory, same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .batching import SIDES, as_table, pair_indices, padded_length, right_padded, side_tokens
+from .logprobs import SequenceLogProbs
+
+# (input_ids, attention_mask, labels, with_wpo_term=...) -> SequenceLogProbs: LabelLogProbs, or
+# the DDP / DeepSpeed wrapper around it that Accelerate returns.
+Module = Callable[..., SequenceLogProbs]
+
+
+@dataclasses.dataclass
+class PairScores:
+    chosen: SequenceLogProbs  # [B] each
+    rejected: SequenceLogProbs
+    tokens: int  # real tokens the model ran on
+    slots: int  # token positions it ran on, padding included
+
+
+def _split(both: SequenceLogProbs, n: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
+    def part(sl: slice) -> SequenceLogProbs:
+        return SequenceLogProbs(both.logps[sl], both.num_tokens[sl],
+                                None if both.wpo_term is None else both.wpo_term[sl])
+
+    return part(slice(0, n)), part(slice(n, None))
+
+
+def _counts(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
+    return int(sum(int(m.sum()) for m in masks)), int(sum(m.numel() for m in masks))
+
+
+class ForwardMode:
+    """How a batch of pairs is laid out for the model and scored."""
+
+    name: ClassVar[str]
+
+    def collate(self, pairs: pa.Table, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool) -> PairScores:
+        raise NotImplementedError
+
+
+class Concatenated(ForwardMode):
+    """``input_ids``, ``attention_mask``, ``labels`` of shape [2B, T], chosen rows first, one length."""
+
+    name = "concatenated"
+
+    def collate(self, pairs, pad_token_id, pad_to_multiple_of=None):
+        (cids, clab, clen), (rids, rlab, rlen) = (side_tokens(pairs, side) for side in SIDES)
+        lengths = np.concatenate([clen, rlen])
+        width = padded_length(int(lengths.max()), pad_to_multiple_of)
+        return right_padded(np.concatenate([cids, rids]), np.concatenate([clab, rlab]), lengths, pad_token_id, width)
+
+    def score(self, module, batch, with_wpo_term):
+        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term)
+        chosen, rejected = _split(both, batch["input_ids"].shape[0] // 2)
+        return PairScores(chosen, rejected, *_counts([batch["attention_mask"]]))
+
+
+class Separate(ForwardMode):
+    """The same three tensors per side, prefixed ``chosen_`` / ``rejected_``, each side its own length."""
+
+    name = "separate"
+
+    def collate(self, pairs, pad_token_id, pad_to_multiple_of=None):
+        batch = {}
+        for side in SIDES:
+            ids, labels, lengths = side_tokens(pairs, side)
+            width = padded_length(int(lengths.max()), pad_to_multiple_of)
+            batch.update({f"{side}_{k}": v for k, v in right_padded(ids, labels, lengths, pad_token_id, width).items()})
+        return batch
+
+    def score(self, module, batch, with_wpo_term):
+        chosen, rejected = (
+            module(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
+                   with_wpo_term=with_wpo_term)
+            for side in SIDES
+        )
+        return PairScores(chosen, rejected, *_counts([batch[f"{side}_attention_mask"] for side in SIDES]))
+
+
+FORWARDS: dict[str, ForwardMode] = {mode.name: mode for mode in (Concatenated(), Separate())}
+
+
+def collate_pairs(rows: pa.Table | Sequence[Mapping], pad_token_id: int, mode: str = "concatenated",
+                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for a batch of B pairs in forward mode ``mode`` (labels -100 on padding);
+    ``index`` [B] is included when the rows carry it."""
+    if mode not in FORWARDS:
+        raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, not {mode!r}")
+    pairs = as_table(rows)
+    if pairs.num_rows == 0:
+        raise ValueError("collate_pairs needs at least one row")
+    batch = FORWARDS[mode].collate(pairs, pad_token_id, pad_to_multiple_of)
+    if "index" in pairs.column_names:
+        batch["index"] = torch.from_numpy(pair_indices(pairs))
+    return batch
+
+
+class PairScorer:
+    """Scores batches of pairs with ``module`` on ``device`` in one forward mode."""
+
+    def __init__(self, module: Module, mode: str, pad_token_id: int, device: torch.device | str,
+                 with_wpo_term: bool = False):
+        if mode not in FORWARDS:
+            raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, not {mode!r}")
+        self.module = module
+        self.mode = FORWARDS[mode]
+        self.pad_token_id = pad_token_id
+        self.device = torch.device(device)
+        self.with_wpo_term = with_wpo_term
+
+    def __call__(self, rows: pa.Table | Sequence[Mapping]) -> PairScores:
+        batch = collate_pairs(rows, self.pad_token_id, self.mode.name)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.mode.score(self.module, batch, self.with_wpo_term)
