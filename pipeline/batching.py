@@ -54,7 +54,7 @@ def length_grouped_batches(lengths: Sequence[int] | np.ndarray, batch_size: int,
         if batches:
             longest = max(range(len(batches)), key=lambda i: (int(lengths[batches[i]].max()), -i))
             batches[0], batches[longest] = batches[longest], batches[0]
-    if drop_last and batches and len(batches[-1]) < batch_size:
+    if drop_last:
         # Sorted batches put the short remainder last; shuffled ones may have it anywhere.
         batches = [b for b in batches if len(b) == batch_size]
     return batches

@@ -10,6 +10,17 @@ from dpo.pipeline.data_order import BatchOrder, Cursor, micro_batches
 LENGTHS = np.random.default_rng(0).integers(5, 300, size=103)
 
 
+def test_each_epoch_is_a_seeded_permutation_without_the_remainder():
+    order = BatchOrder(LENGTHS, global_batch=8, seed=3)
+    assert order.steps_per_epoch == 12  # 103 // 8: the last 7 pairs of the shuffle wait for the next epoch
+    epoch0 = [order.batch(Cursor(0, k)) for k in range(12)]
+    seen = [i for batch in epoch0 for i in batch]
+    assert all(len(b) == 8 for b in epoch0) and len(set(seen)) == 96
+    assert epoch0 == [BatchOrder(LENGTHS, 8, 3).batch(Cursor(0, k)) for k in range(12)]  # a pure function
+    assert epoch0 != [order.batch(Cursor(1, k)) for k in range(12)]
+    assert epoch0 != [BatchOrder(LENGTHS, 8, 4).batch(Cursor(0, k)) for k in range(12)]
+
+
 def test_a_cursor_resumes_where_an_uninterrupted_run_is():
     """Advancing k steps and asking a fresh order for the batch at the cursor gives what an
     uninterrupted run sees at step k: all a checkpoint needs is the cursor."""
