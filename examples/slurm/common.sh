@@ -10,10 +10,11 @@
 #   DPO_MAX_REQUEUES    give up after this many requeues of one job (default 20)
 #
 # Pre-emption: Slurm signals the batch shell (USR1 two minutes early with --signal=B:USR1@120,
-# TERM on pre-emption or at the time limit). The trap forwards it to the running step; `dpo train`
-# saves a checkpoint at the next step boundary and exits 75, the other stages are stopped and keep
-# their committed shards. The job is then requeued and `dpo run` continues where it stopped:
-# finished steps are skipped, train resumes from its newest checkpoint.
+# TERM on pre-emption or at the time limit). The trap forwards it to the running step; every stage
+# stops at its next safe point (train: a checkpoint at the step boundary; cache-ref and tokenize: the
+# last committed shard), releases the lock of its output and exits 75. Exit 75 is what requeues the
+# job, whatever the stage; `dpo run` then continues where it stopped: finished steps are skipped,
+# train resumes from its newest checkpoint.
 set -euo pipefail
 
 : "${DPO_RUN_FILE:?set DPO_RUN_FILE to the run YAML (examples/slurm/submit.sh does)}"
@@ -44,10 +45,13 @@ forward_signal() {
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
 
-# launch CMD...: run CMD under srun (or directly with DPO_SLURM_LOCAL=1) in the background and wait
-# for it, so that the traps above run while it works (bash defers traps until a foreground child ends).
+# launch CMD...: run CMD in the background and wait for it, so that the traps above run while it
+# works (bash defers traps until a foreground child ends). On one node CMD runs here, in the batch
+# step, not under srun: Slurm's own pre-emption and time limit send SIGTERM to every process of the
+# job, and an srun that gets SIGTERM kills its tasks at once ("srun: forcing job termination"), so
+# nothing could be saved. Across nodes srun is needed (one task per node; see train.sbatch).
 launch() {
-    if [[ $DPO_SLURM_LOCAL == 1 ]]; then
+    if [[ $DPO_SLURM_LOCAL == 1 || ${SLURM_NNODES:-1} == 1 ]]; then
         "$@" &
     else
         srun --kill-on-bad-exit=1 "$@" &
@@ -71,9 +75,13 @@ run_step() {
     if [[ $rc == 0 ]]; then
         return 0
     fi
-    # 75: train saved a checkpoint and asks to be rerun. A launcher (torchrun) that forwarded our
+    # 75: the step kept what it did and asks to be rerun. A launcher (torchrun) that forwarded our
     # signal reports its own failure code instead, hence the signal check.
-    if [[ $rc == 75 || -n $stop_signal ]]; then
+    if [[ $rc == 75 ]]; then
+        requeue "$step" "$rc"
+    fi
+    if [[ -n $stop_signal ]]; then
+        echo "dpo-slurm: step $step exited $rc, not 75, after SIG$stop_signal: a launcher's own code, or the step died of the signal and may have left its lock for the requeued job to take over" >&2
         requeue "$step" "$rc"
     fi
     echo "dpo-slurm: step $step failed with exit code $rc" >&2
@@ -95,15 +103,19 @@ requeue() {
     exit 0
 }
 
-# GPUs on this node: Slurm's count when it gives one, else what the node has, else DPO_GPUS_PER_NODE.
+# Processes to start on this node: DPO_GPUS_PER_NODE when set, else the GPUs Slurm gave this job
+# (none: one process on CPU; the node's other GPUs are not ours even if nvidia-smi lists them),
+# else, without Slurm, the GPUs nvidia-smi lists, else 1.
 gpus_per_node() {
+    local gpus
     if [[ -n ${DPO_GPUS_PER_NODE:-} ]]; then
-        echo "$DPO_GPUS_PER_NODE"
-    elif [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
+        gpus=$DPO_GPUS_PER_NODE
+    elif [[ $DPO_SLURM_LOCAL != 1 ]]; then
+        gpus=${SLURM_GPUS_ON_NODE:-0}
     elif command -v nvidia-smi > /dev/null; then
-        nvidia-smi -L | wc -l
+        gpus=$(nvidia-smi -L | wc -l)
     else
-        echo 1
+        gpus=1
     fi
+    echo $(( gpus > 1 ? gpus : 1 ))
 }
