@@ -20,6 +20,7 @@ import typer
 
 from . import __version__
 from .artifacts.errors import EXIT_CODES, DpoError, UsageError
+from .artifacts.runner import environment_error
 from .pipeline import distributed
 from .pipeline.config import RUN_PANEL, Leaf, StageOptions, from_mapping, leaves, section_values
 from .pipeline.logs import setup_logging
@@ -51,6 +52,12 @@ def run_guarded(name: str, body, *, quiet: bool = False, verbose: bool = False):
     except DpoError as exc:
         typer.echo(f"dpo {name}: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        translated = environment_error(exc)
+        if translated is None:
+            raise
+        typer.echo(f"dpo {name}: error: {translated}", err=True)
+        raise typer.Exit(translated.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -74,8 +81,8 @@ def _cli_type(kind: Any) -> tuple[Any, bool]:
 
 def _parameter(leaf: Leaf) -> inspect.Parameter:
     kind, repeatable = _cli_type(leaf.type)
-    decls = [leaf.flag]
-    if leaf.type is bool and leaf.has_default and leaf.default:
+    decls = [leaf.flag_declaration]
+    if leaf.type is bool and leaf.has_default and leaf.default and "/" not in decls[0]:
         decls = [f"{leaf.flag}/--no-{leaf.flag[2:]}"]
     if leaf.field.metadata.get("short"):
         decls.append(leaf.field.metadata["short"])

@@ -54,8 +54,9 @@ EXIT_CODES = {
     0: "success, or a no-op because the output is already complete",
     1: "internal error (a bug: please report it with the traceback)",
     2: "bad input: options, config file or a malformed data record",
-    3: "artifact problem: missing, incomplete, corrupt or from other inputs",
+    3: "artifact problem: missing, incomplete, corrupt or from other inputs; or no space left on the device",
     4: "the output directory is locked by another live job",
     5: "the Hugging Face Hub upload failed (the local export is complete; rerun to retry)",
-    75: "pre-empted (SIGTERM/SIGUSR1): a checkpoint was saved; rerun to resume",
+    75: "pre-empted (SIGTERM/SIGUSR1): what was done is committed; rerun to resume",
+    130: "interrupted (Ctrl-C): the lock is released; rerun to resume",
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .faults import fault_point
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -70,21 +71,60 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path) -> Manifest:
-        try:
-            return cls(
-                kind=data["kind"],
-                fingerprint=data["fingerprint"],
-                config=data.get("config", {}),
-                inputs=[InputRef(**i) for i in data.get("inputs", [])],
-                files=[FileEntry(**f) for f in data.get("files", [])],
-                stats=data.get("stats", {}),
-                schema_version=data["schema_version"],
-                created=data.get("created", ""),
-                producer=data.get("producer", {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ArtifactError(f"{source}: not a valid dpo manifest ({exc!r})") from None
+    def from_json(cls, data: Any, source: Path) -> Manifest:
+        """A manifest checked against its schema: a missing or mistyped field is an ArtifactError
+        naming the file and the field, before anything the manifest points at is read."""
+        fields = _Fields(data, source)
+        kind = fields.get("kind", str)
+        if kind not in KINDS:
+            raise ArtifactError(f"{source}: field 'kind' is {kind!r}, not one of {', '.join(KINDS)}")
+        return cls(
+            kind=kind,
+            fingerprint=fields.get("fingerprint", str),
+            config=fields.get("config", dict),
+            inputs=[InputRef(**_Fields(item, source, f"inputs[{i}]").all(INPUT_FIELDS))
+                    for i, item in enumerate(fields.get("inputs", list))],
+            files=[FileEntry(**_Fields(item, source, f"files[{i}]").all(FILE_FIELDS))
+                   for i, item in enumerate(fields.get("files", list))],
+            stats=fields.get("stats", dict),
+            schema_version=fields.get("schema_version", int),
+            created=fields.get("created", str, required=False) or "",
+            producer=fields.get("producer", dict, required=False) or {},
+        )
+
+
+INPUT_FIELDS = {"kind": str, "path": str, "fingerprint": str}
+FILE_FIELDS = {"path": str, "rows": (int, type(None)), "bytes": int, "sha256": str}
+
+
+class _Fields:
+    """Typed access to one JSON object of a manifest, naming the file and the field on any mismatch."""
+
+    def __init__(self, data: Any, source: Path, where: str = ""):
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source}: {where or 'the manifest'} must be a JSON object, not {type(data).__name__}")
+        self.data, self.source, self.prefix = data, source, f"{where}." if where else ""
+
+    def get(self, name: str, types: type | tuple[type, ...], required: bool = True) -> Any:
+        if name not in self.data:
+            if required:
+                raise ArtifactError(f"{self.source}: field '{self.prefix}{name}' is missing: not a valid dpo manifest "
+                                    "(rerun the stage that wrote it, with --overwrite)")
+            return None
+        value = self.data[name]
+        # bool is an int to Python, never to a manifest.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+            expected = " or ".join(t.__name__ for t in _as_tuple(types))
+            raise ArtifactError(f"{self.source}: field '{self.prefix}{name}' must be {expected}, "
+                                f"not {type(value).__name__} ({value!r:.60}): not a valid dpo manifest")
+        return value
+
+    def all(self, schema: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+        return {name: self.get(name, types) for name, types in schema.items()}
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -104,6 +144,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("atomic-replace")
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -145,9 +186,12 @@ def read_manifest(root: str | os.PathLike, kind: str | None = None) -> Manifest:
             "(the stage that writes it did not finish: rerun it to resume)"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: unreadable manifest: {exc}") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest, not UTF-8 JSON ({exc}); rerun the stage that wrote it "
+                            "with --overwrite") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the manifest ({exc.strerror})") from None
     manifest = Manifest.from_json(data, path)
     if manifest.schema_version > SCHEMA_VERSION:
         raise ArtifactError(

@@ -1,24 +1,40 @@
-"""The life of a stage's output directory: fresh, resumed, already complete, or refused.
+"""The life of a stage's output directory: fresh, resumed, already complete, replaced, or refused.
 
 ``<out>/.dpo-partial.json`` records which fingerprint a directory is being built for. Only a
-directory that carries it (or is empty) is ever written into, so a mistyped ``--out`` can never
-clobber a user's own files; a partial directory of another fingerprint is wiped and rebuilt
-(nothing in it was complete, so nothing is lost).
+directory that carries it (or is empty) is ever written into, and only what an artifact of that
+kind consists of is ever deleted: its manifest's files, the entries its stage declares it writes
+(``owns``: shard patterns, ``checkpoints/``, ...), and dpo's own markers and temporary files. A
+folder holding anything else is refused, naming the file, so a mistyped ``--out`` can never cost a
+user a file.
+
+Replacing a complete artifact (``--overwrite``) builds the new one beside it, in
+``<out>/.dpo-next/``, so the old one stays readable until the new one is complete. The swap then
+follows a journal (``.dpo-next/replaces.json``) so that a crash at any point of it is finished by
+the next run of any stage on that folder: the old manifest goes first (the folder is then not an
+artifact), then the old entries (the journal is emptied once they are gone), then the new entries
+move in, the new manifest last.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import fnmatch
+import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ArtifactError
+from .faults import fault_point
 from .lock import LOCK_NAME
-from .manifest import MANIFEST, Manifest, read_manifest, write_json_atomic, write_manifest
+from .manifest import MANIFEST, Manifest, fsync_path, read_manifest, write_json_atomic, write_manifest
 
 PARTIAL = ".dpo-partial.json"
+STAGING = ".dpo-next"
+JOURNAL = "replaces.json"
 log = logging.getLogger(__name__)
 
 
@@ -28,66 +44,176 @@ class OutputState(enum.Enum):
     COMPLETE = "complete"
 
 
-def _clear(directory: Path) -> None:
-    for child in directory.iterdir():
-        if child.name == LOCK_NAME:
+@dataclasses.dataclass(frozen=True)
+class Output:
+    state: OutputState
+    dir: Path  # where the stage writes: the folder itself, or its staging folder when replacing an artifact
+
+
+def _bookkeeping(relative: str) -> bool:
+    """dpo's own markers and temporary files (the lock is never deleted by this module)."""
+    top = relative.split("/", 1)[0]
+    return top in (MANIFEST, PARTIAL) or top.startswith(LOCK_NAME) or relative.endswith(".tmp")
+
+
+def _owned(relative: str, listed: set[str], owns: Sequence[str]) -> bool:
+    if relative in listed or _bookkeeping(relative):
+        return True
+    for pattern in owns:
+        if pattern.endswith("/") and (relative + "/").startswith(pattern):
+            return True
+        if fnmatch.fnmatchcase(relative, pattern):
+            return True
+    return False
+
+
+def entries(directory: Path, manifest: Manifest | None, owns: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(the files an artifact in ``directory`` consists of, any other file found there), ignoring
+    the lock and the staging folder. Owned: the manifest's files, what matches ``owns``, dpo's
+    markers and temporary files."""
+    listed = {f.path for f in manifest.files} if manifest is not None else set()
+    owned, foreign = [], []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        top = relative.split("/", 1)[0]
+        if top == STAGING or top.startswith(LOCK_NAME) or (path.is_dir() and not path.is_symlink()):
             continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+        (owned if _owned(relative, listed, owns) else foreign).append(path)
+    return owned, foreign
+
+
+def _refuse_foreign(directory: Path, foreign: list[Path], what: str) -> None:
+    if foreign:
+        raise ArtifactError(
+            f"{directory} holds {len(foreign)} file(s) that are not part of {what}, e.g. {foreign[0]}; "
+            "refusing to delete or write over them. Move them away, or choose another --out"
+        )
+
+
+def _remove(directory: Path, files: list[Path]) -> None:
+    """Delete ``files``, then the folders under ``directory`` they leave empty."""
+    parents = set()
+    for path in files:
+        path.unlink(missing_ok=True)
+        parents.update(p for p in path.parents if p != directory and directory in p.parents)
+    for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Move a file or folder to ``target``, merging into a folder that is already there."""
+    if source.is_dir() and target.is_dir():
+        for child in source.iterdir():
+            _move_into(child, target / child.name)
+        source.rmdir()
+    else:
+        os.replace(source, target)
 
 
 def existing_manifest(directory: Path) -> Manifest | None:
     return read_manifest(directory) if (directory / MANIFEST).is_file() else None
 
 
-def prepare_output(directory: str | os.PathLike, kind: str, fingerprint: str, overwrite: bool) -> OutputState:
-    """Decide what a stage does with ``directory``; call while holding its lock, on one rank."""
+def _partial_of(directory: Path) -> dict:
+    try:
+        return json.loads((directory / PARTIAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def prepare_output(directory: str | os.PathLike, kind: str, fingerprint: str, overwrite: bool,
+                   owns: Sequence[str] = ()) -> Output:
+    """Decide what a stage does with ``directory``; call while holding its lock, on one rank.
+
+    ``owns``: what the stage writes besides its manifest's files (``*/part-*.parquet``,
+    ``checkpoints/`` ...), so a partial run of it can be cleared without touching anything else.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    finish_replacement(directory, owns)
     manifest = existing_manifest(directory)
     if manifest is not None:
         if manifest.kind == kind and manifest.fingerprint == fingerprint:
-            return OutputState.COMPLETE
+            return Output(OutputState.COMPLETE, directory)
         if not overwrite:
             raise ArtifactError(
                 f"{directory} already holds a complete {manifest.kind!r} artifact with fingerprint "
                 f"{manifest.fingerprint}, but this run's fingerprint is {fingerprint} (different inputs "
                 "or config). Pass --overwrite to replace it, or choose another --out"
             )
-        log.warning("--overwrite: replacing %s (fingerprint %s)", directory, manifest.fingerprint)
-        _clear(directory)
-    partial = directory / PARTIAL
-    if partial.is_file():
-        import json
+        if manifest.kind != kind:
+            raise ArtifactError(f"{directory} holds a {manifest.kind!r} artifact; --overwrite replaces an artifact of "
+                                f"the same kind ({kind!r}) only. Choose another --out")
+        _refuse_foreign(directory, entries(directory, manifest, owns)[1], f"the {kind} artifact it holds")
+        log.warning("--overwrite: building the replacement of %s (fingerprint %s) beside it; the old artifact stays "
+                    "readable until the new one is complete", directory, manifest.fingerprint)
+        return _start(directory / STAGING, kind, fingerprint, owns)
+    return _start(directory, kind, fingerprint, owns)
 
-        try:
-            previous = json.loads(partial.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-        if previous.get("fingerprint") == fingerprint and previous.get("kind") == kind:
-            return OutputState.RESUME
-        log.warning("%s holds a partial run of another config (%s): starting over", directory, previous.get("fingerprint"))
-        _clear(directory)
-    elif any(child.name != LOCK_NAME for child in directory.iterdir()):
+
+def _start(directory: Path, kind: str, fingerprint: str, owns: Sequence[str]) -> Output:
+    """Resume the partial run of this fingerprint in ``directory``, or start one (clearing what an
+    earlier partial run of this stage left there, and nothing else)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = _partial_of(directory)
+    if previous.get("fingerprint") == fingerprint and previous.get("kind") == kind:
+        return Output(OutputState.RESUME, directory)
+    owned, foreign = entries(directory, None, owns)
+    if not (directory / PARTIAL).is_file() and (owned or foreign):
         raise ArtifactError(
-            f"{directory} is not empty and is not a dpo artifact (no {MANIFEST}, no {PARTIAL}); "
-            "refusing to write into it. Choose an empty or new --out"
+            f"{directory} is not empty and is not a dpo artifact (no {MANIFEST}, no {PARTIAL}), e.g. it holds "
+            f"{(foreign or owned)[0]}; refusing to write into it. Choose an empty or new --out"
         )
-    write_json_atomic(partial, {"kind": kind, "fingerprint": fingerprint})
-    return OutputState.FRESH
+    _refuse_foreign(directory, foreign, f"the partial {kind} run it holds")
+    if owned:
+        log.warning("%s holds a partial run of another config (%s): starting over", directory,
+                    previous.get("fingerprint"))
+        _remove(directory, owned)
+    if (directory / STAGING).is_dir():
+        shutil.rmtree(directory / STAGING)  # a replacement abandoned before it was complete
+    write_json_atomic(directory / PARTIAL, {"kind": kind, "fingerprint": fingerprint})
+    return Output(OutputState.FRESH, directory)
 
 
-def commit_output(directory: str | os.PathLike, manifest: Manifest) -> None:
-    """Write the manifest (the commit point) and drop the partial marker."""
+def commit_output(directory: str | os.PathLike, manifest: Manifest, work_dir: str | os.PathLike | None = None,
+                  owns: Sequence[str] = ()) -> None:
+    """Write the manifest (the commit point) and drop the partial marker; a replacement built in the
+    staging folder then takes the old artifact's place."""
     directory = Path(directory)
-    write_manifest(directory, manifest)
-    (directory / PARTIAL).unlink(missing_ok=True)
+    work = Path(work_dir) if work_dir is not None else directory
+    write_manifest(work, manifest)
+    (work / PARTIAL).unlink(missing_ok=True)
+    if work != directory:
+        _write_journal(directory, owns)
+        finish_replacement(directory)
 
 
-def say_complete(directory: str | os.PathLike, manifest_kind: str, fingerprint: str) -> None:
-    log.info(
-        "%s is already a complete %s artifact with fingerprint %s: nothing to do",
-        directory, manifest_kind, fingerprint,
-    )
+def _write_journal(directory: Path, owns: Sequence[str]) -> None:
+    old = existing_manifest(directory)
+    owned = entries(directory, old, owns)[0]
+    replaced = [p.relative_to(directory).as_posix() for p in owned if p.name != MANIFEST or p.parent != directory]
+    write_json_atomic(directory / STAGING / JOURNAL, replaced)
+
+
+def finish_replacement(directory: Path, owns: Sequence[str] = ()) -> None:
+    """Complete an interrupted swap of a committed replacement into ``directory`` (idempotent)."""
+    staging = directory / STAGING
+    if not (staging / MANIFEST).is_file():
+        return
+    journal = staging / JOURNAL
+    if not journal.is_file():
+        _write_journal(directory, owns)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    fsync_path(directory)
+    fault_point("replace-artifact")
+    _remove(directory, [directory / r for r in json.loads(journal.read_text())])
+    write_json_atomic(journal, [])  # the old entries are gone: a crash from here on must not delete moved ones
+    for entry in sorted(staging.iterdir()):
+        if entry.name not in (MANIFEST, JOURNAL):
+            _move_into(entry, directory / entry.name)
+    os.replace(staging / MANIFEST, directory / MANIFEST)
+    journal.unlink()
+    staging.rmdir()
+    fsync_path(directory)
+    log.info("%s: the replacement is complete; the old artifact is gone", directory)

@@ -24,18 +24,20 @@ differs, before a partial run of another fingerprint would be discarded).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
-from .errors import DpoError, Preempted
+from .errors import ArtifactError, DpoError, Preempted, UsageError
 from .lock import ArtifactLock
 from .manifest import Manifest, read_manifest
-from .output import OutputState, commit_output, prepare_output
+from .output import Output, OutputState, commit_output, prepare_output
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -132,22 +134,34 @@ class StageRun:
 
     def __init__(self, stage: str, out: str | os.PathLike, kind: str, fingerprint: str, *, overwrite: bool = False,
                  lock_timeout: float = 600.0, collective: Collective = ONE_PROCESS,
-                 inspect: Callable[[], None] | None = None):
+                 inputs: Sequence[tuple[str, str | os.PathLike | None]] = (), owns: Sequence[str] = (),
+                 inspect: Callable[[Path], None] | None = None):
         self.stage = stage
         self.out = Path(out)
         self.kind = kind
         self.fingerprint = fingerprint
         self.overwrite = overwrite
         self.collective = collective
+        self.inputs = inputs
+        self.owns = owns
         self.inspect = inspect
         self.lock = ArtifactLock(self.out, lock_timeout)
         self.signals = StopSignals()
-        self.state: OutputState | None = None
+        self.output: Output | None = None
         self._locked = False
 
     @property
     def is_main(self) -> bool:
         return self.collective.rank == 0
+
+    @property
+    def state(self) -> OutputState | None:
+        return self.output.state if self.output is not None else None
+
+    @property
+    def dir(self) -> Path:
+        """Where the stage writes its files: ``out``, or the staging folder beside the artifact it replaces."""
+        return self.output.dir
 
     @property
     def complete(self) -> bool:
@@ -164,7 +178,7 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self.signals.__enter__()
         try:
-            self.state = on_main(self.collective, self._take)
+            self.output = on_main(self.collective, self._take)
         except BaseException:
             self._leave()
             raise
@@ -175,12 +189,19 @@ class StageRun:
             log.info("resuming the partial output in %s (fingerprint %s)", self.out, self.fingerprint)
         return self
 
-    def _take(self) -> OutputState:
-        self.lock.acquire()
-        self._locked = True
-        if self.inspect is not None and not self.overwrite:
-            self.inspect()
-        return prepare_output(self.out, self.kind, self.fingerprint, self.overwrite)
+    def _take(self) -> Output:
+        check_out(self.out, self.inputs)
+        try:
+            self.lock.acquire()
+            self._locked = True
+            if self.inspect is not None and not self.overwrite:
+                self.inspect(self.out)
+            return prepare_output(self.out, self.kind, self.fingerprint, self.overwrite, self.owns)
+        except OSError as exc:
+            translated = environment_error(exc, self.out)
+            if translated is None:
+                raise
+            raise translated from None
 
     @property
     def signalled(self) -> bool:
@@ -202,14 +223,88 @@ class StageRun:
         """Write the manifest (rank 0's; other ranks pass None), then let every rank go on: none reports
         success before it exists."""
         if self.is_main:
-            commit_output(self.out, manifest)
+            commit_output(self.out, manifest, self.dir, self.owns)
         self.collective.barrier()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         self._leave()
+        translated = environment_error(exc, self.out) if exc is not None else None
+        if translated is not None:
+            raise translated from None
 
     def _leave(self) -> None:
         if self._locked:
             self.lock.release()
             self._locked = False
         self.signals.__exit__()
+
+
+def check_out(out: Path, inputs: Sequence[tuple[str, str | os.PathLike | None]]) -> None:
+    """Refuse an --out that is a file or lies under one, or that is, contains or lies inside an input:
+    before anything is created, so nothing of the user's is touched."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"lies under the file {parent}"
+            raise UsageError(f"--out {out} {where}; --out must be a folder (new, empty, or one dpo wrote)")
+    here = Path(os.path.realpath(out))
+    for flag, path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        there = Path(os.path.realpath(path))
+        relation = ("is" if here == there else "lies inside" if there in here.parents
+                    else "contains" if here in there.parents else None)
+        if relation:
+            raise UsageError(
+                f"--out {out} {relation} the input {flag} {path}: the stage would write over what it reads. "
+                "Choose an --out outside every input"
+            )
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def environment_error(exc: BaseException, out: Path | None = None) -> DpoError | None:
+    """A full disk or a path the process may not use, as the error a user can act on (or None)."""
+    for cause in _chain(exc):
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            return _disk_full(out, cause)
+        if isinstance(cause, OSError) and cause.errno in _NOT_PERMITTED:
+            action = "write" if out is not None and _under(cause.filename, out) else "use"
+            return UsageError(f"{cause.filename or out}: {cause.strerror}; dpo needs to {action} it")
+    # Some writers (torch.save) report a full disk as a bare RuntimeError: judge by the disk itself.
+    if out is not None and isinstance(exc, RuntimeError) and "write" in str(exc) and _free_bytes(out) < (1 << 20):
+        return _disk_full(out, exc)
+    return None
+
+
+def _disk_full(out: Path | None, cause: BaseException) -> ArtifactError:
+    where = f"the device that holds {out}" if out is not None else "the device"
+    return ArtifactError(
+        f"no space left on {where} ({cause}). Nothing was committed: free some space and rerun the same command, "
+        "which continues from what was already committed"
+    )
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _under(filename: Any, out: Path) -> bool:
+    if not filename:
+        return True
+    try:
+        return Path(os.path.realpath(filename)).is_relative_to(os.path.realpath(out))
+    except (OSError, ValueError):
+        return False
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 1 << 40

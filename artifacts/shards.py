@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ArtifactError
+from .faults import fault_point
 from .fingerprint import sha256_file
 from .manifest import FileEntry, Manifest, fsync_path, read_manifest, resolve_inside
 
@@ -38,6 +39,7 @@ def write_shard(root: Path, relative: str, table: pa.Table) -> FileEntry:
     pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    fault_point("shard-write")
     os.replace(tmp, target)
     fsync_path(target.parent)
     return FileEntry(path=relative, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target))
@@ -61,9 +63,14 @@ def file_entry(root: Path, relative: str) -> FileEntry:
 
 
 class ArtifactReader:
-    """Reads a complete artifact through its manifest's file list, never by globbing."""
+    """Reads a complete artifact through its manifest's file list, never by globbing.
 
-    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = False):
+    The manifest is checked against its schema first; then every listed file must exist with the
+    listed size and, unless ``verify`` is off (``--no-verify``), the listed sha256, before any of
+    it is used: a file replaced by another valid file of the same size is refused, not read.
+    """
+
+    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = True):
         self.root = Path(root)
         self.manifest: Manifest = read_manifest(self.root, kind)
         self._check_files(verify)
@@ -86,18 +93,31 @@ class ArtifactReader:
                     f"{self.root}: {entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
                 )
             if verify and sha256_file(path) != entry.sha256:
-                raise ArtifactError(f"{self.root}: {entry.path} fails its sha256 check: the file is corrupt")
+                raise ArtifactError(
+                    f"{self.root}: {entry.path} fails its sha256 check: it is not the file the manifest lists "
+                    "(changed or corrupt). Rerun the stage that made it, with --overwrite"
+                )
+
+    def path(self, relative: str) -> Path:
+        """The checked path of a file the manifest lists."""
+        if not any(f.path == relative for f in self.manifest.files):
+            raise ArtifactError(f"{self.root}: lists no file {relative!r}")
+        return resolve_inside(self.root, relative)
+
+    def read_file(self, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
+        """One listed Parquet file, checked against the manifest's row count."""
+        path = resolve_inside(self.root, entry.path)
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise ArtifactError(f"{path}: not a readable Parquet file ({exc}); rerun the stage that made it") from None
+        if entry.rows is not None and table.num_rows != entry.rows:
+            raise ArtifactError(f"{self.root}: {entry.path} has {table.num_rows} rows, the manifest says {entry.rows}")
+        return table
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         entries = [f for f in self.manifest.files_of(split) if f.path.endswith(".parquet")]
         if not entries:
             raise ArtifactError(f"{self.root}: has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
-        tables = []
-        for entry in entries:
-            table = pq.read_table(self.root / entry.path, columns=columns)
-            if entry.rows is not None and table.num_rows != entry.rows:
-                raise ArtifactError(
-                    f"{self.root}: {entry.path} has {table.num_rows} rows, the manifest says {entry.rows}"
-                )
-            tables.append(table)
+        tables = [self.read_file(entry, columns) for entry in entries]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

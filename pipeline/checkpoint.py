@@ -10,13 +10,15 @@ Layout of ``<out>/checkpoints/step-00000120/``::
     rng/rank-00000.pt      python, numpy, torch CPU and CUDA generator states, one file per rank
     manifest.json          written LAST: step, trainer state (data cursor, tokens, W&B run id), world
                            size, ZeRO stage, the semantic config and inputs, every file with its size
+                           and sha256
 
 Every rank writes into ``step-00000120.partial/``; once all are done rank 0 fsyncs the files, writes
 the manifest, then renames the folder into place. A folder without a manifest (a crash mid-save) is
 never resumed from and is deleted by the next save. This assumes one filesystem shared by all ranks.
 
 Resume policy: a checkpoint whose config fingerprint differs is refused with the differing fields
-named. DDP resumes on any number of processes (the trainer keeps its data cursor in global samples);
+named. A newest checkpoint whose files do not match its manifest (size, sha256) is skipped with a
+warning for the newest intact one; nothing is unpickled before that check. DDP resumes on any number of processes (the trainer keeps its data cursor in global samples);
 DeepSpeed's optimizer state is partitioned per rank, so ZeRO resumes only on the saved world size.
 """
 
@@ -35,9 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts.fingerprint import canonical
+from ..artifacts.faults import fault_point
+from ..artifacts.fingerprint import canonical, sha256_file
 from ..artifacts.manifest import InputRef, fsync_path, write_json_atomic
+from ..artifacts.runner import on_main
 from .accel import zero_stage_of
+from .distributed import COLLECTIVE
 from ..artifacts.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -48,8 +53,6 @@ SCHEMA_VERSION = 1
 PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 DEEPSPEED_TAG = "engine"
-# Test-only fault injection: "checkpoint-save:STEP" SIGKILLs this process halfway through saving STEP.
-FAULT_ENV = "DPO_TEST_KILL_DURING"
 
 
 def step_dir_name(step: int) -> str:
@@ -259,10 +262,11 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str | os.PathLike, *, accelerator, fingerprint: str, config: Mapping[str, Any],
-                 keep_last: int | None = None, inputs: Sequence[InputRef] = ()):
+                 keep_last: int | None = None, inputs: Sequence[InputRef] = (), verify: bool = True):
         self.root = Path(root)
         self.accelerator = accelerator
         self.keep_last = keep_last or 0
+        self.verify = verify
         self.identity = {
             "fingerprint": fingerprint,
             "config": canonical(dict(config)),
@@ -370,14 +374,15 @@ class CheckpointManager:
             if getattr(acc, "scaler", None) is not None:
                 _torch_save(acc.scaler.state_dict(), partial / "state" / "scaler.pt")
         _torch_save(_rng_state(), partial / "rng" / f"rank-{acc.process_index:05d}.pt")
-        _fault_point("checkpoint-save", step)
+        fault_point("checkpoint-save")
         acc.wait_for_everyone()
 
         if acc.is_main_process:
             files = []
             for path in sorted(p for p in partial.rglob("*") if p.is_file()):
                 fsync_path(path)
-                files.append({"path": path.relative_to(partial).as_posix(), "bytes": path.stat().st_size})
+                files.append({"path": path.relative_to(partial).as_posix(), "bytes": path.stat().st_size,
+                              "sha256": sha256_file(path)})
             from .. import __version__
 
             manifest = {
@@ -407,23 +412,40 @@ class CheckpointManager:
     # ---- loading
 
     def load_latest(self, model, optimizer, scheduler) -> dict[str, Any] | None:
-        """Restore the newest complete checkpoint into the prepared objects; collective.
+        """Restore the newest intact checkpoint into the prepared objects; collective.
 
-        Returns its trainer state (with ``data_cursor`` added when one was saved), or None when there
-        is nothing to resume from.
+        A newest checkpoint whose files no longer match its own manifest is skipped with a warning
+        naming it, for the one before it; only when none is intact is it an error. Returns the trainer
+        state (with ``data_cursor`` added when one was saved), or None when there is nothing to resume from.
         """
-        newest = self.latest()
-        if newest is None:
+        chosen = on_main(COLLECTIVE, self._newest_intact)
+        if chosen is None:
             return None
-        self.load(newest, model, optimizer, scheduler)
-        state = newest.trainer_state
-        if newest.manifest.get("data_cursor") is not None:
-            state["data_cursor"] = newest.manifest["data_cursor"]
+        checkpoint = Checkpoint(self.root / chosen, json.loads((self.root / chosen / MANIFEST).read_text()))
+        self.load(checkpoint, model, optimizer, scheduler)
+        state = checkpoint.trainer_state
+        if checkpoint.manifest.get("data_cursor") is not None:
+            state["data_cursor"] = checkpoint.manifest["data_cursor"]
         return state
 
+    def _newest_intact(self) -> str | None:
+        """The folder name of the newest checkpoint this run may resume from and whose files are intact."""
+        done = self.complete()
+        if not done:
+            return None
+        self.check(done[-1])
+        problems = []
+        for checkpoint in reversed(done):
+            problem = damage(checkpoint, self.verify)
+            if problem is None:
+                return checkpoint.path.name
+            problems.append(problem)
+            log.warning("skipping the damaged checkpoint %s (%s)", checkpoint.path, problem)
+        raise ArtifactError(f"no intact checkpoint to resume from in {self.root}: {problems[0]}. Delete the damaged "
+                            "checkpoints to start over, or rerun with --overwrite")
+
     def load(self, checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
-        self.check(checkpoint)
-        _verify_files(checkpoint)
+        """Restore ``checkpoint`` (checked: ``load_latest`` picks one); collective."""
         acc, path = self.accelerator, checkpoint.path
         stage = zero_stage_of(acc)
         if stage is not None:
@@ -453,16 +475,19 @@ def _setup(stage: int | None, world: int) -> str:
     return f"{'without DeepSpeed' if stage is None else f'with DeepSpeed ZeRO-{stage}'} on {world} process(es)"
 
 
-def _verify_files(checkpoint: Checkpoint) -> None:
+def damage(checkpoint: Checkpoint, verify: bool = True) -> str | None:
+    """What is wrong with a checkpoint's files against its own manifest (sizes, and sha256 unless
+    ``verify`` is off), or None when they are intact. Nothing (DeepSpeed's pickled optimizer state
+    included) is loaded from a checkpoint before this says None."""
     for entry in checkpoint.manifest.get("files", []):
         path = checkpoint.path / entry["path"]
         size = path.stat().st_size if path.is_file() else None
         if size != entry["bytes"]:
-            raise ArtifactError(
-                f"{path}: {'missing' if size is None else f'{size} bytes'}, the checkpoint manifest says "
-                f"{entry['bytes']} bytes. The checkpoint is damaged: delete {checkpoint.path} to resume from "
-                "the previous one"
-            )
+            return (f"{path}: {'missing' if size is None else f'{size} bytes'}, the checkpoint manifest says "
+                    f"{entry['bytes']} bytes")
+        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            return f"{path}: its sha256 differs from the checkpoint manifest's (changed or corrupt)"
+    return None
 
 
 def _torch_load(path: Path) -> Any:
@@ -470,8 +495,3 @@ def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _fault_point(name: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -96,11 +96,17 @@ class Leaf:
     @property
     def option_name(self) -> str:
         flag = self.field.metadata.get("flag")
-        return flag.lstrip("-").replace("-", "_") if flag else self.name
+        return self.flag.lstrip("-").replace("-", "_") if flag else self.name
 
     @property
     def flag(self) -> str:
-        return self.field.metadata.get("flag") or "--" + self.name.replace("_", "-")
+        """The option's flag (of an on/off pair like ``--verify-inputs/--no-verify``, the first)."""
+        return (self.field.metadata.get("flag") or "--" + self.name.replace("_", "-")).split("/")[0]
+
+    @property
+    def flag_declaration(self) -> str:
+        """What the CLI declares: the flag, or the on/off pair a field names."""
+        return self.field.metadata.get("flag") or self.flag
 
     @property
     def has_default(self) -> bool:
@@ -295,3 +301,6 @@ class StageOptions:
         "Seconds without a heartbeat after which another job's lock on --out is taken over."))
     quiet: bool = option(False, semantic=False, short="-q", panel=RUN_PANEL, help=(
         "Only warnings and errors; no progress bar."))
+    verify_inputs: bool = option(True, semantic=False, flag="--verify-inputs/--no-verify", panel=RUN_PANEL, help=(
+        "Check every input artifact's files against the sha256 in its manifest before using them; --no-verify "
+        "checks only their sizes and row counts."))

@@ -60,13 +60,13 @@ def _tokenized(tokenized_manifest: Manifest | str | os.PathLike) -> tuple[Manife
 
 
 def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | str | os.PathLike,
-                   splits: Sequence[str]) -> ReferenceLogProbs:
+                   splits: Sequence[str], verify: bool = True) -> ReferenceLogProbs:
     """Load the reference log-probs of ``splits``, refusing a cache of other tokens or with gaps.
 
     ``tokenized_manifest`` is the tokenized artifact's Manifest or its directory.
     """
     tokenized, tok_name = _tokenized(tokenized_manifest)
-    reader = ArtifactReader(ref_dir, kind=KIND)
+    reader = ArtifactReader(ref_dir, kind=KIND, verify=verify)
     manifest = reader.manifest
     made_from = [i for i in manifest.inputs if i.kind == "tokenized"]
     if not made_from or made_from[0].fingerprint != tokenized.fingerprint:

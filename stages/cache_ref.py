@@ -4,7 +4,7 @@ DPO-style losses need log pi_ref(y|x) for both responses of every pair. Computin
 before training, means `dpo train` never holds a second model nor spends a forward pass on it.
 
 Build: read the tokenized artifact's manifest, identify the model (cheap, or exact with
---verify), fingerprint, take the output (rank 0 holds the lock). Run: the pairs of each split are
+--verify-model), fingerprint, take the output (rank 0 holds the lock). Run: the pairs of each split are
 cut into output shards by row range; in round r rank k computes shard r*W+k; within a shard pairs
 are batched by length and scored (pipeline/scoring.py); each shard is committed by an atomic
 rename, so a killed or pre-empted run resumes at the first missing shard and a shard's values do
@@ -47,6 +47,7 @@ SCHEMA = pa.schema([
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
     ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()),
 ])
+OWNS = ("*/part-*.parquet",)  # what a (partial) run writes besides the manifest
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +67,7 @@ class CacheRefConfig(StageOptions):
     splits: tuple[str, ...] = option((), flag="--split", help=(
         "Split to compute (repeatable); default: every split of --tokenized."))
     # Checks the full sha256; the sampled identity is what is fingerprinted.
-    verify: bool = option(False, semantic=False, help=(
+    verify_model: bool = option(False, semantic=False, help=(
         "Identify the model by the full sha256 of its weight files (reads them all) instead of a sampled identity; "
         "a finished cache is checked against it."))
     rows_per_shard: int = option(2048, check=at_least(1), help=(
@@ -95,19 +96,20 @@ def run(config: CacheRefConfig) -> None:
 
 def _run(config: CacheRefConfig) -> None:
     started = time.perf_counter()
-    tokenized = ArtifactReader(config.tokenized, kind="tokenized")
+    tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs)
     config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
     _check_vocab(config, info)
     collective = dist.COLLECTIVE
-    identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify))
-    # The sampled identity is the key whether or not --verify hashed the weights in full, so adding
-    # --verify to a finished cache checks it (below) instead of asking to recompute it.
+    identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify_model))
+    # The sampled identity is the key whether or not --verify-model hashed the weights in full, so
+    # adding --verify-model to a finished cache checks it (below) instead of asking to recompute it.
     fp = fingerprint(STAGE, VERSION, {**semantic_config(config), "model_identity": identity["sampled_digest"]},
                      [tokenized.fingerprint])
 
     with StageRun(STAGE, config.out, KIND, fp, overwrite=config.overwrite, lock_timeout=config.lock_timeout,
-                  collective=collective) as run:
+                  collective=collective, inputs=[("--tokenized", config.tokenized), ("--model", config.model)],
+                  owns=OWNS) as run:
         if run.complete:
             if run.is_main:
                 _check_verified(run.manifest, identity, config.out)
@@ -118,19 +120,19 @@ def _run(config: CacheRefConfig) -> None:
         if run.stop_requested():
             done = sum(r["shards_committed"] for r in ranks)
             raise run.preempted(f"after committing {done} of {len(plan)} shards in {config.out}")
-        manifest = _manifest(config, tokenized, fp, identity, plan, ranks, started) if run.is_main else None
+        manifest = _manifest(config, tokenized, fp, identity, plan, ranks, run.dir, started) if run.is_main else None
         run.commit(manifest)
         if manifest is not None:
             _report(Path(config.out), manifest)
 
 
 def _check_verified(manifest: Manifest, identity: dict, out: str) -> None:
-    """With --verify, a complete cache must have been made from weights with the same full sha256."""
+    """With --verify-model, a complete cache must have been made from weights with the same full sha256."""
     if not identity.get("exact"):
         return
     recorded = manifest.stats.get("model_identity", {}).get("sha256_digest")
     if recorded is None:
-        log.warning("%s was made without --verify: its model matches by sampled identity, but there is no full "
+        log.warning("%s was made without --verify-model: its model matches by sampled identity, but there is no full "
                     "sha256 recorded to compare the weights with", out)
     elif recorded != identity["sha256_digest"]:
         raise ArtifactError(
@@ -188,10 +190,7 @@ def _read_rows(tokenized: ArtifactReader, split: str, start: int, stop: int) -> 
         rows = entry.rows or 0
         lo, hi = max(start, offset), min(stop, offset + rows)
         if lo < hi:
-            table = pq.read_table(tokenized.root / entry.path, columns=INPUT_COLUMNS)
-            if table.num_rows != rows:
-                raise ArtifactError(f"{tokenized.root}: {entry.path} has {table.num_rows} rows, the manifest says {rows}")
-            pieces.append(table.slice(lo - offset, hi - lo))
+            pieces.append(tokenized.read_file(entry, INPUT_COLUMNS).slice(lo - offset, hi - lo))
         offset += rows
     if not pieces:
         return pa.table({name: pa.array([], type=pa.int64()) for name in INPUT_COLUMNS}).select(INPUT_COLUMNS)
@@ -247,7 +246,7 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
     stop (a collective, so every rank asks as often); a stop signal also abandons the shard being
     scored after its current batch, so the stop comes within one batch.
     """
-    out, world, rank = Path(config.out), dist.world_size(), dist.rank()
+    out, world, rank = run.dir, dist.world_size(), dist.rank()
     reference = _Reference(config, pad_token_id({"tokenizer_info": info}))
     stats = {"shards_computed": 0, "shards_resumed": 0, "shards_committed": 0, "pairs": 0, "tokens": 0,
              "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0}
@@ -281,7 +280,7 @@ def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: Shar
     stats["compute_seconds"] += time.perf_counter() - t0
     for key, value in shard_stats.items():
         stats[key] += value
-    write_shard(Path(config.out), task.path, result)
+    write_shard(run.dir, task.path, result)
     stats["shards_computed"] += 1
     stats["shards_committed"] += 1
     log.debug("committed %s (%d pairs)", task.path, result.num_rows)
@@ -313,8 +312,7 @@ def _score_table(scorer: PairScorer, table: pa.Table, batch_size: int, bar,
 
 
 def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identity: dict, plan: list[ShardTask],
-              ranks: list[dict], started: float) -> Manifest:
-    out = Path(config.out)
+              ranks: list[dict], out: Path, started: float) -> Manifest:
     entries = []
     for task in plan:
         entry = committed_shard(out, task.path)
@@ -349,7 +347,7 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
     return Manifest(
         kind=KIND,
         fingerprint=fp,
-        config={**flatten(config), "identity": "sha256" if config.verify else "sampled"},
+        config={**flatten(config), "identity": "sha256" if config.verify_model else "sampled"},
         inputs=[InputRef(kind="tokenized", path=str(config.tokenized), fingerprint=tokenized.fingerprint)],
         files=entries,
         stats=stats,

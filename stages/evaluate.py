@@ -42,6 +42,7 @@ from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 STAGE = "evaluate"
 VERSION = 1
 KIND = "eval"
+OWNS = ("pairs.parquet", "metrics.json", "report.md", "generations.jsonl", "*.png")  # what a run writes
 PAIR_COLUMNS = ("index", "source", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
                 "rejected_labels", "prompt_length", "chosen_length", "rejected_length")
 log = logging.getLogger(__name__)
@@ -100,10 +101,11 @@ def _objective(cfg: EvaluateConfig, train: Manifest | None) -> tuple[LossConfig,
     return trained, f"train {cfg.train}"
 
 
-def _model_input(path: Path) -> InputRef:
-    """A dpo model artifact by its fingerprint; any other model folder by its content identity."""
+def _model_input(path: Path, verify: bool) -> InputRef:
+    """A dpo model artifact by its fingerprint (its files checked against it); any other model folder by
+    its content identity."""
     if (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
+        manifest = ArtifactReader(path, verify=verify).manifest
         return InputRef(manifest.kind, str(path), manifest.fingerprint)
     if (path / "adapter_config.json").is_file():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_"))
@@ -146,15 +148,18 @@ def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Ta
 
 def run(cfg: EvaluateConfig) -> Manifest | None:
     validate(cfg)
-    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized")
-    train = read_manifest(cfg.train, "train") if cfg.train else None
-    baseline = read_manifest(cfg.baseline, KIND) if cfg.baseline else None
-    reference = ArtifactReader(cfg.ref_cache, kind="ref-logps") if cfg.ref_cache else None
+    verify = cfg.verify_inputs
+    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=verify)
+    train_reader = ArtifactReader(cfg.train, kind="train", verify=verify) if cfg.train else None
+    baseline_reader = ArtifactReader(cfg.baseline, kind=KIND, verify=verify) if cfg.baseline else None
+    train = train_reader.manifest if train_reader else None
+    baseline = baseline_reader.manifest if baseline_reader else None
+    reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
     objective, source = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
-    inputs = [_model_input(model_dir), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
+    inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):
         if manifest is not None:
@@ -167,7 +172,10 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     semantic = {**semantic_config(cfg), "objective": {**objective.to_json(), "source": None}}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
-    with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+    input_paths = [("--model", cfg.model), ("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache),
+                   ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts)]
+    with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout,
+                  inputs=input_paths, owns=OWNS) as stage_run:
         if stage_run.complete:
             return stage_run.manifest
         started = time.perf_counter()
@@ -177,7 +185,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         model = _load_model(model_dir, cfg.dtype).to(device)
         pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg, stage_run)
         if reference is not None:
-            _add_reference(pairs, rows, cfg, tokenized.manifest)
+            _add_reference(pairs, rows, cfg, tokenized.manifest, reference)
         if not objective.loss.needs_reference or "ref_chosen_logps" in pairs:
             _add_rewards(pairs, objective)
         else:
@@ -185,8 +193,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         generations = []
         if cfg.generate:
             generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg, stage_run)
-        metrics = _metrics(cfg, pairs, rows, generations, objective, source, baseline, started)
-        files = _write_outputs(Path(cfg.out), cfg, pairs, rows, metrics, generations, train, objective)
+        metrics = _metrics(cfg, pairs, rows, generations, objective, source, baseline_reader, started)
+        files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective)
         stage_run.commit(Manifest(
             kind=KIND, fingerprint=fp, config={**flatten(cfg), "objective": {**objective.to_json(), "source": source}},
             inputs=inputs, files=files, stats={k: v for k, v in metrics.items() if k != "by_source"}))
@@ -225,8 +233,9 @@ def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: Evalu
     return out
 
 
-def _add_reference(pairs: dict[str, np.ndarray], rows: pa.Table, cfg: EvaluateConfig, tokenized: Manifest) -> None:
-    ref = load_reference(cfg.ref_cache, tokenized, [cfg.split])
+def _add_reference(pairs: dict[str, np.ndarray], rows: pa.Table, cfg: EvaluateConfig, tokenized: Manifest,
+                   reader: ArtifactReader) -> None:
+    ref = load_reference(cfg.ref_cache, tokenized, [cfg.split], verify=False)  # ``reader`` has checked its files
     indices = pair_indices(rows)
     values = ref.lookup(torch.from_numpy(indices))
     for side in SIDES:
@@ -256,7 +265,7 @@ def _add_rewards(pairs: dict[str, np.ndarray], objective: LossConfig) -> None:
 
 
 def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, generations: list[dict],
-             objective: LossConfig, source: str, baseline: Manifest | None, started: float) -> dict[str, Any]:
+             objective: LossConfig, source: str, baseline: ArtifactReader | None, started: float) -> dict[str, Any]:
     metrics: dict[str, Any] = report.pair_metrics(pairs)
     if generations:
         metrics.update(report.generation_metrics(generations))
@@ -268,7 +277,7 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
     }
     if baseline is not None:
         metrics["baseline"] = {"path": cfg.baseline, "fingerprint": baseline.fingerprint,
-                               "metrics": _metrics_of(Path(cfg.baseline), baseline)}
+                               "metrics": json.loads(baseline.path("metrics.json").read_text())}
     return metrics
 
 
@@ -386,14 +395,8 @@ def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: 
 # ---------------------------------------------------------------------------------------- close
 
 
-def _metrics_of(path: Path, manifest: Manifest) -> dict[str, Any]:
-    if not any(f.path == "metrics.json" for f in manifest.files):
-        raise ArtifactError(f"{path}: eval artifact lists no metrics.json")
-    return json.loads((path / "metrics.json").read_text())
-
-
 def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table,
-                   metrics: dict[str, Any], generations: list[dict], train: Manifest | None,
+                   metrics: dict[str, Any], generations: list[dict], train: ArtifactReader | None,
                    objective: LossConfig) -> list:
     files = []
     table = pa.table({"index": pa.array(pair_indices(rows), pa.int64()), "source": rows.column("source").cast(pa.string()),
@@ -407,8 +410,8 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray],
     plots = []
     title = f"{_short(cfg.model)} on {_short(cfg.tokenized)}/{cfg.split} ({int(metrics['pairs'])} pairs)"
     training_rows = []
-    if train is not None and (Path(cfg.train) / "metrics.jsonl").is_file():
-        training_rows = report.read_metrics_jsonl(Path(cfg.train) / "metrics.jsonl")
+    if train is not None:
+        training_rows = report.read_metrics_jsonl(train.path("metrics.jsonl"))
         if report.plot_training_curves(training_rows, out / "training_curves.png",
                                        f"training of {_short(cfg.train)} ({objective.loss_type}, β={objective.beta:g})"):
             plots.append(("Training curves", "training_curves.png"))

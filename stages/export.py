@@ -27,9 +27,9 @@ from ..artifacts.lock import LOCK_NAME
 from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest
 from ..artifacts.output import PARTIAL
 from ..artifacts.runner import StageRun
-from ..artifacts.shards import file_entry
+from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import report
-from ..pipeline.checkpoint import complete_checkpoints, step_dir_name
+from ..pipeline.checkpoint import complete_checkpoints, damage, step_dir_name
 from ..pipeline.config import StageOptions, flatten, option, validate
 from ..pipeline.lora import count_parameters
 from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
@@ -39,6 +39,8 @@ STAGE = "export"
 VERSION = 1
 KIND = "model"
 STEP = re.compile(r"^step-(\d+)$")
+# What a run writes besides its manifest: a Hugging Face model or adapter folder and its card.
+OWNS = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "README.md")
 log = logging.getLogger(__name__)
 
 
@@ -82,11 +84,12 @@ class Source:
 # ---------------------------------------------------------------------------------------- build
 
 
-def resolve_source(train_dir: Path, spec: str) -> Source:
-    """``final``, ``latest`` (final if training finished, else the newest complete checkpoint) or ``step-N``."""
+def resolve_source(train_dir: Path, spec: str, verify: bool = True) -> Source:
+    """``final``, ``latest`` (final if training finished, else the newest complete checkpoint) or ``step-N``,
+    its files checked against the manifest that lists them."""
     if not train_dir.is_dir():
         raise UsageError(f"--train {train_dir}: no such directory")
-    complete = read_manifest(train_dir, "train") if (train_dir / MANIFEST).is_file() else None
+    complete = ArtifactReader(train_dir, "train", verify).manifest if (train_dir / MANIFEST).is_file() else None
     checkpoints = complete_checkpoints(train_dir / "checkpoints")
     available = ", ".join(f"step-{c.step}" for c in checkpoints) or "none"
     if spec == "final" or (spec == "latest" and complete is not None):
@@ -107,6 +110,9 @@ def resolve_source(train_dir: Path, spec: str) -> Source:
         if not matches:
             raise ArtifactError(f"{train_dir}: has no complete checkpoint {spec} (complete checkpoints: {available})")
         chosen = matches[0]
+    problem = damage(chosen, verify)
+    if problem is not None:
+        raise ArtifactError(f"checkpoint {chosen.path} is damaged: {problem}")
     meta = chosen.manifest
     config = complete.config if complete is not None else dict(meta.get("config", {}))
     inputs = complete.inputs if complete is not None else [InputRef(**i) for i in meta.get("inputs", [])]
@@ -151,7 +157,7 @@ def _tokenized_manifest(source: Source) -> Manifest | None:
 def run(cfg: ExportConfig) -> Manifest:
     validate(cfg)
     train_dir, out = Path(cfg.train), Path(cfg.out)
-    source = resolve_source(train_dir, cfg.checkpoint)
+    source = resolve_source(train_dir, cfg.checkpoint, cfg.verify_inputs)
     dtype = cfg.dtype or str(source.train_config.get("dtype") or "float32")
     merge = cfg.merge and source.adapter
     if not cfg.merge and not source.adapter:
@@ -159,7 +165,9 @@ def run(cfg: ExportConfig) -> Manifest:
     semantic = {"checkpoint": source.name, "dtype": dtype, "merge": merge}
     fp = fingerprint(STAGE, VERSION, semantic, [source.train_fingerprint])
 
-    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+    inputs = [("--train", cfg.train), ("the base model", source.train_config.get("model") if source.adapter else None)]
+    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout, inputs=inputs,
+                  owns=OWNS) as stage_run:
         manifest = stage_run.manifest if stage_run.complete else _export(cfg, source, train_dir, stage_run, dtype,
                                                                           merge, fp)
     if cfg.push_to_hub:
@@ -169,24 +177,24 @@ def run(cfg: ExportConfig) -> Manifest:
 
 def _export(cfg: ExportConfig, source: Source, train_dir: Path, stage_run: StageRun, dtype: str, merge: bool,
             fp: str) -> Manifest:
-    out = stage_run.out
+    work = stage_run.dir
     model, base = _load(source, dtype, merge)
     if stage_run.stop_requested():
         raise stage_run.preempted("before writing the export (nothing is committed until it is complete)")
     tokenizer = _tokenizer(source, train_dir)
     _fill_generation_config(model, tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(work, safe_serialization=True)
     if source.adapter and not merge:
         # transformers loads an adapter folder through its base_model_name_or_path: keep it absolute.
-        _set_adapter_base(out, base)
-        model.get_base_model().generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+        _set_adapter_base(work, base)
+        model.get_base_model().generation_config.save_pretrained(work)
+    tokenizer.save_pretrained(work)
     trainable, total = count_parameters(model)
     tokenized = _tokenized_manifest(source)
-    info = _card_info(cfg, source, train_dir, out, dtype, merge, base, tokenized, fp)
-    (out / "README.md").write_text(report.model_card(info))
+    info = _card_info(cfg, source, train_dir, stage_run.out, dtype, merge, base, tokenized, fp)
+    (work / "README.md").write_text(report.model_card(info))
     skip = {MANIFEST, PARTIAL, LOCK_NAME}
-    files = [file_entry(out, p.relative_to(out).as_posix()) for p in sorted(out.rglob("*"))
+    files = [file_entry(work, p.relative_to(work).as_posix()) for p in sorted(work.rglob("*"))
              if p.is_file() and p.name not in skip and not p.name.startswith(LOCK_NAME)]
     stats = {
         "checkpoint": source.name, "step": source.step, "dtype": dtype, "adapter": source.adapter and not merge,
@@ -200,7 +208,7 @@ def _export(cfg: ExportConfig, source: Source, train_dir: Path, stage_run: Stage
     stage_run.commit(manifest)
     log.info("exported %s of %s as %s (%s%s, %s parameters) to %s", source.name, train_dir,
              "an adapter" if stats["adapter"] else "a full model", dtype, ", LoRA merged" if merge else "",
-             f"{total:,}", out)
+             f"{total:,}", stage_run.out)
     return manifest
 
 

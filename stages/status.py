@@ -148,6 +148,8 @@ def status(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise UsageError(f"{path} is a file; `dpo status` takes a run folder or an artifact folder")
     if (path / MANIFEST).is_file() or (path / PARTIAL).is_file():
         entry = describe(path)
         result = {"path": str(path), "type": "artifact", "artifacts": [entry]}

@@ -52,6 +52,7 @@ TOKENIZE_VERSION = 1
 KIND = "tokenized"
 REJECTS = "rejects.jsonl"
 REJECT_PARTS = ".rejects"  # per-shard reject lists, merged into rejects.jsonl at commit
+OWNS = ("*/part-*.parquet", REJECT_PARTS + "/", REJECTS)  # what a (partial) run writes besides the manifest
 CHUNK_PAIRS = 256  # pairs per task handed to a worker process
 BAD_RECORD_MODES = ("error", "skip")
 log = logging.getLogger("dpo.tokenize")
@@ -149,14 +150,17 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
     fp = fingerprint(STAGE, TOKENIZE_VERSION, cfg, inputs)
 
     out = Path(cfg.out)
-    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout) as stage_run:
+    inputs = [("--data", s.spec.path) for s in train_sources] + [("--eval-data", s.spec.path) for s in eval_sources]
+    inputs += [("--tokenizer", cfg.tokenizer), ("--chat-template", cfg.chat_template)]
+    with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout, inputs=inputs,
+                  owns=OWNS) as stage_run:
         if stage_run.complete:
             return None
         started = time.perf_counter()
         splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
-        processed = _write_shards(cfg, out, splits, encoder, settings, stage_run)
+        processed = _write_shards(cfg, stage_run.dir, splits, encoder, settings, stage_run)
         elapsed = time.perf_counter() - started
-        manifest = _close(cfg, out, fp, splits, encoder, tok_fp, source_stats, source_hashes,
+        manifest = _close(cfg, stage_run.dir, fp, splits, encoder, tok_fp, source_stats, source_hashes,
                           train_sources, eval_sources, processed, elapsed)
         stage_run.commit(manifest)
     _remove_reject_parts(out)

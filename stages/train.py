@@ -54,6 +54,7 @@ STAGE = "train"
 VERSION = 1
 KIND = "train"
 FINAL = "final"
+OWNS = ("checkpoints/", "wandb/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
 SCHEDULERS = ("linear", "cosine", "constant")
 log = logging.getLogger(__name__)
 
@@ -174,15 +175,18 @@ def run(cfg: TrainConfig) -> None:
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * accelerator.num_processes
     semantic = {**semantic_config(cfg), "global_batch": global_batch}
     fp = fingerprint(STAGE, VERSION, semantic, [r.fingerprint for r in inputs.refs] + [model_identity(cfg.model)["digest"]])
-    checkpoints = CheckpointManager(Path(cfg.out) / "checkpoints", accelerator=accelerator, fingerprint=fp,
-                                    config=semantic, keep_last=cfg.keep_last, inputs=inputs.refs)
+    def checkpoints_in(folder: Path) -> CheckpointManager:
+        return CheckpointManager(folder / "checkpoints", accelerator=accelerator, fingerprint=fp, config=semantic,
+                                 keep_last=cfg.keep_last, inputs=inputs.refs, verify=cfg.verify_inputs)
+
     # Checkpoints of another config are refused with what differs before a partial run of another
     # fingerprint would be discarded.
     with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout,
-                  collective=dist.COLLECTIVE, inspect=checkpoints.check_latest) as stage_run:
+                  collective=dist.COLLECTIVE, inputs=_input_paths(cfg), owns=OWNS,
+                  inspect=lambda out: checkpoints_in(out).check_latest()) as stage_run:
         if stage_run.complete:
             return
-        trainer = Trainer(cfg, accelerator, inputs, checkpoints, stage_run, fp)
+        trainer = Trainer(cfg, accelerator, inputs, checkpoints_in(stage_run.dir), stage_run, fp)
         try:
             trainer.fit()
             trainer.close()
@@ -193,8 +197,13 @@ def run(cfg: TrainConfig) -> None:
     accelerator.wait_for_everyone()
 
 
+def _input_paths(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    return [("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache), ("--model", cfg.model),
+            ("--deepspeed-config", cfg.distributed.deepspeed_config)]
+
+
 def _inputs(cfg: TrainConfig) -> Inputs:
-    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized")
+    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=cfg.verify_inputs)
     if cfg.eval_steps and "eval" not in tokenized.splits:
         raise UsageError(f"--eval-steps {cfg.eval_steps}: {cfg.tokenized} has no eval split "
                          "(make one with `dpo tokenize --eval-fraction` or --eval-data)")
@@ -202,7 +211,7 @@ def _inputs(cfg: TrainConfig) -> Inputs:
     refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     reference = None
     if cfg.loss.loss.needs_reference:
-        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits)
+        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits, verify=cfg.verify_inputs)
         mismatch = reference_model_mismatch(reference, cfg.model)
         if mismatch:
             # Allowed on purpose: continuing from a DPO checkpoint with the SFT model as reference.
@@ -234,7 +243,7 @@ class Trainer:
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
         self.scorer = PairScorer(self.policy, cfg.forward, pad_token_id(inputs.tokenized.manifest.stats),
                                  accelerator.device, with_wpo_term=cfg.loss.loss.needs_wpo_term)
-        self.tracker = Tracker(Path(cfg.out), cfg.tracking, is_main=accelerator.is_main_process,
+        self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
         self.state.wandb_run_id = self.tracker.run_id
@@ -385,7 +394,7 @@ class Trainer:
 
     def close(self) -> None:
         """final/ (the model or adapter with its tokenizer), then the manifest: the commit."""
-        cfg, out = self.cfg, Path(self.cfg.out)
+        cfg, out = self.cfg, self.stage_run.dir
         self.state.train_seconds = self._train_seconds()
         final = out / FINAL
         tokenized = self.inputs.tokenized.manifest

@@ -53,7 +53,7 @@ def table(start: int, stop: int) -> pa.Table:
 
 def build_artifact(root: Path, rows: int = 10, rows_per_shard: int = 4, fp: str = "f" * 16) -> Manifest:
     """A complete two-split artifact written the way stages write one."""
-    assert prepare_output(root, "tokenized", fp, overwrite=False) is OutputState.FRESH
+    assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.FRESH
     files = []
     for split, n in (("train", rows), ("eval", 3)):
         bounds = shard_bounds(n, rows_per_shard)
@@ -169,7 +169,7 @@ def test_writer_commits_shard_by_shard_and_the_manifest_last(tmp_path):
     """Until commit_output, the directory holds committed shards but is not an artifact."""
     root = tmp_path / "out"
     fp = "a" * 16
-    assert prepare_output(root, "tokenized", fp, overwrite=False) is OutputState.FRESH
+    assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.FRESH
     bounds = shard_bounds(10, 4)
     entries = []
     for i, (start, stop) in enumerate(bounds):
@@ -178,14 +178,14 @@ def test_writer_commits_shard_by_shard_and_the_manifest_last(tmp_path):
         with pytest.raises(ArtifactError, match="not a complete artifact"):
             ArtifactReader(root)
         # a crash here and a rerun: the same fingerprint resumes, keeping the committed shards
-        assert prepare_output(root, "tokenized", fp, overwrite=False) is OutputState.RESUME
+        assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.RESUME
         assert all((root / e.path).is_file() for e in entries)
     commit_output(root, Manifest(kind="tokenized", fingerprint=fp, config={}, files=entries))
     reader = ArtifactReader(root, kind="tokenized", verify=True)
     assert reader.fingerprint == fp and reader.splits == ["train"]
     assert reader.read_split("train").column("index").to_pylist() == list(range(10))
     assert reader.read_split("train", columns=["index"]).column_names == ["index"]
-    assert prepare_output(root, "tokenized", fp, overwrite=False) is OutputState.COMPLETE
+    assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.COMPLETE
 
 
 def test_reader_refuses_a_directory_without_manifest(tmp_path):
@@ -226,9 +226,18 @@ def test_reader_verify_catches_a_corrupted_file(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
-    ArtifactReader(tmp_path)  # size checks pass: hashing is opt-in (--verify)
+    ArtifactReader(tmp_path, verify=False)  # size checks pass: --no-verify skips only the hashing
     with pytest.raises(ArtifactError, match="eval/part-00000-of-00001.parquet fails its sha256 check"):
-        ArtifactReader(tmp_path, verify=True)
+        ArtifactReader(tmp_path)  # the default
+
+
+def test_reader_refuses_a_corrupt_parquet_file_by_name_without_verify(tmp_path):
+    manifest = build_artifact(tmp_path)
+    path = tmp_path / manifest.files_of("train")[0].path
+    path.write_bytes(b"\0" * path.stat().st_size)
+    reader = ArtifactReader(tmp_path, verify=False)
+    with pytest.raises(ArtifactError, match=f"{path}: not a readable Parquet file"):
+        reader.read_split("train")
 
 
 def test_reader_checks_row_counts_and_split_names(tmp_path):
@@ -424,22 +433,25 @@ def test_lock_heartbeat_refreshes(tmp_path):
 # ---------------------------------------------------------------- output directory states
 
 
+SHARDS = ("*/part-*.parquet",)  # what the stage declares it writes
+
+
 def test_prepare_output_states(tmp_path):
     out = tmp_path / "out"
-    assert prepare_output(out, "tokenized", "a" * 16, overwrite=False) is OutputState.FRESH
+    assert prepare_output(out, "tokenized", "a" * 16, overwrite=False, owns=SHARDS).state is OutputState.FRESH
     assert json.loads((out / PARTIAL).read_text()) == {"kind": "tokenized", "fingerprint": "a" * 16}
     write_shard(out, shard_path("train", 0, 2), table(0, 2))
-    assert prepare_output(out, "tokenized", "a" * 16, overwrite=False) is OutputState.RESUME
-    # a partial run of another config holds nothing complete: it is wiped and started over
-    assert prepare_output(out, "tokenized", "b" * 16, overwrite=False) is OutputState.FRESH
+    assert prepare_output(out, "tokenized", "a" * 16, overwrite=False, owns=SHARDS).state is OutputState.RESUME
+    # a partial run of another config holds nothing complete: what it wrote is cleared and it starts over
+    assert prepare_output(out, "tokenized", "b" * 16, overwrite=False, owns=SHARDS).state is OutputState.FRESH
     assert not (out / "train").exists()
     commit_output(out, Manifest(kind="tokenized", fingerprint="b" * 16, config={}))
-    assert prepare_output(out, "tokenized", "b" * 16, overwrite=False) is OutputState.COMPLETE
+    assert prepare_output(out, "tokenized", "b" * 16, overwrite=False, owns=SHARDS).state is OutputState.COMPLETE
 
 
 def test_prepare_output_empty_existing_directory_is_fresh(tmp_path):
     (tmp_path / LOCK_NAME).write_text("{}")  # the caller's own lock does not count as content
-    assert prepare_output(tmp_path, "eval", "c" * 16, overwrite=False) is OutputState.FRESH
+    assert prepare_output(tmp_path, "eval", "c" * 16, overwrite=False).state is OutputState.FRESH
 
 
 def test_prepare_output_different_fingerprint_needs_overwrite(tmp_path):
@@ -449,8 +461,16 @@ def test_prepare_output_different_fingerprint_needs_overwrite(tmp_path):
     assert err.value.exit_code == 3
     assert read_manifest(tmp_path).fingerprint == "1" * 16  # untouched
     with ArtifactLock(tmp_path, timeout_s=600):
-        assert prepare_output(tmp_path, "tokenized", "2" * 16, overwrite=True) is OutputState.FRESH
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_NAME, PARTIAL])  # lock kept
+        # The replacement is built beside the old artifact, which stays readable until it commits.
+        output = prepare_output(tmp_path, "tokenized", "2" * 16, overwrite=True)
+        assert output.state is OutputState.FRESH and output.dir == tmp_path / ".dpo-next"
+        assert read_manifest(tmp_path).fingerprint == "1" * 16
+        write_shard(output.dir, shard_path("train", 0, 1), table(0, 5))
+        commit_output(tmp_path, Manifest(kind="tokenized", fingerprint="2" * 16, config={},
+                                         files=[committed_shard(output.dir, shard_path("train", 0, 1))]), output.dir)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_NAME, MANIFEST, "train"])  # lock kept
+        reader = ArtifactReader(tmp_path)
+        assert reader.fingerprint == "2" * 16 and reader.read_split("train").num_rows == 5
     # another kind in the same place is a different artifact too
     build_artifact(tmp_path / "k", fp="1" * 16)
     with pytest.raises(ArtifactError, match="'tokenized' artifact"):

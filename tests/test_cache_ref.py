@@ -145,9 +145,9 @@ def test_rerun_is_a_no_op_and_other_dtype_needs_overwrite(tokenized, reference):
                     "--batch-size", "2", "--rows-per-shard", "8")
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert (reference / "manifest.json").stat().st_mtime_ns == before
-    # --verify checks a finished cache (sampled identity is the key) instead of asking to redo it.
+    # --verify-model checks a finished cache (sampled identity is the key) instead of asking to redo it.
     verified = run_dpo("cache-ref", "--tokenized", tokenized, "--model", DEMO_MODEL, "--out", reference,
-                       "--rows-per-shard", "8", "--verify")
+                       "--rows-per-shard", "8", "--verify-model")
     assert verified.returncode == 0 and "no full sha256 recorded" in verified.stderr, verified.stderr
     other = run_dpo("cache-ref", "--tokenized", tokenized, "--model", DEMO_MODEL, "--out", reference,
                     "--dtype", "bfloat16", "--rows-per-shard", "8")

@@ -41,7 +41,8 @@ class Outer(StageOptions):
 
 def test_groups_flatten_for_flags_yaml_and_manifests():
     names = [leaf.name for leaf in leaves(Outer)]
-    assert names == ["overwrite", "lock_timeout", "quiet", "path", "mode", "beta", "names", "beta", "names"]
+    assert names == ["overwrite", "lock_timeout", "quiet", "verify_inputs", "path", "mode", "beta", "names", "beta",
+                     "names"]
     assert {leaf.panel for leaf in leaves(Outer) if leaf.name == "beta"} == {"Inner"}
     config = from_mapping(Outer, {"path": "p", "beta": 0.5})
     assert config.inner == Inner(beta=0.5) and config.path == "p"

@@ -85,7 +85,7 @@ def reference(inputs, tmp_path_factory) -> dict[int, float]:
 def test_sigkill_during_checkpoint_save_then_resume(inputs, reference, tmp_path):
     out = tmp_path / "train"
     killed = train(inputs, out, "--per-device-batch-size", "4", "--max-steps", STEPS, "--save-every", "2",
-                   env=dpo_env(DPO_TEST_KILL_DURING="checkpoint-save:4"), check=False)
+                   env=dpo_env(DPO_TEST_FAULT="checkpoint-save:2"), check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / "step-00000004.partial").is_dir()
@@ -101,7 +101,7 @@ def test_sigkill_during_checkpoint_save_then_resume(inputs, reference, tmp_path)
 def test_ddp_matches_single_process_and_resumes_on_another_world_size(inputs, reference, tmp_path):
     out = tmp_path / "train"
     killed = train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "2", procs=2,
-                   env=dpo_env(DPO_TEST_KILL_DURING="checkpoint-save:4"), check=False)
+                   env=dpo_env(DPO_TEST_FAULT="checkpoint-save:2"), check=False)
     assert killed.returncode != 0
     assert_curves_match(losses(out), reference, MULTI_TOL, steps=range(1, 5))
     # One process with the same per-device batch would halve the global batch: another training,
@@ -123,7 +123,7 @@ def test_ddp_matches_single_process_and_resumes_on_another_world_size(inputs, re
 def test_zero2_matches_and_refuses_another_world_size(inputs, reference, tmp_path):
     out = tmp_path / "train"
     killed = train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "2",
-                   "--zero-stage", "2", procs=2, env=dpo_env(DPO_TEST_KILL_DURING="checkpoint-save:4"), check=False)
+                   "--zero-stage", "2", procs=2, env=dpo_env(DPO_TEST_FAULT="checkpoint-save:2"), check=False)
     assert killed.returncode != 0
     assert_curves_match(losses(out), reference, MULTI_TOL, steps=range(1, 5))
     saved = json.loads((out / "checkpoints" / "step-00000002" / "manifest.json").read_text())

@@ -166,6 +166,9 @@ def test_status_of_partial_train_names_the_checkpoint(tmp_path):
 
 def test_status_errors(tmp_path):
     assert run_dpo("status", tmp_path / "nope").returncode == 2
+    (tmp_path / "file.txt").write_text("x")
+    proc = run_dpo("status", tmp_path / "file.txt")
+    assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "empty").mkdir()
     proc = run_dpo("status", tmp_path / "empty")
     assert proc.returncode == 2 and "neither an artifact" in proc.stderr
