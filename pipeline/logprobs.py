@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .packing import PackedLayout
 from .tokenization import IGNORE_INDEX
 
 # float32 logits per chunk; 256 MiB keeps a 128k-vocab chunk at ~500 rows and a 512-vocab one unchunked.
@@ -136,20 +137,25 @@ class LabelLogProbs(nn.Module):
         shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
         return int(shape[0]) if shape is not None and len(shape) == 2 and shape[0] > 0 else self.hf_model.config.vocab_size
 
-    def _label_rows(self, input_ids, attention_mask, labels, use_body: bool):
-        """(rows to score, their targets, their sequence ids, head) for every label position."""
+    def _label_rows(self, input_ids, attention_mask, labels, use_body: bool, packed: PackedLayout | None = None):
+        """(rows to score, their targets, their sequence ids, head, scored-position mask) for every label position.
+
+        In a packed row a sequence's first token carries no label, so no position scores a token
+        of the next sequence; the sequence of a scored position is that of its target."""
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         if attention_mask is not None:
             mask &= attention_mask[:, 1:].bool()
+        extra = packed.attention_kwargs() if packed is not None else {}
         if use_body:
-            out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             rows, head = hidden[:, :-1][mask], self._head
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
             rows, head = logits[:, :-1][mask], nn.Identity()
-        return rows, targets[mask], mask.nonzero(as_tuple=True)[0], head, mask
+        sequences = packed.sequence_ids[:, 1:][mask] if packed is not None else mask.nonzero(as_tuple=True)[0]
+        return rows, targets[mask], sequences, head, mask
 
     def _verify_body_path(self, input_ids, attention_mask) -> None:
         """Compare the body/head split with the model's forward on a short slice of the first row."""
@@ -175,8 +181,9 @@ class LabelLogProbs(nn.Module):
         else:
             self.head_path = "body"
 
-    def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False):
-        rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body)
+    def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False,
+                packed: PackedLayout | None = None):
+        rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body, packed)
         step = self._chunk_rows(self.vocab_size(), rows.shape[0])
         keep = torch.is_grad_enabled() and rows.requires_grad
         logps, terms = [], []
@@ -193,12 +200,14 @@ class LabelLogProbs(nn.Module):
         return tok, wpo, seq, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                with_wpo_term: bool = False) -> SequenceLogProbs:
+                with_wpo_term: bool = False, packed: PackedLayout | None = None) -> SequenceLogProbs:
+        """Per-sequence sums: one per row, or with ``packed`` one per sequence of the packed row."""
         if self.head_path == "auto":
-            self._verify_body_path(input_ids, attention_mask)
-        tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term)
-        batch = input_ids.shape[0]
-        num_tokens = mask.sum(dim=1)
+            self._verify_body_path(input_ids, attention_mask if packed is None else None)
+        tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term,
+                                           packed)
+        batch = packed.num_sequences if packed is not None else input_ids.shape[0]
+        num_tokens = mask.sum(dim=1) if packed is None else torch.bincount(seq, minlength=batch)
         logps = tok.new_zeros(batch).index_add(0, seq, tok)
         wpo_term = None
         if with_wpo_term:

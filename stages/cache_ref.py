@@ -31,13 +31,14 @@ from ..artifacts.manifest import InputRef, Manifest
 from ..artifacts.runner import StageRun, on_main
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_lengths
-from ..pipeline.config import StageOptions, at_least, flatten, option, validate
+from ..pipeline.batching import SIDES, forward_batches, pad_token_id
+from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
-from ..pipeline.scoring import FORWARDS, PairScorer
+from ..pipeline.packing import PackingConfig, enable_packing
+from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 
 STAGE = "cache-ref"
 VERSION = 1
@@ -63,7 +64,9 @@ class CacheRefConfig(StageOptions):
     dtype: str = option("float32", choices=tuple(DTYPES), help=(
         "Weights dtype: float32, bfloat16 or float16 (log-softmax is always float32). Part of the fingerprint."))
     forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), help=(
-        "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory. Same values."))
+        "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory; packed: see "
+        "--packing. Same values."))
+    batching: PackingConfig = group(PackingConfig)
     splits: tuple[str, ...] = option((), flag="--split", help=(
         "Split to compute (repeatable); default: every split of --tokenized."))
     # Checks the full sha256; the sampled identity is what is fingerprinted.
@@ -231,9 +234,13 @@ class _Reference:
         if self.scorer is None:
             t0 = time.perf_counter()
             device = dist.device()
-            module = LabelLogProbs(load_causal_lm(self.config.model, self.config.dtype, device=device))
+            model = load_causal_lm(self.config.model, self.config.dtype, device=device)
+            if self.config.batching.packing:
+                enable_packing(model)
+            module = LabelLogProbs(model)
             self.vocab = module.vocab_size()
-            self.scorer = PairScorer(module, self.config.forward, self.pad_token_id, device)
+            mode = forward_mode(self.config.forward, self.config.batching.packing)
+            self.scorer = PairScorer(module, mode, self.pad_token_id, device)
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
 
@@ -271,7 +278,7 @@ def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: Shar
     scorer = reference.load()
     _check_ids(table, task, reference.vocab, tokenized.root)
     t0 = time.perf_counter()
-    scored = _score_table(scorer, table, config.batch_size, bar, run)
+    scored = _score_table(scorer, table, config, bar, run)
     if scored is None:
         return  # stopped mid-shard: nothing of it is committed, the rerun scores it again
     result, shard_stats = scored
@@ -287,13 +294,12 @@ def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: Shar
 
 
 @torch.no_grad()
-def _score_table(scorer: PairScorer, table: pa.Table, batch_size: int, bar,
+def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, bar,
                  run: StageRun) -> tuple[pa.Table, dict] | None:
     n = table.num_rows
     out = {name: np.zeros(n, dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in SCHEMA.names[1:]}
     padded = 0
-    lengths = pair_lengths(table)
-    for positions in length_grouped_batches(lengths, batch_size):
+    for positions in forward_batches(table, config.batch_size, config.batching.max_tokens_per_batch):
         if run.signalled:
             return None
         scores = scorer(table.take(positions))

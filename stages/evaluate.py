@@ -29,14 +29,15 @@ from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest, wr
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry, write_shard
 from ..pipeline import report
-from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.batching import SIDES, forward_batches, pad_token_id, pair_indices
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import LossConfig, LossInputs
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
-from ..pipeline.scoring import PairScorer
+from ..pipeline.packing import PackingConfig, enable_packing
+from ..pipeline.scoring import PairScorer, forward_mode
 from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 
 STAGE = "evaluate"
@@ -77,6 +78,7 @@ class EvaluateConfig(StageOptions):
     dtype: str = option("float32", choices=tuple(DTYPES), help=(
         "dtype to load the model in: float32, bfloat16 or float16."))
     batch_size: int = option(16, semantic=False, check=at_least(1), help="Pairs (or prompts) per forward pass.")
+    batching: PackingConfig = group(PackingConfig)
 
     def check(self) -> None:
         if self.prompts and not self.generate:
@@ -183,6 +185,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = _load_model(model_dir, cfg.dtype).to(device)
+        if cfg.batching.packing:
+            enable_packing(model.get_base_model() if hasattr(model, "get_base_model") else model)
         pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg, stage_run)
         if reference is not None:
             _add_reference(pairs, rows, cfg, tokenized.manifest, reference)
@@ -214,14 +218,15 @@ def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: Evalu
            stage_run: StageRun) -> dict[str, np.ndarray]:
     """The model's summed label log-probs (and WPO terms when the loss needs them) of every pair."""
     want_wpo = objective.loss.needs_wpo_term
-    scorer = PairScorer(LabelLogProbs(model), "concatenated", pad_id, next(model.parameters()).device, want_wpo)
+    mode = forward_mode("concatenated", cfg.batching.packing)
+    scorer = PairScorer(LabelLogProbs(model), mode, pad_id, next(model.parameters()).device, want_wpo)
     n = rows.num_rows
     names = ["policy_chosen_logps", "policy_rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]
     names += ["chosen_wpo_term", "rejected_wpo_term"] if want_wpo else []
     out = {name: np.zeros(n, dtype=np.float64) for name in names}
     bar = progress(n, "evaluate", unit="pair", quiet=cfg.quiet)
     with torch.no_grad(), bar:
-        for positions in length_grouped_batches(pair_lengths(rows), cfg.batch_size):
+        for positions in forward_batches(rows, cfg.batch_size, cfg.batching.max_tokens_per_batch):
             _stop_point(stage_run)
             scores = scorer(rows.take(positions))
             for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):

@@ -46,7 +46,8 @@ from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
 from ..pipeline.losses import LossConfig, LossInputs
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import ReferenceLogProbs, load_reference, reference_model_mismatch
-from ..pipeline.scoring import FORWARDS, PairScorer
+from ..pipeline.packing import PACKING_HELP, enable_packing
+from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 from ..pipeline.tokenization import tokenizer_with_template
 from ..pipeline.tracking import Tracker, TrackingConfig
 
@@ -95,6 +96,9 @@ class TrainConfig(StageOptions):
     # Same result either way (tested), so switching them on a resumed run is allowed.
     forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), panel="Model", help=(
         "concatenated: one pass over chosen+rejected; separate: two passes, less peak memory. Same loss."))
+    packing: bool = option(False, semantic=False, panel="Model", help=(
+        PACKING_HELP + " A micro-batch stays --per-device-batch-size pairs, so the global batch, the loss and "
+        "resume are those of the unpacked run."))
     gradient_checkpointing: bool = option(False, semantic=False, panel="Model", help=(
         "Recompute activations in backward to save memory."))
     keep_dropout: bool = option(False, panel="Model", help=(
@@ -241,8 +245,9 @@ class Trainer:
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
         saved = checkpoints.load_latest(self.policy, self.optimizer, self.scheduler)
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
-        self.scorer = PairScorer(self.policy, cfg.forward, pad_token_id(inputs.tokenized.manifest.stats),
-                                 accelerator.device, with_wpo_term=cfg.loss.loss.needs_wpo_term)
+        self.scorer = PairScorer(self.policy, forward_mode(cfg.forward, cfg.packing),
+                                 pad_token_id(inputs.tokenized.manifest.stats), accelerator.device,
+                                 with_wpo_term=cfg.loss.loss.needs_wpo_term, agree=dist.COLLECTIVE)
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
@@ -273,6 +278,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, keep_dropout=cfg.keep_dropout)
+        if cfg.packing:
+            enable_packing(model)
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it also works for frozen LoRA bases.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
