@@ -26,8 +26,9 @@ What is timed, per side:
   policy, only forwards with gradients on); padding share = 1 - real / computed positions.
 - reference pass: dpo: ``cache-ref``'s ``stats.pairs_per_second`` (its compute loop over every pair). TRL (b): the
   whole ``DPOTrainer._precompute_ref_logps`` call (data loader, forwards, writing the columns). Bare: a
-  ``model(input_ids, attention_mask)`` loop (full logits, inference mode) over the same pairs, batched as
-  cache-ref does (sorted by length, 8 pairs per batch, chosen and rejected concatenated, right-padded).
+  ``model(input_ids, attention_mask)`` loop (full logits, inference mode) over the same pairs, batched like
+  cache-ref (longest first, 8 pairs per batch, chosen and rejected concatenated, right-padded; it sorts the whole
+  set where cache-ref sorts within shards of 2,048 pairs).
 - tokenize: dpo: ``stats.throughput`` of ``dpo tokenize`` (reading the file, encoding, writing Parquet). TRL: the
   whole ``DPOTrainer._prepare_dataset`` call inside (a) (EOS map, tokenize map, length filter) on an in-memory
   ``Dataset`` of the same records.
@@ -917,8 +918,9 @@ def render(sm: dict, meta: dict, history: list[dict]) -> str:
     add(f"- CPU: {mc['cpu']}, {mc['cores']} cores, {gib(mc['memory_bytes'])} memory; {mc['platform']}")
     add(f"- load average at start {meta['load_start'][0]:.2f}, at end {mc['load_average'][0]:.2f} "
         "(1 min; above the thread count means other work shared the cores)")
-    add(f"- fp32 matmul, {s['threads']} threads (best of the runs' medians): {num(sm['matmul_gflops'], '{:.0f}')} GFLOP/s "
-        f"(best of 2048^3, 4096^3, 8192x256x688); output-layer shape 2048x256x50257: "
+    add(f"- fp32 matmul, {s['threads']} threads: {num(sm['matmul_gflops'], '{:.0f}')} GFLOP/s (median over the runs of "
+        f"each run's best of 2048^3, 4096^3, 8192x256x688; the FLOP/s shares below divide by it); output-layer shape "
+        f"2048x256x50257: "
         f"{num(sm['matmul_output_layer_gflops'], '{:.0f}')} GFLOP/s")
     add("- " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n")
     add("## Settings\n")
