@@ -123,6 +123,14 @@ def pair_lengths(rows: pa.Table | Sequence[Mapping], combined: bool = False) -> 
     return chosen + rejected if combined else np.maximum(chosen, rejected)
 
 
+def sequence_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(every chosen and rejected sequence's tokens, its label tokens), from the length columns."""
+    column = lambda name: np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)  # noqa: E731
+    prompt = column("prompt_length")
+    lengths = np.concatenate([column("chosen_length"), column("rejected_length")])
+    return lengths, lengths - np.concatenate([prompt, prompt])
+
+
 def ragged(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (all values in row order, each row's length), as numpy arrays."""
     values = table.column(column)

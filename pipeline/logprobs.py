@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .packing import PackedLayout
+from .profiling import NULL_TIMER
 from .tokenization import IGNORE_INDEX
 
 # float32 logits per chunk; 256 MiB keeps a 128k-vocab chunk at ~500 rows and a 512-vocab one unchunked.
@@ -104,6 +105,7 @@ class LabelLogProbs(nn.Module):
             raise ValueError(f"head_path must be auto, body or full, not {head_path!r}")
         self.model = model
         self.chunk_bytes = chunk_bytes
+        self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         hf, splittable = _unwrap_hf(model)
         self._hf = [hf]  # a list so the same module is not registered twice under two names
         body = getattr(hf, "base_model", None)
@@ -147,13 +149,15 @@ class LabelLogProbs(nn.Module):
         if attention_mask is not None:
             mask &= attention_mask[:, 1:].bool()
         extra = packed.attention_kwargs() if packed is not None else {}
-        if use_body:
-            out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            rows, head = hidden[:, :-1][mask], self._head
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
-            rows, head = logits[:, :-1][mask], nn.Identity()
+        with self.timer.phase("forward_body"):
+            if use_body:
+                out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                               **extra)
+                hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+                rows, head = hidden[:, :-1][mask], self._head
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+                rows, head = logits[:, :-1][mask], nn.Identity()
         sequences = packed.sequence_ids[:, 1:][mask] if packed is not None else mask.nonzero(as_tuple=True)[0]
         return rows, targets[mask], sequences, head, mask
 
@@ -187,11 +191,12 @@ class LabelLogProbs(nn.Module):
         step = self._chunk_rows(self.vocab_size(), rows.shape[0])
         keep = torch.is_grad_enabled() and rows.requires_grad
         logps, terms = [], []
-        for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
-            args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
-            logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
-            logps.append(logp)
-            terms.append(term)
+        with self.timer.phase("forward_head"):
+            for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
+                args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
+                logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
+                logps.append(logp)
+                terms.append(term)
         if logps:
             tok = torch.cat(logps)
         else:

@@ -25,6 +25,7 @@ from ..artifacts.errors import UsageError
 from .batching import SIDES, as_table, pair_indices, padded_length, right_padded, side_tokens
 from .logprobs import SequenceLogProbs
 from .packing import layout
+from .profiling import NULL_TIMER
 from .tokenization import IGNORE_INDEX
 
 # (input_ids, attention_mask, labels, with_wpo_term=...) -> SequenceLogProbs: LabelLogProbs, or
@@ -169,6 +170,7 @@ class PairScorer:
         self.device = torch.device(device)
         self.with_wpo_term = with_wpo_term
         self.agree = agree
+        self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         self._checked = mode != Packed.name
 
     def __call__(self, rows: pa.Table | Sequence[Mapping]) -> PairScores:
@@ -178,8 +180,9 @@ class PairScorer:
         return scores
 
     def _score(self, rows, mode: ForwardMode) -> PairScores:
-        batch = collate_pairs(rows, self.pad_token_id, mode.name)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.timer.phase("data"):
+            batch = collate_pairs(rows, self.pad_token_id, mode.name)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
         return mode.score(self.module, batch, self.with_wpo_term)
 
     @torch.no_grad()

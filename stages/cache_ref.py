@@ -31,18 +31,19 @@ from ..artifacts.manifest import InputRef, Manifest
 from ..artifacts.runner import StageRun, on_main
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, forward_batches, pad_token_id
+from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_lengths
 from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
 from ..pipeline.packing import PackingConfig, enable_packing
+from ..pipeline.profiling import PhaseTimer, model_flops_per_token
 from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 
 STAGE = "cache-ref"
 VERSION = 1
-INPUT_COLUMNS = ["index"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
+INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
@@ -227,8 +228,10 @@ class _Reference:
         self.config = config
         self.pad_token_id = pad_token_id
         self.scorer: PairScorer | None = None
+        self.module: LabelLogProbs | None = None
         self.vocab = 0
         self.load_seconds = 0.0
+        self.timer = PhaseTimer(dist.device())
 
     def load(self) -> PairScorer:
         if self.scorer is None:
@@ -237,10 +240,11 @@ class _Reference:
             model = load_causal_lm(self.config.model, self.config.dtype, device=device)
             if self.config.batching.packing:
                 enable_packing(model)
-            module = LabelLogProbs(model)
-            self.vocab = module.vocab_size()
+            self.module = LabelLogProbs(model)
+            self.vocab = self.module.vocab_size()
             mode = forward_mode(self.config.forward, self.config.batching.packing)
-            self.scorer = PairScorer(module, mode, self.pad_token_id, device)
+            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device)
+            self.scorer.timer = self.module.timer = self.timer
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
 
@@ -256,7 +260,8 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
     out, world, rank = run.dir, dist.world_size(), dist.rank()
     reference = _Reference(config, pad_token_id({"tokenizer_info": info}))
     stats = {"shards_computed": 0, "shards_resumed": 0, "shards_committed": 0, "pairs": 0, "tokens": 0,
-             "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0}
+             "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0,
+             "read_seconds": 0.0, "write_seconds": 0.0, "model_flops": 0.0}
     mine = plan[rank::world]
     todo = [t for t in mine if committed_shard(out, t.path) is None]
     stats["shards_resumed"] = stats["shards_committed"] = len(mine) - len(todo)
@@ -269,12 +274,14 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
             if run.stop_requested():
                 break
     stats["load_seconds"] = reference.load_seconds
-    return stats
+    return {**stats, "time_breakdown": reference.timer.breakdown()}
 
 
 def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: ShardTask, reference: _Reference,
                    stats: dict, run: StageRun, bar) -> None:
+    t0 = time.perf_counter()
     table = _read_rows(tokenized, task.split, task.start, task.stop)
+    stats["read_seconds"] += time.perf_counter() - t0
     scorer = reference.load()
     _check_ids(table, task, reference.vocab, tokenized.root)
     t0 = time.perf_counter()
@@ -287,7 +294,11 @@ def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: Shar
     stats["compute_seconds"] += time.perf_counter() - t0
     for key, value in shard_stats.items():
         stats[key] += value
+    flops = model_flops_per_token(reference.module.hf_model, *sequence_lengths(table), backward=False)
+    stats["model_flops"] += flops["model_flops_per_token"] * shard_stats["tokens"]
+    t0 = time.perf_counter()
     write_shard(run.dir, task.path, result)
+    stats["write_seconds"] += time.perf_counter() - t0
     stats["shards_computed"] += 1
     stats["shards_committed"] += 1
     log.debug("committed %s (%d pairs)", task.path, result.num_rows)
@@ -302,11 +313,13 @@ def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, ba
     for positions in forward_batches(table, config.batch_size, config.batching.max_tokens_per_batch):
         if run.signalled:
             return None
-        scores = scorer(table.take(positions))
+        with scorer.timer.step():
+            scores = scorer(table.take(positions))
+            with scorer.timer.phase("results"):
+                for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
+                    out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
+                    out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
         padded += scores.slots
-        for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
-            out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
-            out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
         bar.update(len(positions))
     result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)
     tokens = int(sum(pc.sum(table.column(f"{side}_length")).as_py() or 0 for side in SIDES))
@@ -332,7 +345,7 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
             "pairs": table.num_rows,
             **{f"mean_{name}": _mean(table.column(name)) for name in SCHEMA.names[1:]},
         }
-    total = {key: sum(r[key] for r in ranks) for key in ranks[0]}
+    total = {key: sum(r[key] for r in ranks) for key in ranks[0] if key != "time_breakdown"}
     compute = max(r["compute_seconds"] for r in ranks)
     stats = {
         "model_identity": identity,
@@ -347,7 +360,12 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
         "tokens_per_second": total["tokens"] / compute if compute else None,
         "pairs_per_second": total["pairs"] / compute if compute else None,
         "seconds": {"load_model": max(r["load_seconds"] for r in ranks), "compute": compute,
+                    "read": max(r["read_seconds"] for r in ranks), "write": max(r["write_seconds"] for r in ranks),
                     "total": time.perf_counter() - started},
+        # Rank 0's batches: collate, body forward, output layer, results back to the host.
+        "time_breakdown": ranks[0]["time_breakdown"],
+        "model_flops_per_token": total["model_flops"] / total["tokens"] if total["tokens"] else None,
+        "model_flops_per_second": total["model_flops"] / compute if compute else None,
         "device": str(dist.device()),
     }
     return Manifest(

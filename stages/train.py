@@ -34,7 +34,7 @@ from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
 from ..pipeline import metrics
 from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw
-from ..pipeline.batching import length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.batching import length_grouped_batches, pad_token_id, pair_indices, pair_lengths, sequence_lengths
 from ..pipeline.checkpoint import CheckpointManager, save_model
 from ..pipeline.config import (
     StageOptions, at_least, flatten, fraction, group, non_negative, option, positive, validate,
@@ -47,6 +47,7 @@ from ..pipeline.losses import LossConfig, LossInputs
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import ReferenceLogProbs, load_reference, reference_model_mismatch
 from ..pipeline.packing import PACKING_HELP, enable_packing
+from ..pipeline.profiling import PhaseTimer, model_flops_per_token
 from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 from ..pipeline.tokenization import tokenizer_with_template
 from ..pipeline.tracking import Tracker, TrackingConfig
@@ -248,6 +249,8 @@ class Trainer:
         self.scorer = PairScorer(self.policy, forward_mode(cfg.forward, cfg.packing),
                                  pad_token_id(inputs.tokenized.manifest.stats), accelerator.device,
                                  with_wpo_term=cfg.loss.loss.needs_wpo_term, agree=dist.COLLECTIVE)
+        self.timer = PhaseTimer(accelerator.device)
+        self.scorer.timer = accelerator.unwrap_model(self.policy).timer = self.timer
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
@@ -324,30 +327,36 @@ class Trainer:
 
     def train_step(self, batch: list[int]) -> dict[str, torch.Tensor]:
         """One optimizer step over this rank's micro-batches of the global batch; the metric sums."""
-        sums, self.grad_norm = None, None
-        for micro in micro_batches(batch, self.lengths, self.cfg.per_device_batch_size, self.cfg.grad_accum,
-                                   self.world, self.accelerator.process_index):
-            with self.accelerator.accumulate(self.policy):
-                loss, micro_sums = self._loss_and_sums(self.train_rows.take(micro))
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    # 0 turns clipping off; an infinite bound still measures the norm.
-                    self.grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable,
-                                                                            self.cfg.max_grad_norm or math.inf))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            sums = metrics.add(sums, micro_sums)
+        sums, self.grad_norm, timer = None, None, self.timer
+        with timer.step():
+            for micro in micro_batches(batch, self.lengths, self.cfg.per_device_batch_size, self.cfg.grad_accum,
+                                       self.world, self.accelerator.process_index):
+                with self.accelerator.accumulate(self.policy):
+                    with timer.phase("data"):
+                        pairs = self.train_rows.take(micro)
+                    loss, micro_sums = self._loss_and_sums(pairs)
+                    with timer.phase("backward"):
+                        self.accelerator.backward(loss)
+                    with timer.phase("optimizer"):
+                        if self.accelerator.sync_gradients:
+                            # 0 turns clipping off; an infinite bound still measures the norm.
+                            self.grad_norm = float(self.accelerator.clip_grad_norm_(
+                                self.trainable, self.cfg.max_grad_norm or math.inf))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                sums = metrics.add(sums, micro_sums)
         return sums
 
     def _loss_and_sums(self, pairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's mean loss (to backpropagate) and its metric sums (to log)."""
         scores = self.scorer(pairs)
-        reference = None
-        if self.inputs.reference is not None:
-            index = torch.from_numpy(pair_indices(pairs)).to(self.accelerator.device)
-            reference = self.inputs.reference.lookup(index)
-        out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference))
-        return out.losses.mean(), metrics.batch_sums(out, scores)
+        with self.timer.phase("loss"):
+            reference = None
+            if self.inputs.reference is not None:
+                index = torch.from_numpy(pair_indices(pairs)).to(self.accelerator.device)
+                reference = self.inputs.reference.lookup(index)
+            out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference))
+            return out.losses.mean(), metrics.batch_sums(out, scores)
 
     def _save_due(self) -> bool:
         step, cfg = self.state.step, self.cfg
@@ -438,7 +447,11 @@ class Trainer:
             "world_size": self.world, "global_batch_size": self.global_batch,
             "trainable_parameters": self.n_trainable, "parameters": self.n_total, "beta": self.cfg.loss.beta,
             "wandb_run_id": self.tracker.run_id if self.cfg.tracking.wandb_project else None,
+            "time_breakdown": self.timer.breakdown(),
         }
+        flops = model_flops_per_token(self.accelerator.unwrap_model(self.policy).hf_model,
+                                      *sequence_lengths(self.train_rows), backward=True)
+        stats.update(flops, model_flops_per_second=flops["model_flops_per_token"] * stats["tokens_per_second"])
         self.tracker.summary(stats)
         return stats
 
