@@ -33,13 +33,15 @@ Check = Callable[[Any], "str | None"]
 
 def option(default: Any = dataclasses.MISSING, *, help: str, semantic: bool = True, choices: tuple | None = None,
            check: Check | None = None, flag: str | None = None, short: str | None = None, panel: str | None = None,
-           factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           factory: Callable[[], Any] | Any = dataclasses.MISSING, omit_if_default: bool = False) -> Any:
     """A config field. ``semantic``: it changes what the stage computes (so it enters the
-    fingerprint). ``flag``: the option's name when it is not the field's (``--split`` for
-    ``splits``); ``short``: a one-letter alias. ``panel``: the --help section; a group's fields
-    default to the group's PANEL."""
+    fingerprint). ``omit_if_default``: it enters the fingerprint only when set to another value
+    than its default (for options added later, so existing runs keep their fingerprints).
+    ``flag``: the option's name when it is not the field's (``--split`` for ``splits``);
+    ``short``: a one-letter alias. ``panel``: the --help section; a group's fields default to the
+    group's PANEL."""
     metadata = {"help": help, "semantic": semantic, "choices": choices, "check": check, "flag": flag, "short": short,
-                "panel": panel}
+                "panel": panel, "omit_if_default": omit_if_default}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 

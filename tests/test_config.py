@@ -56,6 +56,24 @@ def test_semantic_fields_and_groups():
     assert semantic_config(config) == {"mode": "a", "beta": None, "names": ("x",)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Grown:
+    beta: float = option(0.1, help="b")
+    tau: float = option(0.05, omit_if_default=True, help="an option added after runs existed")
+    names: tuple[str, ...] = option((), omit_if_default=True, help="n")
+    scale: float = option(1.0, omit_if_default=True, help="s")
+
+
+def test_options_omitted_at_their_default_keep_old_fingerprints():
+    """An omit_if_default option enters the fingerprint only once set: runs that leave it alone keep
+    the fingerprint they had before it existed (1 and 1.0 count as the same value)."""
+    before = {"beta": 0.1}
+    assert semantic_config(Grown()) == before and semantic_config(Grown(tau=0.05, names=(), scale=1)) == before
+    assert semantic_config(Grown(tau=0.5)) == {"beta": 0.1, "tau": 0.5}
+    assert semantic_config(Grown(names=("a",))) == {"beta": 0.1, "names": ("a",)}
+    assert flatten(Grown()) == {"beta": 0.1, "tau": 0.05, "names": [], "scale": 1.0}  # manifests record every value
+
+
 def test_validate_field_checks_then_group_then_stage_checks():
     with pytest.raises(UsageError, match=r"--mode 'c' is not one of: a, b"):
         validate(from_mapping(Outer, {"path": "p", "mode": "c"}))
