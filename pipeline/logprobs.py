@@ -34,6 +34,7 @@ class SequenceLogProbs:
     logps: torch.Tensor  # [B] float32: sum over label positions of log p(y_t | y_<t)
     num_tokens: torch.Tensor  # [B] int64: number of label positions
     wpo_term: torch.Tensor | None = None  # [B] float32: mean over label positions of log p(y_t) - logsumexp_v 2 log p(v)
+    shared_logps: torch.Tensor | None = None  # [B] float32: the sum over the first ``shared_tokens`` label positions
 
 
 def _unwrap_hf(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -193,7 +194,8 @@ class LabelLogProbs(nn.Module):
         return tok, wpo, seq, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                with_wpo_term: bool = False) -> SequenceLogProbs:
+                with_wpo_term: bool = False, shared_tokens: torch.Tensor | None = None) -> SequenceLogProbs:
+        """``shared_tokens`` [B]: also sum each row's first that many label positions (LD-DPO's S_k)."""
         if self.head_path == "auto":
             self._verify_body_path(input_ids, attention_mask)
         tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term)
@@ -203,5 +205,11 @@ class LabelLogProbs(nn.Module):
         wpo_term = None
         if with_wpo_term:
             wpo_term = tok.new_zeros(batch).index_add(0, seq, wpo) / num_tokens.clamp(min=1).to(tok.dtype)
-        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term)
+        shared = None
+        if shared_tokens is not None:
+            # Each label position's rank within its row, in the order ``tok`` holds them (row-major).
+            rank = (mask.cumsum(dim=1) - 1)[mask]
+            keep = rank < shared_tokens.to(rank.device)[seq]
+            shared = tok.new_zeros(batch).index_add(0, seq, torch.where(keep, tok, torch.zeros_like(tok)))
+        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term, shared_logps=shared)
 

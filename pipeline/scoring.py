@@ -7,6 +7,9 @@ registered in FORWARDS; adding one (a packed layout, say) is one class here.
 
 - ``concatenated``: chosen rows then rejected rows in one ``[2B, T]`` batch: one forward.
 - ``separate``: two forwards, each side padded to its own longest row: less peak memory, same values.
+
+Asked ``with_shared``, scoring also sums each response's first ``k = min(nc, nr)`` label tokens
+(k counted per pair, as TRL's LD-DPO counts it), for the length-desensitised losses.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 
 from .batching import SIDES, as_table, pair_indices, padded_length, right_padded, side_tokens
 from .logprobs import SequenceLogProbs
+from .tokenization import IGNORE_INDEX
 
-# (input_ids, attention_mask, labels, with_wpo_term=...) -> SequenceLogProbs: LabelLogProbs, or
-# the DDP / DeepSpeed wrapper around it that Accelerate returns.
+# (input_ids, attention_mask, labels, with_wpo_term=..., shared_tokens=...) -> SequenceLogProbs:
+# LabelLogProbs, or the DDP / DeepSpeed wrapper around it that Accelerate returns.
 Module = Callable[..., SequenceLogProbs]
 
 
@@ -38,9 +42,15 @@ class PairScores:
 def _split(both: SequenceLogProbs, n: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
     def part(sl: slice) -> SequenceLogProbs:
         return SequenceLogProbs(both.logps[sl], both.num_tokens[sl],
-                                None if both.wpo_term is None else both.wpo_term[sl])
+                                None if both.wpo_term is None else both.wpo_term[sl],
+                                None if both.shared_logps is None else both.shared_logps[sl])
 
     return part(slice(0, n)), part(slice(n, None))
+
+
+def _label_counts(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scored label tokens per row, counted as LabelLogProbs scores them (next-token labels)."""
+    return ((labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, 1:].bool()).sum(dim=1)
 
 
 def _counts(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -55,7 +65,8 @@ class ForwardMode:
     def collate(self, pairs: pa.Table, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool) -> PairScores:
+    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool,
+              with_shared: bool = False) -> PairScores:
         raise NotImplementedError
 
 
@@ -70,9 +81,15 @@ class Concatenated(ForwardMode):
         width = padded_length(int(lengths.max()), pad_to_multiple_of)
         return right_padded(np.concatenate([cids, rids]), np.concatenate([clab, rlab]), lengths, pad_token_id, width)
 
-    def score(self, module, batch, with_wpo_term):
-        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term)
-        chosen, rejected = _split(both, batch["input_ids"].shape[0] // 2)
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        n = batch["input_ids"].shape[0] // 2
+        shared = None
+        if with_shared:
+            counts = _label_counts(batch["labels"], batch["attention_mask"])
+            shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term,
+                      shared_tokens=shared)
+        chosen, rejected = _split(both, n)
         return PairScores(chosen, rejected, *_counts([batch["attention_mask"]]))
 
 
@@ -89,10 +106,14 @@ class Separate(ForwardMode):
             batch.update({f"{side}_{k}": v for k, v in right_padded(ids, labels, lengths, pad_token_id, width).items()})
         return batch
 
-    def score(self, module, batch, with_wpo_term):
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        shared = None
+        if with_shared:
+            shared = torch.minimum(*(_label_counts(batch[f"{side}_labels"], batch[f"{side}_attention_mask"])
+                                     for side in SIDES))
         chosen, rejected = (
             module(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                   with_wpo_term=with_wpo_term)
+                   with_wpo_term=with_wpo_term, shared_tokens=shared)
             for side in SIDES
         )
         return PairScores(chosen, rejected, *_counts([batch[f"{side}_attention_mask"] for side in SIDES]))
@@ -120,7 +141,7 @@ class PairScorer:
     """Scores batches of pairs with ``module`` on ``device`` in one forward mode."""
 
     def __init__(self, module: Module, mode: str, pad_token_id: int, device: torch.device | str,
-                 with_wpo_term: bool = False):
+                 with_wpo_term: bool = False, with_shared: bool = False):
         if mode not in FORWARDS:
             raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, not {mode!r}")
         self.module = module
@@ -128,8 +149,9 @@ class PairScorer:
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.with_wpo_term = with_wpo_term
+        self.with_shared = with_shared
 
     def __call__(self, rows: pa.Table | Sequence[Mapping]) -> PairScores:
         batch = collate_pairs(rows, self.pad_token_id, self.mode.name)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.mode.score(self.module, batch, self.with_wpo_term)
+        return self.mode.score(self.module, batch, self.with_wpo_term, self.with_shared)
