@@ -178,7 +178,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg, stage_run)
         if reference is not None:
             _add_reference(pairs, rows, cfg, tokenized.manifest)
-        if not objective.loss.needs_reference or "ref_chosen_logps" in pairs:
+        if not objective.needs_reference or "ref_chosen_logps" in pairs:
             _add_rewards(pairs, objective)
         else:
             log.warning("no --ref-cache: implicit rewards (β·log-ratio to the reference) are not reported")
@@ -205,7 +205,7 @@ def _stop_point(stage_run: StageRun) -> None:
 def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: EvaluateConfig,
            stage_run: StageRun) -> dict[str, np.ndarray]:
     """The model's summed label log-probs (and WPO terms when the loss needs them) of every pair."""
-    want_wpo = objective.loss.needs_wpo_term
+    want_wpo = objective.needs_wpo_term
     scorer = PairScorer(LabelLogProbs(model), "concatenated", pad_id, next(model.parameters()).device, want_wpo)
     n = rows.num_rows
     names = ["policy_chosen_logps", "policy_rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]

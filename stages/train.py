@@ -119,7 +119,7 @@ class TrainConfig(StageOptions):
     def check(self) -> None:
         if not self.save_every_epoch and not (self.save_every.isdigit() and int(self.save_every) >= 1):
             raise UsageError(f"--save-every must be a number of steps (>= 1) or 'epoch', got {self.save_every!r}")
-        if self.loss.loss.needs_reference and not self.ref_cache:
+        if self.loss.needs_reference and not self.ref_cache:
             raise UsageError(
                 f"--loss-type {self.loss.loss_type} compares the policy with a reference: pass --ref-cache DIR "
                 "(made by `dpo cache-ref` from the same tokenized artifact)"
@@ -201,7 +201,7 @@ def _inputs(cfg: TrainConfig) -> Inputs:
     splits = ["train"] + (["eval"] if cfg.eval_steps else [])
     refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     reference = None
-    if cfg.loss.loss.needs_reference:
+    if cfg.loss.needs_reference:
         reference = load_reference(cfg.ref_cache, tokenized.manifest, splits)
         mismatch = reference_model_mismatch(reference, cfg.model)
         if mismatch:
@@ -233,7 +233,7 @@ class Trainer:
         saved = checkpoints.load_latest(self.policy, self.optimizer, self.scheduler)
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
         self.scorer = PairScorer(self.policy, cfg.forward, pad_token_id(inputs.tokenized.manifest.stats),
-                                 accelerator.device, with_wpo_term=cfg.loss.loss.needs_wpo_term)
+                                 accelerator.device, with_wpo_term=cfg.loss.needs_wpo_term)
         self.tracker = Tracker(Path(cfg.out), cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
