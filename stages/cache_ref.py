@@ -40,12 +40,15 @@ from ..pipeline.refcache import KIND
 from ..pipeline.scoring import FORWARDS, PairScorer
 
 STAGE = "cache-ref"
-VERSION = 1
+# 2: the shared-prefix columns (LD-DPO) joined the layout; a version-1 cache serves every other loss.
+VERSION = 2
 INPUT_COLUMNS = ["index"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
     ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()),
+    # Sums over each pair's first min(chosen, rejected) label tokens: all LD-DPO needs, for any --ld-alpha.
+    ("chosen_shared_logps", pa.float32()), ("rejected_shared_logps", pa.float32()),
 ])
 log = logging.getLogger(__name__)
 
@@ -234,7 +237,7 @@ class _Reference:
             device = dist.device()
             module = LabelLogProbs(load_causal_lm(self.config.model, self.config.dtype, device=device))
             self.vocab = module.vocab_size()
-            self.scorer = PairScorer(module, self.config.forward, self.pad_token_id, device)
+            self.scorer = PairScorer(module, self.config.forward, self.pad_token_id, device, with_shared=True)
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
 
@@ -302,6 +305,7 @@ def _score_table(scorer: PairScorer, table: pa.Table, batch_size: int, bar,
         for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
             out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
             out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
+            out[f"{side}_shared_logps"][positions] = values.shared_logps.float().cpu().numpy()
         bar.update(len(positions))
     result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)
     tokens = int(sum(pc.sum(table.column(f"{side}_length")).as_py() or 0 for side in SIDES))
