@@ -619,7 +619,8 @@ class LossConfig:
         f"Reference-free: {', '.join(n for n, loss in LOSSES.items() if not loss.needs_reference)}."))
     beta: float | None = option(None, check=positive, help=(
         "Strength of the KL penalty / reward scale. Default by (first) loss type: "
-        f"{'; '.join(f'{b:g} for {n}' for n, b in DEFAULT_BETA.items())}."))
+        f"{', '.join(f'{b:g} for {n}' for n, b in DEFAULT_BETA.items() if b != Loss.default_beta)}, "
+        f"{Loss.default_beta:g} for the others."))
     label_smoothing: float = option(0.0, help=(
         "Label smoothing ε (cDPO) of " + ", ".join(n for n, loss in LOSSES.items() if loss.smoothed)
         + "; robust needs [0, 0.5), exo_pair (0, 0.5]."))
