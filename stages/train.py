@@ -34,7 +34,7 @@ from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
 from ..pipeline import metrics
 from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw
-from ..pipeline.batching import length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.batching import length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens
 from ..pipeline.checkpoint import CheckpointManager, save_model
 from ..pipeline.config import (
     StageOptions, at_least, flatten, fraction, group, non_negative, option, positive, validate,
@@ -43,7 +43,7 @@ from ..pipeline.data_order import BatchOrder, Cursor, micro_batches
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
-from ..pipeline.losses import LossConfig, LossInputs
+from ..pipeline.losses import BCO_REWARD, BatchContext, LossConfig, LossInputs, RewardShift
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
 from ..pipeline.refcache import ReferenceLogProbs, load_reference, reference_model_mismatch
 from ..pipeline.scoring import FORWARDS, PairScorer
@@ -67,7 +67,7 @@ class TrainConfig(StageOptions):
     out: str = option(semantic=False, panel="Data", help=(
         "Output folder: checkpoints/, metrics.jsonl, final/, manifest.json."))
     ref_cache: str | None = option(None, semantic=False, panel="Data", help=(
-        "Reference log-probs (from `dpo cache-ref` on the same tokenized artifact); not needed for simpo."))
+        "Reference log-probs (from `dpo cache-ref` on the same tokenized artifact); not needed for simpo or sft."))
     loss: LossConfig = group(LossConfig)
     learning_rate: float = option(1e-6, check=positive, panel="Optimisation", help="Peak learning rate of AdamW.")
     weight_decay: float = option(0.0, check=non_negative, panel="Optimisation", help=(
@@ -120,9 +120,10 @@ class TrainConfig(StageOptions):
         if not self.save_every_epoch and not (self.save_every.isdigit() and int(self.save_every) >= 1):
             raise UsageError(f"--save-every must be a number of steps (>= 1) or 'epoch', got {self.save_every!r}")
         if self.loss.needs_reference and not self.ref_cache:
+            needing = [loss.name for loss in self.loss.losses if loss.needs_reference]
             raise UsageError(
-                f"--loss-type {self.loss.loss_type} compares the policy with a reference: pass --ref-cache DIR "
-                "(made by `dpo cache-ref` from the same tokenized artifact)"
+                f"--loss-type {self.loss.loss_type}: {', '.join(needing)} compares the policy with a reference: pass "
+                "--ref-cache DIR (made by `dpo cache-ref` from the same tokenized artifact)"
             )
 
 
@@ -136,10 +137,12 @@ class TrainState:
     pairs: float = 0.0
     train_seconds: float = 0.0
     wandb_run_id: str | None = None
+    loss_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. bco_pair's RewardShift
 
     def state_dict(self, global_batch: int) -> dict[str, Any]:
-        return {"step": self.step, "global_batch": global_batch, "wandb_run_id": self.wandb_run_id,
-                "train_seconds": self.train_seconds, "tokens": self.tokens, "pairs": self.pairs}
+        state = {"step": self.step, "global_batch": global_batch, "wandb_run_id": self.wandb_run_id,
+                 "train_seconds": self.train_seconds, "tokens": self.tokens, "pairs": self.pairs}
+        return {**state, "loss_state": self.loss_state} if self.loss_state else state
 
     def data_cursor(self, global_batch: int) -> dict[str, int]:
         # In pairs, so DDP resumed on another number of processes continues at the same place in the data.
@@ -151,7 +154,8 @@ class TrainState:
         return cls(step=int(saved.get("step", 0)),
                    cursor=Cursor(int(cursor["epoch"]), int(cursor["samples_done"]) // global_batch),
                    tokens=float(saved.get("tokens", 0)), pairs=float(saved.get("pairs", 0)),
-                   train_seconds=float(saved.get("train_seconds", 0.0)), wandb_run_id=saved.get("wandb_run_id"))
+                   train_seconds=float(saved.get("train_seconds", 0.0)), wandb_run_id=saved.get("wandb_run_id"),
+                   loss_state=dict(saved.get("loss_state") or {}))
 
 
 @dataclasses.dataclass
@@ -173,6 +177,9 @@ def run(cfg: TrainConfig) -> None:
     inputs = _inputs(cfg)
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * accelerator.num_processes
     semantic = {**semantic_config(cfg), "global_batch": global_batch}
+    if cfg.loss.sorts_micro_batch:
+        # aot sorts within a micro-batch, so which pairs share one (set by this size) changes the loss.
+        semantic["per_device_batch_size"] = cfg.per_device_batch_size
     fp = fingerprint(STAGE, VERSION, semantic, [r.fingerprint for r in inputs.refs] + [model_identity(cfg.model)["digest"]])
     checkpoints = CheckpointManager(Path(cfg.out) / "checkpoints", accelerator=accelerator, fingerprint=fp,
                                     config=semantic, keep_last=cfg.keep_last, inputs=inputs.refs)
@@ -202,7 +209,7 @@ def _inputs(cfg: TrainConfig) -> Inputs:
     refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     reference = None
     if cfg.loss.needs_reference:
-        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits)
+        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits, shared=cfg.loss.needs_shared_logps)
         mismatch = reference_model_mismatch(reference, cfg.model)
         if mismatch:
             # Allowed on purpose: continuing from a DPO checkpoint with the SFT model as reference.
@@ -232,8 +239,12 @@ class Trainer:
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
         saved = checkpoints.load_latest(self.policy, self.optimizer, self.scheduler)
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
+        self.reward_shift = RewardShift() if cfg.loss.bco_reward_shift else None
+        if self.reward_shift is not None and "bco_reward_shift" in self.state.loss_state:
+            self.reward_shift.load_state_dict(self.state.loss_state["bco_reward_shift"])
         self.scorer = PairScorer(self.policy, cfg.forward, pad_token_id(inputs.tokenized.manifest.stats),
-                                 accelerator.device, with_wpo_term=cfg.loss.needs_wpo_term)
+                                 accelerator.device, with_wpo_term=cfg.loss.needs_wpo_term,
+                                 with_shared=cfg.loss.needs_shared_logps)
         self.tracker = Tracker(Path(cfg.out), cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
@@ -309,10 +320,11 @@ class Trainer:
     def train_step(self, batch: list[int]) -> dict[str, torch.Tensor]:
         """One optimizer step over this rank's micro-batches of the global batch; the metric sums."""
         sums, self.grad_norm = None, None
+        context = self._context(self.train_rows, batch)
         for micro in micro_batches(batch, self.lengths, self.cfg.per_device_batch_size, self.cfg.grad_accum,
                                    self.world, self.accelerator.process_index):
             with self.accelerator.accumulate(self.policy):
-                loss, micro_sums = self._loss_and_sums(self.train_rows.take(micro))
+                loss, micro_sums = self._loss_and_sums(self.train_rows.take(micro), context)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
                     # 0 turns clipping off; an infinite bound still measures the norm.
@@ -321,16 +333,34 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             sums = metrics.add(sums, micro_sums)
+        if self.reward_shift is not None:
+            # After the step, from every rank's pairs: the next step's δ, the same for any split.
+            moved = metrics.reduced({k: sums[k] for k in (BCO_REWARD, "pairs")}, self._sum_over_ranks,
+                                    self.accelerator.device)
+            self.reward_shift.update(moved[BCO_REWARD], moved["pairs"])
         return sums
 
-    def _loss_and_sums(self, pairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _context(self, rows, positions: list[int] | None = None) -> BatchContext:
+        """The batch the loss is averaged over (a global batch, or the eval split), counted before any forward.
+
+        Every rank counts the same pairs, so every micro-batch of every rank gets the same context.
+        """
+        chosen_tokens = 0.0
+        if self.cfg.loss.needs_token_count:
+            labels = rows.select(["chosen_labels"])
+            chosen_tokens = float(scored_label_tokens(labels if positions is None else labels.take(positions),
+                                                      "chosen").sum())
+        shift = self.reward_shift.value if self.reward_shift is not None else 0.0
+        return BatchContext(float(rows.num_rows if positions is None else len(positions)), chosen_tokens, shift)
+
+    def _loss_and_sums(self, pairs, context: BatchContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's mean loss (to backpropagate) and its metric sums (to log)."""
         scores = self.scorer(pairs)
         reference = None
         if self.inputs.reference is not None:
             index = torch.from_numpy(pair_indices(pairs)).to(self.accelerator.device)
             reference = self.inputs.reference.lookup(index)
-        out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference))
+        out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference), context)
         return out.losses.mean(), metrics.batch_sums(out, scores)
 
     def _save_due(self) -> bool:
@@ -346,7 +376,7 @@ class Trainer:
         row, counts = window.flush(self._sum_over_ranks, self.accelerator.device)
         self.state.tokens += counts["tokens"]
         self.state.pairs += counts["pairs"]
-        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **{k: row[k] for k in metrics.METRIC_NAMES},
+        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **metrics.means_of(row),
                           "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
                           "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]})
         bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
@@ -364,19 +394,23 @@ class Trainer:
         self.policy.eval()
         batches = length_grouped_batches(pair_lengths(self.eval_rows), self.cfg.per_device_batch_size)
         rank = self.accelerator.process_index
+        context = self._context(self.eval_rows)
         total = None
         for r in range(math.ceil(len(batches) / self.world)):
             j = r * self.world + rank
-            _, sums = self._loss_and_sums(self.eval_rows.take(batches[min(j, len(batches) - 1)]))
+            _, sums = self._loss_and_sums(self.eval_rows.take(batches[min(j, len(batches) - 1)]), context)
             total = metrics.add(total, sums, weight=1.0 if j < len(batches) else 0.0)
         self.policy.train()
         means = metrics.means(metrics.reduced(total, self._sum_over_ranks, self.accelerator.device))
         return {f"eval/{k}": v for k, v in means.items()}
 
     def save(self) -> None:
-        state = dataclasses.replace(self.state, train_seconds=self._train_seconds())
+        state = dataclasses.replace(self.state, train_seconds=self._train_seconds(), loss_state=self._loss_state())
         self.checkpoints.save(state.step, self.policy, self.optimizer, self.scheduler,
                               state.state_dict(self.global_batch), data_cursor=state.data_cursor(self.global_batch))
+
+    def _loss_state(self) -> dict[str, Any]:
+        return {"bco_reward_shift": self.reward_shift.state_dict()} if self.reward_shift is not None else {}
 
     def _train_seconds(self) -> float:
         return self.state.train_seconds + time.perf_counter() - self.session_start
@@ -423,6 +457,8 @@ class Trainer:
             "trainable_parameters": self.n_trainable, "parameters": self.n_total, "beta": self.cfg.loss.beta,
             "wandb_run_id": self.tracker.run_id if self.cfg.tracking.wandb_project else None,
         }
+        if self._loss_state():
+            stats["loss_state"] = self._loss_state()  # what evaluate needs to compute the same objective
         self.tracker.summary(stats)
         return stats
 
