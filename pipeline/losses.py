@@ -614,7 +614,7 @@ class LossConfig:
 
     PANEL: ClassVar[str] = "Loss"
 
-    loss_type: str = option("dpo", check=_loss_type_problem, help=(
+    loss_type: str = option("dpo", check=_loss_type_problem, separator=",", help=(
         f"The preference loss, or several comma-separated (summed, see --loss-weights): {_loss_names()}. "
         f"Reference-free: {', '.join(n for n, loss in LOSSES.items() if not loss.needs_reference)}."))
     beta: float | None = option(None, check=positive, help=(
@@ -628,7 +628,7 @@ class LossConfig:
     rpo_alpha: float = option(0.0, check=non_negative, help=(
         "RPO: shorthand for adding an sft term with this weight (--loss-type dpo --rpo-alpha 1 is "
         "--loss-type dpo,sft); 0 = off."))
-    loss_weights: str | None = option(None, omit_if_default=True, help=(
+    loss_weights: str | None = option(None, omit_if_default=True, separator=",", help=(
         "Comma-separated weights of the --loss-type components (default 1 each), e.g. --loss-type "
         "dpo,bco_pair,sft --loss-weights 0.8,0.2,1 (MPO); each component is logged as loss/NAME."))
     f_divergence: str = option("reverse_kl", choices=F_DIVERGENCES, omit_if_default=True, help=(

@@ -116,6 +116,19 @@ def test_section_values_name_file_section_and_key(tmp_path):
         section_values(tmp_path / "folder", "stage", Outer)
 
 
+def test_run_files_may_list_the_losses_of_a_combination(tmp_path):
+    """--loss-type dpo,sft --loss-weights 1,0.5 on the command line; a YAML list or the same string in a run file."""
+    config_cls, _ = STAGES["train"].load()
+    run_file = tmp_path / "run.yaml"
+    for text in ("train:\n  loss_type: [sigmoid, sft]\n  loss_weights: [1, 0.5]\n",
+                 "train:\n  loss_type: sigmoid,sft\n  loss_weights: 1,0.5\n"):
+        run_file.write_text(text)
+        values = section_values(run_file, "train", config_cls)
+        assert values == {"loss_type": "sigmoid,sft", "loss_weights": "1,0.5"}
+        loss = from_mapping(config_cls, {"tokenized": "t", "model": "m", "out": "o", **values}).loss.resolved()
+        assert (loss.loss_type, loss.loss_weights) == ("dpo,sft", "1.0,0.5")
+
+
 def test_every_stage_option_has_help_and_a_unique_name():
     for stage in STAGES.values():
         config_cls, _ = stage.load()
