@@ -146,3 +146,24 @@ def test_train_fingerprints_the_same_options_as_before_the_redesign():
         "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "max_grad_norm", "seed", "dtype", "mixed_precision",
         "keep_dropout", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
     }
+
+
+@pytest.mark.parametrize("options, before, same", [
+    ({}, "35bdd6d161237f48", True),
+    ({"loss_type": "simpo"}, "113c01e0494a68d2", True),
+    ({"label_smoothing": 0.1, "beta": 0.2}, "b22f952248a78559", True),
+    ({"loss_type": "ipo"}, "e6146a7a09ff0f7c", True),
+    ({"loss_type": "sigmoid_norm"}, "fb09c0686092855b", True),  # TRL's name for dpo_norm: the same run
+    ({"rpo_alpha": 0.5}, "1bdf8620b429cb03", False),  # now dpo,sft: a checkpoint of the old term is refused
+])
+def test_train_fingerprints_of_existing_runs(options, before, same):
+    """Train fingerprints (fixed inputs, global batch 8) as the code before the loss combinations
+    computed them: kept for every run that sets no new option, changed where --rpo-alpha's numbers
+    changed."""
+    from dpo.artifacts.fingerprint import fingerprint
+    from dpo.stages import train
+
+    config = from_mapping(train.TrainConfig, {"tokenized": "t", "model": "m", "out": "o", **options})
+    config = dataclasses.replace(config, loss=config.loss.resolved())  # as train.run does
+    fp = fingerprint(train.STAGE, train.VERSION, {**semantic_config(config), "global_batch": 8}, ["a" * 16, "b" * 16])
+    assert (fp == before) == same, fp
