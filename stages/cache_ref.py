@@ -42,12 +42,15 @@ from ..pipeline.profiling import PhaseTimer, model_flops_per_token
 from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 
 STAGE = "cache-ref"
-VERSION = 1
+# 2: the shared-prefix columns (LD-DPO) joined the layout; a version-1 cache serves every other loss.
+VERSION = 2
 INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
     ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()),
+    # Sums over each pair's first min(chosen, rejected) label tokens: all LD-DPO needs, for any --ld-alpha.
+    ("chosen_shared_logps", pa.float32()), ("rejected_shared_logps", pa.float32()),
 ])
 OWNS = ("*/part-*.parquet",)  # what a (partial) run writes besides the manifest
 log = logging.getLogger(__name__)
@@ -243,7 +246,7 @@ class _Reference:
             self.module = LabelLogProbs(model)
             self.vocab = self.module.vocab_size()
             mode = forward_mode(self.config.forward, self.config.batching.packing)
-            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device)
+            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device, with_shared=True)
             self.scorer.timer = self.module.timer = self.timer
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
@@ -319,6 +322,7 @@ def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, ba
                 for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
                     out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
                     out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
+                    out[f"{side}_shared_logps"][positions] = values.shared_logps.float().cpu().numpy()
         padded += scores.slots
         bar.update(len(positions))
     result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)
