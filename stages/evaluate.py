@@ -34,7 +34,7 @@ from ..pipeline.config import StageOptions, at_least, flatten, group, non_negati
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import LossConfig, LossInputs
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity, torch_dtype
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
@@ -161,6 +161,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
+    check_vocab(model_dir, cfg.tokenized, tokenized.manifest)
     inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import HH_DATA, build_tiny_llama, run_dpo
+from refusals import assert_refused
 
 BETA = 0.1
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -159,6 +160,17 @@ def test_unknown_split_lists_the_splits(pipeline, tmp_path):
     assert proc.returncode == 2
     assert "has no split 'test'" in proc.stderr and "train, eval" in proc.stderr
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_model_with_a_smaller_vocabulary_is_refused(pipeline, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    assert_refused(["evaluate", "--model", small, "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"],
+                   f"model {small} has a vocabulary of 100 tokens", f"--tokenizer {pipeline['base']}, a tokenizer of 512 tokens",
+                   out=tmp_path / "e", inputs=[small, pipeline["tokenized"]])
 
 
 def test_prompts_file(pipeline, tmp_path):
