@@ -18,6 +18,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,31 +28,57 @@ from ..artifacts.errors import DataError, UsageError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 _AMOUNT = re.compile(r"^(?P<path>.+):(?P<amount>\d+|\d+\.\d*|\.\d+)$")
+# What follows the last colon when someone meant an amount but wrote one dpo does not take:
+# 1e3, -5, 50%, 1,000, 0.5.1, or nothing at all.
+_AMOUNT_ATTEMPT = re.compile(r"^$|^[-+]?[\d.,_]*\d[\d.,_eE+%-]*$")
+AMOUNT_SYNTAX = ("AMOUNT is a row count (a whole number, PATH:1000) or a fraction (with a decimal point, in (0, 1], "
+                 "PATH:0.5)")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One ``--data`` value: a path or hub name and how much of it to take (None: all)."""
+    """One ``--data`` (or ``--eval-data``) value: a path or hub name and how much of it to take (None: all).
+
+    ``PATH:AMOUNT`` is split at the last colon. A file whose name itself contains a colon is read
+    as named when no amount follows (``my:data.jsonl``); to take part of it, put the amount after
+    the whole name (``my:data.jsonl:0.5``). If both readings name existing files (``a.jsonl`` and
+    ``a.jsonl:100``), the amount reading wins; ``a.jsonl:100:1.0`` takes all of the file
+    ``a.jsonl:100``.
+    """
 
     spec: str
     path: str
     amount: int | float | None
+    flag: str = dataclasses.field(default="--data", compare=False)
+
+    @property
+    def named(self) -> str:
+        """How messages name this source: the flag and the value as the user gave it."""
+        return f"{self.flag} {self.spec}"
 
     @classmethod
-    def parse(cls, text: str) -> SourceSpec:
+    def parse(cls, text: str, flag: str = "--data") -> SourceSpec:
         match = _AMOUNT.match(text)
-        if match is None:
-            return cls(text, text, None)
+        if match is None or (not os.path.exists(match["path"]) and os.path.exists(text)):
+            head, colon, tail = text.rpartition(":")
+            if colon and not os.path.exists(text) and (
+                    os.path.exists(head) or head.endswith(FILE_SUFFIXES) or _AMOUNT_ATTEMPT.match(tail)):
+                raise UsageError(
+                    f"{flag} {text}: the amount {tail!r} after the last ':' is not one dpo takes; {AMOUNT_SYNTAX}. "
+                    f"A file whose name contains a colon is read as named when it exists; add the amount after its "
+                    f"whole name (NAME:0.5)"
+                )
+            return cls(text, text, None, flag)
         path, raw = match["path"], match["amount"]
         if "." in raw:
             fraction = float(raw)
             if not 0.0 < fraction <= 1.0:
-                raise UsageError(f"--data {text}: a fraction must be in (0, 1], got {raw}")
-            return cls(text, path, None if fraction == 1.0 else fraction)
+                raise UsageError(f"{flag} {text}: a fraction must be in (0, 1], got {raw}; {AMOUNT_SYNTAX}")
+            return cls(text, path, None if fraction == 1.0 else fraction, flag)
         count = int(raw)
         if count <= 0:
-            raise UsageError(f"--data {text}: a row count must be positive, got {raw}")
-        return cls(text, path, count)
+            raise UsageError(f"{flag} {text}: a row count must be positive, got {raw}; {AMOUNT_SYNTAX}")
+        return cls(text, path, count, flag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,28 +143,30 @@ class Source:
         return records
 
 
-def resolve_source(text: str) -> Source:
-    """Parse a ``--data`` value and find its files; a UsageError if there is nothing to read."""
-    spec = SourceSpec.parse(text)
+def resolve_source(text: str, flag: str = "--data") -> Source:
+    """Parse a ``--data`` (or ``--eval-data``, as ``flag`` says) value and find its files; a
+    UsageError if there is nothing to read."""
+    spec = SourceSpec.parse(text, flag)
+    text = spec.named
     path = Path(spec.path)
     if path.is_file():
         if not path.name.endswith(FILE_SUFFIXES):
-            raise UsageError(f"--data {text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
+            raise UsageError(f"{text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
         return Source(spec, [path], "files")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
             raise UsageError(
-                f"--data {text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
+                f"{text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
             )
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             return Source(spec, sorted(p for p in path.rglob("*") if p.is_file()), "saved-dataset")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
         if not files:
-            raise UsageError(f"--data {text}: folder has no {', '.join(FILE_SUFFIXES)} files")
+            raise UsageError(f"{text}: folder has no {', '.join(FILE_SUFFIXES)} files")
         return Source(spec, files, "files")
     if path.name.endswith(FILE_SUFFIXES) or path.is_absolute() or spec.path.startswith("."):
-        raise UsageError(f"--data {text}: no such file or folder")
+        raise UsageError(f"{text}: no such file or folder")
     return Source(spec, [], "hub")
 
 
@@ -201,12 +230,15 @@ def _rank(seed: int, key: str, position: int) -> bytes:
 
 
 def sample_rows(count: int, amount: int | float | None, seed: int, key: str, what: str) -> list[int]:
-    """Positions of the rows a ``:AMOUNT`` takes, in their original order."""
+    """Positions of the rows a ``:AMOUNT`` takes, in their original order; ``what`` names the
+    source in messages (``--data PATH:AMOUNT``)."""
     if amount is None:
         return list(range(count))
     take = round(amount * count) if isinstance(amount, float) else amount
     if take > count:
-        raise UsageError(f"--data {what}: asks for {take} rows but the source has only {count}")
+        raise UsageError(f"{what}: asks for {take} rows but the source has only {count}")
+    if take == 0:
+        raise UsageError(f"{what}: takes no rows ({amount:g} of {count} rounds to 0); give a larger fraction or a row count")
     chosen = sorted(range(count), key=lambda i: _rank(seed, key, i))[:take]
     return sorted(chosen)
 

@@ -130,8 +130,8 @@ class Item:
 
 def run(cfg: TokenizeConfig) -> Manifest | None:
     validate(cfg)
-    train_sources = [resolve_source(s) for s in cfg.data]
-    eval_sources = [resolve_source(s) for s in cfg.eval_data]
+    train_sources = [resolve_source(s, "--data") for s in cfg.data]
+    eval_sources = [resolve_source(s, "--eval-data") for s in cfg.eval_data]
     template_override = read_template_file(cfg.chat_template)
     settings = EncodeSettings(
         tokenizer=cfg.tokenizer, chat_template=template_override, apply_chat_template=cfg.apply_chat_template,
@@ -182,7 +182,7 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
         for source in sources:
             records = source.read()
             # Keyed by content, not path: the same data and seed give the same sample wherever it lives.
-            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.spec)
+            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.named)
             records = [records[i] for i in keep]
             fmt = _source_format(cfg, source, records, columns, encoder)
             items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]
@@ -203,17 +203,17 @@ def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], c
     fmt = cfg.format
     if fmt == "auto":
         if not records:
-            raise DataError(f"--data {source.spec.spec}: has no records")
+            raise DataError(f"{source.spec.named}: has no records")
         try:
             fmt = detect_format(apply_columns(records[0].parsed(), columns))
         except FieldError as exc:
             raise DataError(f"{records[0].where}: {exc}") from None
         except UsageError as exc:
-            raise UsageError(f"--data {source.spec.spec} ({records[0].where}): {exc}") from None
+            raise UsageError(f"{source.spec.named} ({records[0].where}): {exc}") from None
         log.info("%s: %d records, format %s", source.spec.spec, len(records), fmt)
     if (fmt in CHAT_FORMATS or cfg.apply_chat_template) and encoder.template is None:
         raise UsageError(
-            f"--data {source.spec.spec} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
+            f"{source.spec.named} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
             "template; pass one with --chat-template FILE"
             if fmt in CHAT_FORMATS
             else f"--apply-chat-template: tokenizer {cfg.tokenizer} has no chat template; pass one with --chat-template FILE"

@@ -24,6 +24,7 @@ from dpo.artifacts.lock import ArtifactLock
 from dpo.artifacts.shards import ArtifactReader
 from dpo.artifacts.errors import ArtifactError, DataError, UsageError
 from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
+from refusals import assert_refused
 
 HH = str(HH_DATA)
 SHAREGPT = str(SHAREGPT_DATA)
@@ -355,6 +356,19 @@ def test_malformed_json_list_names_the_element(tmp_path):
     data.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": 1, "rejected": "b"}]))
     with pytest.raises(DataError, match=r"pairs\.json, row \[1\]: field 'chosen': expected a string, got int"):
         tokenize(tmp_path / "out", str(data))
+
+
+def test_bad_amount_is_refused_as_an_amount_and_colon_names_work(tmp_path):
+    data = tmp_path / "run:2024.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
+    assert_refused(["tokenize", "--data", f"{data}:1e3", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   f"--data {data}:1e3: the amount '1e3' after the last ':' is not one dpo takes",
+                   out=tmp_path / "out", inputs=[data])
+    assert_refused(["tokenize", "--data", f"{HH}:10", "--eval-data", f"{data}:0.1", "--tokenizer", DEMO_MODEL,
+                    "--out", tmp_path / "out"],
+                   f"--eval-data {data}:0.1: takes no rows (0.1 of 4 rounds to 0)", out=tmp_path / "out", inputs=[data])
+    assert tokenize(tmp_path / "whole", str(data)).stats["pairs"]["train"] == 4
+    assert tokenize(tmp_path / "half", f"{data}:0.5").stats["pairs"]["train"] == 2
 
 
 def test_hub_name_fails_clearly_offline(tmp_path):
