@@ -51,6 +51,7 @@ class EncodeSettings:
     max_seq_length: int
     max_prompt_length: int | None
     truncation: str
+    chat_template_file: str | None = None  # where --chat-template's text came from, for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,10 @@ def read_template_file(path: str | None) -> str | None:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--chat-template {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise UsageError(f"--chat-template {path}, line {line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                         "save the template as UTF-8") from None
     if path.endswith(".json"):  # transformers' chat_template.json layout
         try:
             text = json.loads(text)["chat_template"]
@@ -134,6 +139,14 @@ def read_template_file(path: str | None) -> str | None:
     if not text.strip():
         raise UsageError(f"--chat-template {path}: is empty")
     return text
+
+
+def template_file(tokenizer: str) -> str:
+    """The file of a tokenizer folder that holds its chat template (transformers' order of preference)."""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (Path(tokenizer) / name).is_file():
+            return str(Path(tokenizer) / name)
+    return tokenizer
 
 
 class PairEncoder:
@@ -146,6 +159,7 @@ class PairEncoder:
         # Lengths are enforced by --max-seq-length below; silence transformers' per-call length warning.
         self.tokenizer.model_max_length = sys.maxsize
         self.template = effective_template(self.tokenizer, settings.chat_template)
+        self._compiled = False
         self.eos = self.tokenizer.eos_token_id
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -205,18 +219,63 @@ class PairEncoder:
             f"{texts[0][-60:]!r}, prompt+{name} renders {texts[side][len(texts[0]) - 60 : len(texts[0]) + 20]!r})",
         )
 
-    def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
-        if not pair.is_chat and not self.settings.apply_chat_template:
-            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
-        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+    # ---------------------------------------------------------------- the chat template as configuration
+
+    @property
+    def template_source(self) -> str:
+        """Where the template comes from, as a user would name it."""
+        if self.settings.chat_template is not None:
+            return f"--chat-template {self.settings.chat_template_file or '(text)'}"
+        return f"the chat template of --tokenizer {self.settings.tokenizer} ({template_file(self.settings.tokenizer)})"
+
+    def uses_template(self, pair: Pair) -> bool:
+        return pair.is_chat or self.settings.apply_chat_template
+
+    def check_template(self) -> None:
+        """A template that does not compile is a configuration error, found before any data is read
+        (otherwise every chat record would become a ``template_error`` drop)."""
+        if self.template is None or self._compiled:
+            return
         try:
-            return (
-                self._apply(prompt, add_generation_prompt=True),
-                self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
-                self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
-            )
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+        except ImportError:  # a transformers without it: the first render (check_renders) still catches it
+            return
+        try:
+            _compile_jinja_template(self.template)
+        except Exception as exc:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
+            raise UsageError(f"{self.template_source} does not compile: {_jinja_message(exc)}. Fix the template "
+                             "(or pass a working one with --chat-template FILE)") from None
+        self._compiled = True
+
+    def check_renders(self, pair: Pair, where: str) -> None:
+        """The first chat pair must render: a template that fails on it fails on the data as a whole,
+        which is a configuration error, not a reason to drop records. (A template that renders the
+        first conversation but refuses a later one, e.g. "roles must alternate", drops that record.)"""
+        self.check_template()
+        try:
+            self._render_text(pair)
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+            raise UsageError(
+                f"{self.template_source} fails on the first chat record ({where}): {_jinja_message(exc)}. A template "
+                "that cannot render the first conversation is a configuration error: fix the template (or pass a "
+                "working one with --chat-template FILE)"
+            ) from None
+
+    def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
+        try:
+            return self._render_text(pair)
         except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
             return Drop("template_error", f"the chat template refused this conversation: {type(exc).__name__}: {exc}")
+
+    def _render_text(self, pair: Pair) -> tuple[str, str, str]:
+        if not self.uses_template(pair):
+            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
+        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+        return (
+            self._apply(prompt, add_generation_prompt=True),
+            self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
+            self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
+        )
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -254,6 +313,13 @@ class PairEncoder:
         if bos is not None and prompt[0] == bos and limit > 1:
             return [bos] + prompt[len(prompt) - limit + 1 :]
         return prompt[len(prompt) - limit :]
+
+
+def _jinja_message(exc: Exception) -> str:
+    """A Jinja error as one line: its type, the template line when known, and its message."""
+    line = getattr(exc, "lineno", None)
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}{f' at template line {line}' if line else ''}: {message}"
 
 
 def tokenizer_with_template(candidates: list[str | Path | None], chat_template: str | None):

@@ -136,8 +136,11 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
     settings = EncodeSettings(
         tokenizer=cfg.tokenizer, chat_template=template_override, apply_chat_template=cfg.apply_chat_template,
         max_seq_length=cfg.max_seq_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+        chat_template_file=cfg.chat_template,
     )
     encoder = PairEncoder(settings)
+    if template_override is not None or cfg.apply_chat_template or cfg.format in CHAT_FORMATS:
+        encoder.check_template()  # a template that will be used: before any data is read
     if encoder.context < cfg.max_seq_length:
         log.warning("--max-seq-length %d is longer than the tokenizer's model_max_length %d: check the model's context",
                     cfg.max_seq_length, encoder.context)
@@ -188,6 +191,10 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
             items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]
             (train if split == "train" else evals).extend(items)
             stats.append({"data": source.spec.spec, "split": split, "format": fmt, "records": len(records)})
+    first_chat = next((item for item in train + evals if isinstance(item.pair, Pair) and encoder.uses_template(item.pair)),
+                      None)
+    if first_chat is not None:
+        encoder.check_renders(first_chat.pair, first_chat.record.where)
     if cfg.eval_fraction > 0:
         held_out = pick_fraction(len(train), cfg.eval_fraction, cfg.seed, "eval-fraction")
         evals = [item for i, item in enumerate(train) if i in held_out] + evals

@@ -235,6 +235,68 @@ def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
     assert manifest.stats["pairs_per_source"]["train"] == {HH: 5}
 
 
+CHAT = [{"chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "no"}]} for i in range(3)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_chat_template_that_does_not_compile_is_a_configuration_error(tmp_path):
+    """Today every chat record became a template_error drop, silently so beside plain-text data."""
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }\n{% endfor %}")
+    args = ["tokenize", "--data", data, "--data", f"{HH}:5", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+    assert_refused(args + ["--chat-template", template], f"--chat-template {template} does not compile: "
+                   "TemplateSyntaxError at template line 1: unexpected '}'", out=tmp_path / "out",
+                   inputs=[data, template])
+    # the tokenizer folder's own template, named by the file that holds it
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        folder.joinpath(name).write_bytes((DEMO_MODEL / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    args[args.index("--tokenizer") + 1] = folder
+    assert_refused(args, f"the chat template of --tokenizer {folder} ({folder / 'tokenizer_config.json'}) does not "
+                   "compile: TemplateSyntaxError", out=tmp_path / "out", inputs=[data, folder])
+    # a template nobody uses is nobody's problem: plain-text data tokenizes as before
+    assert tokenize(tmp_path / "plain", f"{HH}:5", tokenizer=folder).stats["pairs"]["train"] == 5
+
+
+def test_chat_template_that_fails_on_the_first_record_is_a_configuration_error(tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'user' %}{{ raise_exception('no user turns here') }}"
+                        "{% endif %}{{ m.content }}{% endfor %}")
+    assert_refused(["tokenize", "--data", f"{HH}:5", "--data", data, "--tokenizer", DEMO_MODEL, "--out",
+                    tmp_path / "out", "--chat-template", template, "--on-bad-record", "skip"],
+                   f"--chat-template {template} fails on the first chat record ({data}, line 1): TemplateError: "
+                   "no user turns here", out=tmp_path / "out", inputs=[data, template])
+
+
+def test_chat_template_that_refuses_a_later_record_drops_that_record(tmp_path):
+    """The first conversation renders, a later one breaks the template's rule: a per-record drop, as before."""
+    odd = {"chosen": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "no"}]}
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT[:2] + [odd])
+    template = tmp_path / "alternate.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.role + ': ' + m.content }}"
+        "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    manifest = tokenize(tmp_path / "out", str(data), chat_template=str(template))
+    assert manifest.stats["pairs"]["train"] == 2
+    assert manifest.stats["dropped"] == {"template_error": 1}
+
+
 # --------------------------------------------------------------------------------- truncation
 
 
