@@ -84,6 +84,11 @@ class TokenizeConfig(StageOptions):
         "Sources for the eval split (repeatable, same syntax as --data)."))
     eval_fraction: float = option(0.0, check=fraction(), panel="Data", help=(
         "Hold out this fraction of the --data records (seeded, before filtering) as the eval split."))
+    # Not semantic: it changes nothing when no --eval-data pair is also a train pair, and when some
+    # are, the run without it refuses (it makes no artifact), so no two artifacts ever differ by it.
+    # It is a permission, like --overwrite, not part of what is computed.
+    allow_overlap: bool = option(False, semantic=False, panel="Data", help=(
+        "Allow --eval-data pairs that are also train pairs (same prompt, chosen and rejected); refused by default."))
     max_seq_length: int = option(1024, check=at_least(2), panel="Tokenization", help=(
         "Most tokens in prompt+response, per side."))
     max_prompt_length: int | None = option(None, check=at_least(1), panel="Tokenization", help=(
@@ -195,22 +200,56 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
                       None)
     if first_chat is not None:
         encoder.check_renders(first_chat.pair, first_chat.record.where)
+    from_eval_data = evals
     if cfg.eval_fraction > 0:
         held_out = pick_fraction(len(train), cfg.eval_fraction, cfg.seed, "eval-fraction")
+        if not held_out or len(held_out) == len(train):
+            raise UsageError(
+                f"--eval-fraction {cfg.eval_fraction:g} holds out {len(held_out)} of the {len(train)} --data records, "
+                + ("so there would be no eval split: raise it, or give eval pairs with --eval-data" if not held_out
+                   else "leaving none to train on: lower it")
+            )
         evals = [item for i, item in enumerate(train) if i in held_out] + evals
         train = [item for i, item in enumerate(train) if i not in held_out]
+    if eval_sources:
+        _check_overlap(cfg, train, from_eval_data)
     splits = {"train": train}
     if evals:
         splits["eval"] = evals
     return splits, stats
 
 
+def _pair_key(pair: Pair) -> tuple:
+    prompt = pair.prompt if isinstance(pair.prompt, str) else tuple((m["role"], m["content"]) for m in pair.prompt)
+    return prompt, pair.chosen, pair.rejected
+
+
+def _check_overlap(cfg: TokenizeConfig, train: list[Item], evals: list[Item]) -> None:
+    """--eval-data pairs that are also train pairs (the same normalised prompt, chosen and rejected)
+    would be scored as held out while the model trained on them: refused unless --allow-overlap."""
+    seen = {}
+    for item in train:
+        if isinstance(item.pair, Pair):
+            seen.setdefault(_pair_key(item.pair), item)
+    shared = [(item, seen[key]) for item in evals if isinstance(item.pair, Pair) and (key := _pair_key(item.pair)) in seen]
+    if not shared:
+        return
+    item, twin = shared[0]
+    what = (f"{len(shared)} of the {len(evals)} --eval-data records are also train pairs (the same prompt, chosen and "
+            f"rejected), e.g. {item.record.where} is {twin.record.where}")
+    if not cfg.allow_overlap:
+        raise UsageError(f"{what}: the eval split would score pairs the model trains on. Remove them from one side, "
+                         "or pass --allow-overlap to keep them")
+    log.warning("%s; kept, as --allow-overlap asks", what)
+
+
 def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str],
                    encoder: PairEncoder) -> str:
     fmt = cfg.format
+    if not records:
+        raise DataError(f"{source.spec.named}: has no records" + (" (an eval split was asked for with it)"
+                                                                   if source.spec.flag == "--eval-data" else ""))
     if fmt == "auto":
-        if not records:
-            raise DataError(f"{source.spec.named}: has no records")
         try:
             fmt = detect_format(apply_columns(records[0].parsed(), columns))
         except FieldError as exc:
@@ -412,6 +451,12 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     total_pairs = sum(n for per_source in pairs.values() for n in per_source.values())
     if total_pairs == 0 or not pairs.get("train"):
         raise DataError(f"no training pairs are left after filtering (dropped: {dict(dropped)}); see {out / REJECTS}")
+    if "eval" in splits and not pairs.get("eval"):
+        asked = " and ".join(flag for flag, given in (("--eval-fraction", cfg.eval_fraction > 0),
+                                                      ("--eval-data", bool(cfg.eval_data))) if given)
+        eval_dropped = dict(Counter(r["reason"] for r in reject_rows if r["split"] == "eval"))
+        raise DataError(f"the eval split asked for with {asked} has no pairs left after filtering: all "
+                        f"{len(splits['eval'])} of its records were dropped ({eval_dropped}); see {out / REJECTS}")
     total_tokens = int(all_lengths["chosen_length"].sum() + all_lengths["rejected_length"].sum())
     stats = {
         "pairs": {split: sum(per_source.values()) for split, per_source in pairs.items()},

@@ -24,7 +24,7 @@ from dpo.artifacts.lock import ArtifactLock
 from dpo.artifacts.shards import ArtifactReader
 from dpo.artifacts.errors import ArtifactError, DataError, UsageError
 from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
-from refusals import assert_refused
+from refusals import assert_refused, dpo_in_process
 
 HH = str(HH_DATA)
 SHAREGPT = str(SHAREGPT_DATA)
@@ -362,6 +362,49 @@ def test_eval_data_source(tmp_path):
     m = tokenize(tmp_path / "out", f"{HH}:100", eval_data=(f"{SHAREGPT}:10",), max_seq_length=16384)
     assert m.stats["pairs_per_source"]["eval"] == {SHAREGPT: 10}
     assert rows(tmp_path / "out", "eval")[0]["index"] == m.stats["pairs"]["train"]
+
+
+def test_eval_split_asked_for_and_empty_is_refused_saying_why(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(20)])
+    out = tmp_path / "out"
+    base = ["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", out]
+    assert_refused(base + ["--eval-fraction", "0.01"], "--eval-fraction 0.01 holds out 0 of the 20 --data records, "
+                   "so there would be no eval split", out=out, inputs=[data])
+    assert_refused(base + ["--eval-fraction", "0.99"], "holds out 20 of the 20 --data records, leaving none to train on",
+                   out=out, inputs=[data])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_refused(base + ["--eval-data", empty, "--format", "text"], f"--eval-data {empty}: has no records",
+                   out=out, inputs=[data, empty])
+    # every eval record dropped by the filters: refused after tokenizing, before anything is committed
+    dropped = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "x", "chosen": "same", "rejected": "same"}] * 3)
+    assert_refused(base + ["--eval-data", dropped], "the eval split asked for with --eval-data has no pairs left after "
+                   "filtering: all 3 of its records were dropped ({'chosen_equals_rejected': 3})",
+                   out=out, inputs=[data, dropped])
+
+
+def test_eval_data_that_overlaps_the_train_data_needs_allow_overlap(tmp_path):
+    records = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    # lines 2 and 3 repeat train pairs (key order does not matter: the normalised pair is compared)
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"chosen": "a", "rejected": "c", "prompt": "q1"},
+                                                  {"rejected": "b", "chosen": "a", "prompt": "q4"}, records[7]])
+    args = ["tokenize", "--data", data, "--eval-data", evals, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+    assert_refused(args, f"2 of the 3 --eval-data records are also train pairs (the same prompt, chosen and rejected), "
+                   f"e.g. {evals}, line 2 is {data}, line 5", "--allow-overlap", out=tmp_path / "out", inputs=[data, evals])
+    allowed = dpo_in_process(*args, "--allow-overlap", "--quiet")
+    assert allowed.exit_code == 0, allowed.output
+    assert "2 of the 3 --eval-data records are also train pairs" in allowed.output
+    assert len(rows(tmp_path / "out", "eval")) == 3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["allow_overlap"] is True
+    # a permission, not a setting: without an overlap it changes nothing, not even the fingerprint
+    apart = write_jsonl(tmp_path / "apart.jsonl", [{"prompt": "new", "chosen": "a", "rejected": "b"}])
+    strict = tokenize(tmp_path / "strict", str(data), eval_data=(str(apart),))
+    lenient = tokenize(tmp_path / "lenient", str(data), eval_data=(str(apart),), allow_overlap=True)
+    assert strict.fingerprint == lenient.fingerprint
+    assert shard_bytes(tmp_path / "strict") == shard_bytes(tmp_path / "lenient")
+    # pairs held out by --eval-fraction are the train data's own records: not an overlap
+    assert tokenize(tmp_path / "fraction", str(data), eval_fraction=0.2).stats["pairs"] == {"train": 8, "eval": 2}
 
 
 # ------------------------------------------------------------------------ rejects, malformed data
