@@ -133,6 +133,21 @@ def _tokenizer(model_dir: Path, tokenized: Manifest):
     return tokenizer_with_template([model_dir, tokenized.config.get("tokenizer")], tokenized.stats.get("chat_template"))
 
 
+def _check_baseline(cfg: EvaluateConfig, baseline: Manifest, tokenized_fingerprint: str) -> None:
+    """A before/after table compares like with like only if both evaluations scored the same pairs."""
+    theirs = next((ref for ref in baseline.inputs if ref.kind == "tokenized"), None)
+    split = baseline.config.get("split")
+    if theirs is not None and theirs.fingerprint == tokenized_fingerprint and split == cfg.split:
+        return
+    made_on = (f"split {split!r} of {theirs.path} (tokenized fingerprint {theirs.fingerprint})" if theirs is not None
+               else "pairs it does not name")
+    raise UsageError(
+        f"--baseline {cfg.baseline} evaluated {made_on}, but this run evaluates split {cfg.split!r} of {cfg.tokenized} "
+        f"(tokenized fingerprint {tokenized_fingerprint}): a before/after comparison needs the same pairs. Evaluate the "
+        f"baseline with --tokenized {cfg.tokenized} --split {cfg.split}, or leave out --baseline"
+    )
+
+
 def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
     if split not in reader.splits:
         raise UsageError(
@@ -156,6 +171,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     baseline_reader = ArtifactReader(cfg.baseline, kind=KIND, verify=verify) if cfg.baseline else None
     train = train_reader.manifest if train_reader else None
     baseline = baseline_reader.manifest if baseline_reader else None
+    if baseline is not None:
+        _check_baseline(cfg, baseline, tokenized.fingerprint)
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
     objective, source = _objective(cfg, train)
     model_dir = Path(cfg.model)

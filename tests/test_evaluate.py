@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import HH_DATA, build_tiny_llama, run_dpo
-from refusals import assert_refused
+from refusals import assert_refused, dpo_in_process
 
 BETA = 0.1
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -160,6 +160,30 @@ def test_unknown_split_lists_the_splits(pipeline, tmp_path):
     assert proc.returncode == 2
     assert "has no split 'test'" in proc.stderr and "train, eval" in proc.stderr
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_baseline_of_other_pairs_is_refused_naming_both(pipeline, tmp_path):
+    """A before/after table of two evaluations on different pairs would compare nothing."""
+    on_train = tmp_path / "base-train"
+    done = dpo_in_process("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--split", "train",
+                          "--out", on_train, "--quiet")
+    assert done.exit_code == 0, done.output
+    fingerprint = json.loads((pipeline["tokenized"] / "manifest.json").read_text())["fingerprint"]
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"]
+    assert_refused(args + ["--baseline", on_train],
+                   f"--baseline {on_train} evaluated split 'train' of {pipeline['tokenized']} (tokenized fingerprint "
+                   f"{fingerprint}), but this run evaluates split 'eval' of {pipeline['tokenized']} (tokenized "
+                   f"fingerprint {fingerprint})", out=tmp_path / "e", inputs=[on_train, pipeline["tokenized"]])
+    # the same split of another tokenized artifact
+    other = tmp_path / "tok-other"
+    done = dpo_in_process("tokenize", "--data", f"{HH_DATA}:20", "--tokenizer", pipeline["base"], "--out", other,
+                          "--eval-fraction", "0.5", "--max-seq-length", "96", "--quiet")
+    assert done.exit_code == 0, done.output
+    other_fp = json.loads((other / "manifest.json").read_text())["fingerprint"]
+    assert_refused(["evaluate", "--model", pipeline["trained"], "--tokenized", other, "--out", tmp_path / "e",
+                    "--baseline", on_train], f"of {pipeline['tokenized']} (tokenized fingerprint {fingerprint}), but "
+                   f"this run evaluates split 'eval' of {other} (tokenized fingerprint {other_fp})",
+                   out=tmp_path / "e", inputs=[on_train, other])
 
 
 def test_model_with_a_smaller_vocabulary_is_refused(pipeline, tmp_path):
