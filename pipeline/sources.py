@@ -101,6 +101,8 @@ class Record:
     def parsed(self) -> dict[str, Any]:
         """The record as a mapping; a DataError (file and line, no field) if it is not one."""
         data = self.data
+        if isinstance(data, bytes):  # a JSON line that is not UTF-8 (see read_lines)
+            raise DataError(f"{self.where}: {not_utf8(data)}")
         if isinstance(data, str) and self.line is not None:
             try:
                 data = json.loads(data)
@@ -193,7 +195,9 @@ def _read_file(path: Path) -> list[Record]:
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path)
     if name.endswith(".json"):
-        text = path.read_text(encoding="utf-8")
+        # One JSON document: bytes that are not UTF-8 stay in its strings as lone surrogates, which
+        # normalise() reports as a bad record naming the row and field.
+        text = decode_text(path, path.read_bytes())
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -213,16 +217,64 @@ def _read_file(path: Path) -> list[Record]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    records = []
+    return [Record(str(path), number, None, line) for number, line in read_lines(path) if line.strip()]
+
+
+# ------------------------------------------------------------------------------ text encoding
+#
+# Data files are UTF-8. A UTF-8 byte-order mark at the very start of a file is an encoding marker
+# that many tools write (Excel, Notepad, PowerShell), not content: it is skipped. Anywhere else
+# U+FEFF is a character like any other (inside a JSON string it stays in the text; before a JSON
+# line that is not the first it makes that line invalid JSON, a bad record). A file that starts
+# with a UTF-16 or UTF-32 byte-order mark is in another encoding: refused as a whole. Bytes that are
+# not UTF-8 make only their own line a bad record (file and line), so --on-bad-record skip can
+# set it aside; they are carried as lone surrogates ("surrogateescape") until then.
+
+_OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+               b"\xfe\xff": "UTF-16"}
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _check_bom(path: Path, head: bytes) -> None:
+    for bom, encoding in _OTHER_BOMS.items():
+        if head.startswith(bom):
+            raise DataError(f"{path}: starts with a {encoding} byte-order mark, so it is {encoding} text; dpo reads "
+                            "UTF-8: convert it (e.g. iconv -f UTF-16 -t UTF-8)")
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """A whole file's bytes as text: a leading UTF-8 BOM skipped, bytes that are not UTF-8 kept as lone surrogates."""
+    _check_bom(path, data[:4])
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def not_utf8(line: bytes) -> str:
+    """What is wrong with a line that is not UTF-8, and where (a position in the line, not in the file)."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                "save the file as UTF-8")
+    return "not UTF-8 text"
+
+
+def read_lines(path: Path):
+    """``(line number, line)`` of a text file (gzip-compressed if it ends in .gz), 1-based, with
+    universal newlines; a line that is not UTF-8 comes as its raw bytes. A file that cannot be read
+    at all is a DataError naming it."""
+    compressed = path.name.endswith(".gz")
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as raw:
+            _check_bom(path, raw.read(4))
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(Record(str(path), number, None, line))
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if opener is gzip.open else ''}UTF-8 JSON lines ({exc})") from None
-    return records
+                if _ESCAPED.search(line):
+                    yield number, line.encode("utf-8", errors="surrogateescape")
+                else:
+                    yield number, line
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if compressed else ''}JSON lines ({exc})") from None
 
 
 def _rank(seed: int, key: str, position: int) -> bytes:

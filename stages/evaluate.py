@@ -31,6 +31,7 @@ from ..artifacts.shards import ArtifactReader, file_entry, write_shard
 from ..pipeline import report
 from ..pipeline.batching import SIDES, forward_batches, pad_token_id, pair_indices
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
+from ..pipeline.formats import FieldError, chat_messages, surrogate_problem
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import LossConfig, LossInputs
@@ -38,6 +39,7 @@ from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_ident
 from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
+from ..pipeline.sources import not_utf8, read_lines
 from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 
 STAGE = "evaluate"
@@ -188,6 +190,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
+    tokenizer = _tokenizer(model_dir, tokenized.manifest) if cfg.generate else None
+    prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else None
     # "source": None keeps the fingerprints of earlier evaluations, whose objective carried the key.
     semantic = {**semantic_config(cfg), "objective": {**objective.to_json(), "source": None}}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
@@ -214,7 +218,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
             log.warning("no --ref-cache: implicit rewards (β·log-ratio to the reference) are not reported")
         generations = []
         if cfg.generate:
-            generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg, stage_run)
+            generations = _generate(model, tokenizer, rows, cfg, stage_run, prompts)
         metrics = _metrics(cfg, pairs, rows, generations, objective, source, baseline_reader, started)
         files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective)
         stage_run.commit(Manifest(
@@ -310,38 +314,50 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
 def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
     """Prompts from a JSONL file: {"prompt": text} or {"messages": [...]} (or a bare JSON string) per line.
 
-    Text prompts become one user turn through the chat template when the tokenizer has one.
+    Text prompts become one user turn through the chat template when the tokenizer has one. Read
+    before anything is scored, so a bad line stops the run at once (exit 2 naming file and line).
     """
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON: {exc}") from None
-            if isinstance(record, str):
-                record = {"prompt": record}
-            if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-                raise DataError(f"{path}, line {number}: expected a string or an object with 'prompt' or 'messages'")
-            messages = record.get("messages")
+    for number, line in read_lines(Path(path)):
+        where = f"{path}, line {number}"
+        if isinstance(line, bytes):
+            raise DataError(f"{where}: {not_utf8(line)}")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON: {exc}") from None
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+            raise DataError(f"{where}: expected a string or an object with 'prompt' or 'messages'")
+        messages = record.get("messages")
+        try:
             if messages is None:
                 if not isinstance(record["prompt"], str):
-                    raise DataError(f"{path}, line {number}, field 'prompt': expected a string")
+                    raise FieldError("prompt", "expected a string")
+                problem = surrogate_problem(record["prompt"])
+                if problem:
+                    raise FieldError("prompt", problem)
                 if tokenizer.chat_template:
                     messages = [{"role": "user", "content": record["prompt"]}]
-            if messages is not None:
-                if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                             for m in messages):
-                    raise DataError(f"{path}, line {number}, field 'messages': expected a list of {{role, content}}")
+            else:
+                messages = list(chat_messages(messages, "messages"))
+        except FieldError as exc:
+            raise DataError(f"{where}, {exc}") from None
+        if messages is not None:
+            try:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
-            else:
-                ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-            prompts.append({"line": number, "prompt_ids": list(ids)})
-            if len(prompts) == limit:
-                break
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+                raise DataError(f"{where}: the chat template cannot render these messages: "
+                                f"{type(exc).__name__}: {exc}") from None
+        else:
+            ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        prompts.append({"line": number, "prompt_ids": list(ids)})
+        if len(prompts) == limit:
+            break
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -370,9 +386,10 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun) -> list[dict[str, Any]]:
+def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun,
+              prompts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Greedy (temperature 0) or sampled completions, left-padded in batches, with token counts."""
-    items = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else _held_out_prompts(rows, cfg.generate)
+    items = prompts if prompts is not None else _held_out_prompts(rows, cfg.generate)
     stop = _stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]

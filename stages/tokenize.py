@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..artifacts.errors import DataError, UsageError
+from ..artifacts.errors import DataError, DpoError, UsageError
 from ..artifacts.fingerprint import fingerprint, sha256_file
 from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
 from ..artifacts.runner import StageRun
@@ -250,12 +250,7 @@ def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], c
         raise DataError(f"{source.spec.named}: has no records" + (" (an eval split was asked for with it)"
                                                                    if source.spec.flag == "--eval-data" else ""))
     if fmt == "auto":
-        try:
-            fmt = detect_format(apply_columns(records[0].parsed(), columns))
-        except FieldError as exc:
-            raise DataError(f"{records[0].where}: {exc}") from None
-        except UsageError as exc:
-            raise UsageError(f"{source.spec.named} ({records[0].where}): {exc}") from None
+        fmt = _detect(cfg, source, records, columns)
         log.info("%s: %d records, format %s", source.spec.spec, len(records), fmt)
     if (fmt in CHAT_FORMATS or cfg.apply_chat_template) and encoder.template is None:
         raise UsageError(
@@ -265,6 +260,23 @@ def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], c
             else f"--apply-chat-template: tokenizer {cfg.tokenizer} has no chat template; pass one with --chat-template FILE"
         )
     return fmt
+
+
+def _detect(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str]) -> str:
+    """The source's format, judged from its first record; under --on-bad-record skip, from its first
+    record that can be judged (a malformed first line is set aside like any other)."""
+    first: DpoError | None = None
+    for record in records if cfg.on_bad_record == "skip" else records[:1]:
+        try:
+            return detect_format(apply_columns(record.parsed(), columns))
+        except FieldError as exc:
+            error: DpoError = DataError(f"{record.where}: {exc}")
+        except DataError as exc:
+            error = exc
+        except UsageError as exc:
+            error = UsageError(f"{source.spec.named} ({record.where}): {exc}")
+        first = first or error
+    raise first
 
 
 def _normalise(cfg: TokenizeConfig, record: Record, fmt: str, columns: dict[str, str]) -> Pair | Drop:

@@ -212,3 +212,13 @@ def test_prompts_file(pipeline, tmp_path):
                    "--out", tmp_path / "bad", "--generate", "2", "--prompts", prompts)
     assert proc.returncode == 2
     assert f"{prompts}, line 2, field 'prompt'" in proc.stderr
+
+    # read before anything is scored: bytes that are not UTF-8, a lone surrogate, an unknown role
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "bad",
+            "--generate", "2", "--prompts", prompts]
+    for line, expected in [(b'{"prompt": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at byte 16 of the line)"),
+                           (b'{"prompt": "a\\udc00"}', "line 2, field 'prompt': holds U+DC00 at character 1"),
+                           (b'{"messages": [{"role": "bot", "content": "x"}]}',
+                            "line 2, field 'messages[0].role': unknown role 'bot'")]:
+        prompts.write_bytes(b'{"prompt": "ok"}\n' + line + b"\n")
+        assert_refused(args, f"{prompts}, {expected}", out=tmp_path / "bad", inputs=[prompts])

@@ -103,6 +103,22 @@ def test_sharegpt_unknown_speaker_names_the_field():
     assert err.value.field == "conversations[0].from"
 
 
+def test_chat_roles_and_text_tokenizers_cannot_take_name_the_field():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(FieldError, match=r"'prompt\[0\].role': unknown role 'User' \(known: system, developer, user"):
+        normalise({"prompt": [{"role": "User", "content": "hi"}], "chosen": "a", "rejected": "b"}, "chat-prompt")
+    lone = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "o\udcffk"}]
+    with pytest.raises(FieldError, match=r"'rejected\[1\].content': holds U\+DCFF at character 1, a lone surrogate"):
+        normalise({"chosen": turns, "rejected": lone}, "chat")
+    with pytest.raises(FieldError, match=r"'chosen': holds U\+D83D at character 10"):
+        normalise({"chosen": "\n\nHuman: h\ud83d\n\nAssistant: a", "rejected": "\n\nHuman: h\ud83d\n\nAssistant: b"}, "hh")
+    with pytest.raises(FieldError, match=r"'system': holds U\+DC00"):
+        normalise({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+                   "rejected": {"from": "gpt", "value": "b"}, "system": "s\udc00"}, "sharegpt")
+    # a surrogate pair from JSON escapes is one character, not a problem
+    assert normalise(json.loads('{"prompt": "\\ud83d\\ude00", "chosen": "a", "rejected": "b"}'), "text").prompt == "\U0001F600"
+
+
 def test_columns_mapping():
     assert parse_columns("prompt=question, chosen=good,rejected=bad") == {
         "prompt": "question", "chosen": "good", "rejected": "bad"}

@@ -456,6 +456,79 @@ def test_malformed_records_skipped_into_rejects(tmp_path):
     assert m.stats["pairs"]["train"] == 2 and m.stats["dropped"] == {"malformed": 3}
 
 
+def test_text_tokenizers_cannot_take_is_a_bad_record_at_its_line(tmp_path):
+    """Bytes that are not UTF-8 (was: the whole file refused at a byte offset) and lone surrogates
+    from JSON escapes (was: a crash inside the Rust tokenizer): bad records naming file and line."""
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode()
+    lines = [good, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', b'{"prompt": "q", "chosen": "a\\ud800",'
+             b' "rejected": "b"}', good]
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    packed = tmp_path / "pairs.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for data in (plain, packed):
+        args = ["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+        assert_refused(args, f"{data}, line 2: not UTF-8 text (byte 0xe9 at byte 16 of the line)",
+                       "--on-bad-record skip", out=tmp_path / "out", inputs=[data])
+        m = tokenize(tmp_path / f"skip-{data.name}", str(data), on_bad_record="skip")
+        rejects = [json.loads(line) for line in (tmp_path / f"skip-{data.name}" / "rejects.jsonl").read_text().splitlines()]
+        assert [(r["line"], r["reason"]) for r in rejects] == [(2, "malformed"), (3, "malformed")]
+        assert "field 'chosen': holds U+D800 at character 1, a lone surrogate" in rejects[1]["detail"]
+        assert m.stats["pairs"]["train"] == 2
+    # the surrogate alone, in error mode: its line and field
+    (tmp_path / "surrogate.jsonl").write_bytes(lines[2] + b"\n")
+    assert_refused(["tokenize", "--data", tmp_path / "surrogate.jsonl", "--tokenizer", DEMO_MODEL, "--out",
+                    tmp_path / "out"], "surrogate.jsonl, line 1: field 'chosen': holds U+D800",
+                   out=tmp_path / "out", inputs=[tmp_path / "surrogate.jsonl"])
+    # a JSON list is one document: a byte that is not UTF-8 inside a string is a bad record at its row and field
+    listed = tmp_path / "pairs.json"
+    listed.write_bytes(b"[" + good + b", " + lines[1] + b"]")
+    with pytest.raises(DataError, match=r"pairs\.json, row \[1\]: field 'prompt': holds U\+DCE9 at character 3"):
+        tokenize(tmp_path / "out", str(listed))
+    assert tokenize(tmp_path / "skip-list", str(listed), on_bad_record="skip").stats["dropped"] == {"malformed": 1}
+
+
+def test_byte_order_marks(tmp_path):
+    """A UTF-8 BOM at the start of a file is an encoding marker: skipped, the output is the file's without it.
+    Anywhere else U+FEFF is a character; a UTF-16 file is refused as a whole."""
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "\ufeffq2", "chosen": "a", "rejected": "b"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    (tmp_path / "plain.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "marked.jsonl").write_text(text, encoding="utf-8-sig")
+    plain = tokenize(tmp_path / "a", str(tmp_path / "plain.jsonl"))
+    marked = tokenize(tmp_path / "b", str(tmp_path / "marked.jsonl"))
+    assert plain.stats["pairs"]["train"] == marked.stats["pairs"]["train"] == 2
+    assert [r["chosen_input_ids"] for r in rows(tmp_path / "a")] == [r["chosen_input_ids"] for r in rows(tmp_path / "b")]
+    first, second = rows(tmp_path / "a")
+    assert second["prompt_length"] > first["prompt_length"]  # the U+FEFF inside a string is kept as text
+    listed = tmp_path / "marked.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert tokenize(tmp_path / "c", str(listed)).stats["pairs"]["train"] == 2
+    # a BOM before a later line (files concatenated with cat) is not JSON: a bad record at that line
+    (tmp_path / "joined.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode() + b"\xef\xbb\xbf" + text.encode())
+    assert_refused(["tokenize", "--data", tmp_path / "joined.jsonl", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   "joined.jsonl, line 3: not valid JSON (Unexpected UTF-8 BOM", out=tmp_path / "out",
+                   inputs=[tmp_path / "joined.jsonl"])
+    (tmp_path / "wide.jsonl").write_text(text, encoding="utf-16")
+    assert_refused(["tokenize", "--data", tmp_path / "wide.jsonl", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   "wide.jsonl: starts with a UTF-16 byte-order mark", out=tmp_path / "out", inputs=[tmp_path / "wide.jsonl"])
+
+
+def test_chat_message_with_an_unknown_role_is_a_bad_record(tmp_path):
+    bad = {"chosen": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "no"}]}
+    data = write_jsonl(tmp_path / "chat.jsonl", [bad] + CHAT)
+    assert_refused(["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   f"{data}, line 1: field 'chosen[0].role': unknown role 'human' (known: system, developer, user",
+                   out=tmp_path / "out", inputs=[data])
+    # skipped, even as the first record: the format is judged from the first record that can be judged
+    m = tokenize(tmp_path / "skip", str(data), on_bad_record="skip")
+    assert m.stats["dropped"] == {"malformed": 1} and m.stats["pairs"]["train"] == 3
+    first_bad = tmp_path / "first.jsonl"
+    first_bad.write_text("not json\n" + "".join(json.dumps(r) + "\n" for r in CHAT))
+    assert tokenize(tmp_path / "skip2", str(first_bad), on_bad_record="skip").stats["dropped"] == {"malformed": 1}
+
+
 def test_malformed_json_list_names_the_element(tmp_path):
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": 1, "rejected": "b"}]))
