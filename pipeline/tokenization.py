@@ -35,6 +35,12 @@ from .formats import Drop, Pair
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep-start", "drop")
+# Tokens of slack between the tokens a pair can keep of a text and where a huge text is cut before
+# tokenizing (see PairEncoder.bound).
+BOUND_MARGIN = 32
+# Texts up to this many characters are never cut: tokenizing them costs little (well under a
+# second), and an uncut text's drop reasons keep their exact token counts (rejects.jsonl).
+MIN_CUT_CHARS = 100_000
 # Files that define a tokenizer's behaviour (weights and model config excluded).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -164,6 +170,50 @@ class PairEncoder:
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         self.text_prefix = [bos] if bos is not None and probe[:1] == [bos] else []
+        # No token covers more characters than its own spelling has (byte-level tokens spell one
+        # character per byte; SentencePiece pieces spell their text): a text of this many
+        # characters has at least max_seq_length + 2 * BOUND_MARGIN tokens. None: never cut.
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self.max_chars: int | None = max((settings.max_seq_length + 2 * BOUND_MARGIN) * max(longest, 1), MIN_CUT_CHARS)
+
+    # ---------------------------------------------------------------- huge texts
+
+    def bound(self, pair: Pair) -> tuple[Pair, int]:
+        """``pair`` with every text field longer than ``max_chars`` cut to the part a pair can keep,
+        so that a single huge record (a 50 MB response) costs what a normal one does,
+        and the length of the longest text cut (0: none). Responses keep their head (keep-start
+        truncation keeps a response's first tokens), prompts their tail (a long prompt keeps its
+        latest tokens, or is dropped whatever its length). The tokens kept are the ones the whole
+        text gives: a cut text is used only if it has at least max_seq_length + BOUND_MARGIN tokens
+        and those nearest the kept end equal the ones of a cut twice as long (so the cut is far
+        from anything kept; a text whose tokens depend on text that far away is tokenized whole)."""
+        limit = self.max_chars
+        if limit is None:
+            return pair, 0
+        prompt_texts = [pair.prompt] if isinstance(pair.prompt, str) else [m["content"] for m in pair.prompt]
+        if max(len(pair.chosen), len(pair.rejected), *map(len, prompt_texts)) <= limit:
+            return pair, 0
+        longest = 0
+
+        def cut(text: str, keep_head: bool) -> str:
+            nonlocal longest
+            if len(text) <= limit:
+                return text
+            short, long = (text[:limit], text[: 2 * limit + 1]) if keep_head else (text[-limit:], text[-2 * limit - 1:])
+            a, b = (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast([short, long], add_special_tokens=False))
+            keep = self.settings.max_seq_length
+            stable = a[:keep] == b[:keep] if keep_head else a[-keep:] == b[-keep:]
+            if len(a) < keep + BOUND_MARGIN or not stable:
+                return text
+            longest = max(longest, len(text))
+            return short
+
+        if isinstance(pair.prompt, str):
+            prompt: str | tuple[dict[str, str], ...] = cut(pair.prompt, keep_head=False)
+        else:
+            prompt = tuple({**m, "content": cut(m["content"], keep_head=False)} for m in pair.prompt)
+        bounded = Pair(prompt, cut(pair.chosen, keep_head=True), cut(pair.rejected, keep_head=True))
+        return (bounded, longest) if longest else (pair, 0)
 
     def encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
         if not pairs:
@@ -171,7 +221,9 @@ class PairEncoder:
         texts: list[str] = []
         chat: list[bool] = []
         failed: dict[int, Drop] = {}
+        cuts: dict[int, int] = {}
         for i, pair in enumerate(pairs):
+            pair, cuts[i] = self.bound(pair)
             rendered = self._render(pair)
             if isinstance(rendered, Drop):
                 failed[i] = rendered
@@ -198,6 +250,8 @@ class PairEncoder:
                     retokenize.append((i, side))
                 else:
                     results[i] = self._mismatch(prompt, full, chat[i], side, texts[3 * i : 3 * i + 3])
+                    if cuts[i]:
+                        results[i] = dataclasses.replace(results[i], detail=results[i].detail + self._cut_note(cuts[i]))
                     break
         if retokenize:
             tails = [texts[3 * i + side][len(texts[3 * i]):] for i, side in retokenize]
@@ -206,7 +260,13 @@ class PairEncoder:
         for i in range(len(pairs)):
             if results[i] is None:
                 results[i] = self._split(prompts[i], responses[i, 1], responses[i, 2], chat[i])
+                if cuts[i] and isinstance(results[i], Drop):
+                    results[i] = dataclasses.replace(results[i], detail=results[i].detail + self._cut_note(cuts[i]))
         return results
+
+    def _cut_note(self, length: int) -> str:
+        # Counts in a drop's detail are of the cut text; the pair is dropped for the same reason either way.
+        return f" (counted after cutting a {length:,}-character text to {self.max_chars:,} characters before tokenizing)"
 
     @staticmethod
     def _mismatch(prompt: list[int], full: list[int], chat: bool, side: int, texts: list[str]) -> PrefixMismatch:

@@ -324,6 +324,85 @@ def test_truncation_keep_start_and_drop(tmp_path):
     assert sum(r["reason"] == "too_long" for r in rejects) == drop.stats["dropped"]["too_long"]
 
 
+def _huge_pairs(size: int) -> list:
+    """Pairs with texts far over the cut: prose with multi-byte characters, emoji and newlines, runs
+    without whitespace, huge prompts (plain and chat, early and late turns) and huge responses."""
+    import random
+
+    from dpo.pipeline.formats import Pair
+
+    rng = random.Random(0)
+    words = "the cat sat héllo wörld 日本語 テスト 🙂🙃 42 3.14 , . ! ? \n\n - -- ### aaaa Assistant: </s>".split(" ")
+
+    def prose(n: int) -> str:
+        out, length = [], 0
+        while length < n:
+            out.append(rng.choice(words))
+            length += len(out[-1]) + 1
+        return " ".join(out)
+
+    user = {"role": "user", "content": "hi"}
+    return [
+        Pair("Q: " + prose(40), " " + prose(size), " " + prose(size)),
+        Pair(prose(size), " yes", " no"),
+        Pair(prose(size), " " + prose(size), " " + prose(size)),
+        Pair(" " + "a" * size, " " + "b" * size, " " + "c" * size),
+        Pair(({"role": "system", "content": prose(size)}, user), prose(size), "no"),
+        Pair(({"role": "user", "content": prose(size)},), "yes " + prose(size), "no"),
+        Pair((user,), prose(size) + "</s>" + prose(size), "no"),
+    ]
+
+
+@pytest.mark.parametrize("tokenizer", [DEMO_MODEL, GPT2_TOKENIZER], ids=["llama-sp", "gpt2"])
+def test_huge_texts_are_cut_before_tokenizing_and_keep_the_same_tokens(tokenizer, tmp_path, monkeypatch):
+    """The cut (a text longer than (max_seq_length + margin) x the longest token's characters keeps its
+    head as a response, its tail as a prompt) changes no token a pair keeps, nor why a pair is dropped.
+    (Texts under 100,000 characters are never cut; here the floor is lowered to test the cut on small texts.)"""
+    from dpo.pipeline import tokenization
+    from dpo.pipeline.tokenization import EncodeSettings, PairEncoder
+
+    monkeypatch.setattr(tokenization, "MIN_CUT_CHARS", 0)
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+                        "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    pairs = _huge_pairs(18_000)
+    kept = 0
+    for max_seq_length, max_prompt_length, truncation in [(64, None, "keep-start"), (64, 16, "keep-start"),
+                                                          (64, None, "drop"), (72, 40, "keep-start")]:
+        encoder = PairEncoder(EncodeSettings(str(tokenizer), template.read_text(), False, max_seq_length,
+                                             max_prompt_length, truncation))
+        assert all(encoder.bound(pair)[1] for pair in pairs)  # every one of them is cut
+        bounded = encoder.encode(pairs)
+        encoder.max_chars = None
+        whole = encoder.encode(pairs)
+        for got, expected in zip(bounded, whole):
+            assert type(got) is type(expected)
+            assert got == expected if not hasattr(got, "reason") else got.reason == expected.reason
+        kept += sum(hasattr(r, "prompt") and r.truncated for r in whole)
+    assert kept >= 10  # the comparison covers kept tokens, not only drops
+
+
+def test_huge_text_cut_changes_no_byte_of_real_data(tmp_path, monkeypatch):
+    """HH-RLHF at --max-seq-length 64 with the demo tokenizer, the 100,000-character floor lowered so
+    that most dialogues are cut (at 896 characters): the shards are byte-identical to those made
+    without the cut, and so are the drops. With the floor, no record of the shipped data is cut."""
+    from dpo.pipeline import tokenization
+    from dpo.pipeline.tokenization import PairEncoder
+
+    options = dict(max_seq_length=64, max_prompt_length=24, rows_per_shard=200)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenization, "MIN_CUT_CHARS", 0)
+        cut = tokenize(tmp_path / "cut", f"{HH}:400", **options)
+    monkeypatch.setattr(PairEncoder, "bound", lambda self, pair: (pair, 0))
+    whole = tokenize(tmp_path / "whole", f"{HH}:400", **options)
+    assert cut.fingerprint == whole.fingerprint
+    assert {k: v for k, v in shard_bytes(tmp_path / "cut").items() if k.endswith(".parquet")} == \
+        {k: v for k, v in shard_bytes(tmp_path / "whole").items() if k.endswith(".parquet")}
+    assert cut.stats["dropped"] == whole.stats["dropped"] and cut.stats["truncated"] == whole.stats["truncated"] > 300
+    assert max(len(r["chosen"]) for r in hh_lines()) < tokenization.MIN_CUT_CHARS
+
+
 def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path):
     tokenize(tmp_path / "full", f"{HH}:50", max_seq_length=4096)
     tokenize(tmp_path / "cut", f"{HH}:50", max_seq_length=4096, max_prompt_length=64)
