@@ -469,6 +469,16 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
         eval_dropped = dict(Counter(r["reason"] for r in reject_rows if r["split"] == "eval"))
         raise DataError(f"the eval split asked for with {asked} has no pairs left after filtering: all "
                         f"{len(splits['eval'])} of its records were dropped ({eval_dropped}); see {out / REJECTS}")
+    for source in train_sources + eval_sources:
+        # A source that makes no pair at all is lost to a configuration mistake (its format, --columns,
+        # the chat template, the lengths), not to bad records; beside other sources it would go unnoticed.
+        if not any(per_source.get(source.name) for per_source in pairs.values()):
+            lost = Counter(r["reason"] for r in reject_rows if r["source"] == source.name)
+            raise DataError(
+                f"{source.spec.named}: none of its {sum(lost.values())} records made a pair (dropped: {dict(lost)}): "
+                f"a whole source lost points at its format, --columns, the chat template or the lengths; see "
+                f"{out / REJECTS}"
+            )
     total_tokens = int(all_lengths["chosen_length"].sum() + all_lengths["rejected_length"].sum())
     stats = {
         "pairs": {split: sum(per_source.values()) for split, per_source in pairs.items()},

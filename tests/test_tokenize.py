@@ -230,9 +230,11 @@ def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
     with pytest.raises(DataError, match=r"json, row \[\d+\]: the chat template's rendering of the prompt is not a prefix"):
         tokenize(tmp_path / "out", f"{SHAREGPT}:3", chat_template=str(template))
     assert not (tmp_path / "out" / "manifest.json").exists()
-    manifest = tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
-    assert manifest.stats["dropped"] == {"prompt_not_token_prefix": 3}
-    assert manifest.stats["pairs_per_source"]["train"] == {HH: 5}
+    # set aside one by one, but a source that loses every record beside another source is not left out silently
+    with pytest.raises(DataError, match=r"--data .*json:3: none of its 3 records made a pair \(dropped: "
+                                        r"\{'prompt_not_token_prefix': 3\}\): a whole source lost"):
+        tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
+    assert not (tmp_path / "skip" / "manifest.json").exists()
 
 
 CHAT = [{"chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "yes"}],
