@@ -35,7 +35,7 @@ from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_l
 from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.profiling import PhaseTimer, model_flops_per_token
@@ -106,7 +106,7 @@ def _run(config: CacheRefConfig) -> None:
     tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs)
     config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
-    _check_vocab(config, info)
+    check_vocab(config.model, config.tokenized, tokenized.manifest)
     collective = dist.COLLECTIVE
     identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify_model))
     # The sampled identity is the key whether or not --verify-model hashed the weights in full, so
@@ -158,23 +158,6 @@ def _resolve_splits(config: CacheRefConfig, tokenized: ArtifactReader) -> tuple[
             f"--split {', '.join(unknown)}: {config.tokenized} has no such split (it has {', '.join(available)})"
         )
     return tuple(dict.fromkeys(config.splits))
-
-
-def _check_vocab(config: CacheRefConfig, info: dict) -> None:
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model {config.model}: cannot read its config: {exc}") from None
-    model_vocab = model_config.get_text_config().vocab_size
-    tokenizer_vocab = info.get("vocab_size")
-    if tokenizer_vocab is not None and tokenizer_vocab > model_vocab:
-        raise UsageError(
-            f"model {config.model} has a vocabulary of {model_vocab} tokens, but {config.tokenized} was tokenized "
-            f"with a tokenizer of {tokenizer_vocab} (ids up to {tokenizer_vocab - 1}): this is not the model those "
-            "tokens were made for. Tokenize with the model's own tokenizer"
-        )
 
 
 def _plan(tokenized: ArtifactReader, splits: tuple[str, ...], rows_per_shard: int) -> list[ShardTask]:

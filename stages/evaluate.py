@@ -33,13 +33,15 @@ from ..pipeline.batching import (
     SIDES, forward_batches, length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens,
 )
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
+from ..pipeline.formats import FieldError, chat_messages, surrogate_problem
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import BatchContext, LossConfig, LossInputs, RewardShift
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity, torch_dtype
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
+from ..pipeline.sources import not_utf8, read_lines
 from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 
 STAGE = "evaluate"
@@ -162,6 +164,21 @@ def _tokenizer(model_dir: Path, tokenized: Manifest):
     return tokenizer_with_template([model_dir, tokenized.config.get("tokenizer")], tokenized.stats.get("chat_template"))
 
 
+def _check_baseline(cfg: EvaluateConfig, baseline: Manifest, tokenized_fingerprint: str) -> None:
+    """A before/after table compares like with like only if both evaluations scored the same pairs."""
+    theirs = next((ref for ref in baseline.inputs if ref.kind == "tokenized"), None)
+    split = baseline.config.get("split")
+    if theirs is not None and theirs.fingerprint == tokenized_fingerprint and split == cfg.split:
+        return
+    made_on = (f"split {split!r} of {theirs.path} (tokenized fingerprint {theirs.fingerprint})" if theirs is not None
+               else "pairs it does not name")
+    raise UsageError(
+        f"--baseline {cfg.baseline} evaluated {made_on}, but this run evaluates split {cfg.split!r} of {cfg.tokenized} "
+        f"(tokenized fingerprint {tokenized_fingerprint}): a before/after comparison needs the same pairs. Evaluate the "
+        f"baseline with --tokenized {cfg.tokenized} --split {cfg.split}, or leave out --baseline"
+    )
+
+
 def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
     if split not in reader.splits:
         raise UsageError(
@@ -185,11 +202,14 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     baseline_reader = ArtifactReader(cfg.baseline, kind=KIND, verify=verify) if cfg.baseline else None
     train = train_reader.manifest if train_reader else None
     baseline = baseline_reader.manifest if baseline_reader else None
+    if baseline is not None:
+        _check_baseline(cfg, baseline, tokenized.fingerprint)
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
     objective = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
+    check_vocab(model_dir, cfg.tokenized, tokenized.manifest)
     inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):
@@ -199,6 +219,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
+    tokenizer = _tokenizer(model_dir, tokenized.manifest) if cfg.generate else None
+    prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else None
     semantic = {**semantic_config(cfg), "objective": objective.fingerprinted()}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
@@ -224,7 +246,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
             log.warning("no --ref-cache: implicit rewards (β·log-ratio to the reference) are not reported")
         generations = []
         if cfg.generate:
-            generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg, stage_run)
+            generations = _generate(model, tokenizer, rows, cfg, stage_run, prompts)
         metrics = _metrics(cfg, pairs, rows, generations, objective.loss, objective.source, baseline_reader, started)
         files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective.loss)
         stage_run.commit(Manifest(
@@ -314,17 +336,17 @@ def _add_rewards(pairs: dict[str, np.ndarray], rows: pa.Table, objective: Object
         groups = length_grouped_batches(pair_lengths(rows), objective.sort_size)
     names = ("losses", "rewards_chosen", "rewards_rejected", *(f"loss/{n}" for n in objective.loss.terms()[0]))
     out = {name: np.zeros(rows.num_rows) for name in names}
-    for group in groups:
-        index = torch.tensor(group, dtype=torch.long)
+    for members in groups:
+        index = torch.tensor(members, dtype=torch.long)
         part = inputs if len(groups) == 1 else LossInputs(**{
             f.name: None if getattr(inputs, f.name) is None else getattr(inputs, f.name)[index]
             for f in dataclasses.fields(inputs)})
         result = objective.loss(part, context)
-        out["losses"][group] = result.losses.detach().double().numpy()
-        out["rewards_chosen"][group] = result.chosen_rewards.double().numpy()
-        out["rewards_rejected"][group] = result.rejected_rewards.double().numpy()
+        out["losses"][members] = result.losses.detach().double().numpy()
+        out["rewards_chosen"][members] = result.chosen_rewards.double().numpy()
+        out["rewards_rejected"][members] = result.rejected_rewards.double().numpy()
         for name, values in result.components.items():
-            out[f"loss/{name}"][group] = values.detach().double().numpy()
+            out[f"loss/{name}"][members] = values.detach().double().numpy()
     if len(objective.loss.terms()[0]) == 1:
         out.pop(f"loss/{objective.loss.loss_type}")
     pairs.update(out)
@@ -353,38 +375,50 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
 def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
     """Prompts from a JSONL file: {"prompt": text} or {"messages": [...]} (or a bare JSON string) per line.
 
-    Text prompts become one user turn through the chat template when the tokenizer has one.
+    Text prompts become one user turn through the chat template when the tokenizer has one. Read
+    before anything is scored, so a bad line stops the run at once (exit 2 naming file and line).
     """
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON: {exc}") from None
-            if isinstance(record, str):
-                record = {"prompt": record}
-            if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-                raise DataError(f"{path}, line {number}: expected a string or an object with 'prompt' or 'messages'")
-            messages = record.get("messages")
+    for number, line in read_lines(Path(path)):
+        where = f"{path}, line {number}"
+        if isinstance(line, bytes):
+            raise DataError(f"{where}: {not_utf8(line)}")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON: {exc}") from None
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+            raise DataError(f"{where}: expected a string or an object with 'prompt' or 'messages'")
+        messages = record.get("messages")
+        try:
             if messages is None:
                 if not isinstance(record["prompt"], str):
-                    raise DataError(f"{path}, line {number}, field 'prompt': expected a string")
+                    raise FieldError("prompt", "expected a string")
+                problem = surrogate_problem(record["prompt"])
+                if problem:
+                    raise FieldError("prompt", problem)
                 if tokenizer.chat_template:
                     messages = [{"role": "user", "content": record["prompt"]}]
-            if messages is not None:
-                if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                             for m in messages):
-                    raise DataError(f"{path}, line {number}, field 'messages': expected a list of {{role, content}}")
+            else:
+                messages = list(chat_messages(messages, "messages"))
+        except FieldError as exc:
+            raise DataError(f"{where}, {exc}") from None
+        if messages is not None:
+            try:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
-            else:
-                ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-            prompts.append({"line": number, "prompt_ids": list(ids)})
-            if len(prompts) == limit:
-                break
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+                raise DataError(f"{where}: the chat template cannot render these messages: "
+                                f"{type(exc).__name__}: {exc}") from None
+        else:
+            ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        prompts.append({"line": number, "prompt_ids": list(ids)})
+        if len(prompts) == limit:
+            break
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -413,9 +447,10 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun) -> list[dict[str, Any]]:
+def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun,
+              prompts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Greedy (temperature 0) or sampled completions, left-padded in batches, with token counts."""
-    items = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else _held_out_prompts(rows, cfg.generate)
+    items = prompts if prompts is not None else _held_out_prompts(rows, cfg.generate)
     stop = _stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]

@@ -46,7 +46,7 @@ from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
 from ..pipeline.losses import BCO_REWARD, BatchContext, LossConfig, LossInputs, RewardShift
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
 from ..pipeline.refcache import ReferenceLogProbs, load_reference, reference_model_mismatch
 from ..pipeline.packing import PACKING_HELP, enable_packing
 from ..pipeline.profiling import PhaseTimer, model_flops_per_token
@@ -221,6 +221,7 @@ def _inputs(cfg: TrainConfig) -> Inputs:
     if cfg.eval_steps and "eval" not in tokenized.splits:
         raise UsageError(f"--eval-steps {cfg.eval_steps}: {cfg.tokenized} has no eval split "
                          "(make one with `dpo tokenize --eval-fraction` or --eval-data)")
+    check_vocab(cfg.model, cfg.tokenized, tokenized.manifest)
     splits = ["train"] + (["eval"] if cfg.eval_steps else [])
     refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     reference = None

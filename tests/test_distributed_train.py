@@ -13,7 +13,6 @@ depend on its total length). Against it:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

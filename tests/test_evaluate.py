@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import HH_DATA, build_tiny_llama, run_dpo
+from refusals import assert_refused, dpo_in_process
 
 BETA = 0.1
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +162,41 @@ def test_unknown_split_lists_the_splits(pipeline, tmp_path):
     assert not (tmp_path / "e" / "manifest.json").exists()
 
 
+def test_baseline_of_other_pairs_is_refused_naming_both(pipeline, tmp_path):
+    """A before/after table of two evaluations on different pairs would compare nothing."""
+    on_train = tmp_path / "base-train"
+    done = dpo_in_process("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--split", "train",
+                          "--out", on_train, "--quiet")
+    assert done.exit_code == 0, done.output
+    fingerprint = json.loads((pipeline["tokenized"] / "manifest.json").read_text())["fingerprint"]
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"]
+    assert_refused(args + ["--baseline", on_train],
+                   f"--baseline {on_train} evaluated split 'train' of {pipeline['tokenized']} (tokenized fingerprint "
+                   f"{fingerprint}), but this run evaluates split 'eval' of {pipeline['tokenized']} (tokenized "
+                   f"fingerprint {fingerprint})", out=tmp_path / "e", inputs=[on_train, pipeline["tokenized"]])
+    # the same split of another tokenized artifact
+    other = tmp_path / "tok-other"
+    done = dpo_in_process("tokenize", "--data", f"{HH_DATA}:20", "--tokenizer", pipeline["base"], "--out", other,
+                          "--eval-fraction", "0.5", "--max-seq-length", "96", "--quiet")
+    assert done.exit_code == 0, done.output
+    other_fp = json.loads((other / "manifest.json").read_text())["fingerprint"]
+    assert_refused(["evaluate", "--model", pipeline["trained"], "--tokenized", other, "--out", tmp_path / "e",
+                    "--baseline", on_train], f"of {pipeline['tokenized']} (tokenized fingerprint {fingerprint}), but "
+                   f"this run evaluates split 'eval' of {other} (tokenized fingerprint {other_fp})",
+                   out=tmp_path / "e", inputs=[on_train, other])
+
+
+def test_model_with_a_smaller_vocabulary_is_refused(pipeline, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    assert_refused(["evaluate", "--model", small, "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"],
+                   f"model {small} has a vocabulary of 100 tokens", f"--tokenizer {pipeline['base']}, a tokenizer of 512 tokens",
+                   out=tmp_path / "e", inputs=[small, pipeline["tokenized"]])
+
+
 def test_prompts_file(pipeline, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Tell me a story."}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
@@ -177,6 +213,15 @@ def test_prompts_file(pipeline, tmp_path):
     assert proc.returncode == 2
     assert f"{prompts}, line 2, field 'prompt'" in proc.stderr
 
+    # read before anything is scored: bytes that are not UTF-8, a lone surrogate, an unknown role
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "bad",
+            "--generate", "2", "--prompts", prompts]
+    for line, expected in [(b'{"prompt": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at byte 16 of the line)"),
+                           (b'{"prompt": "a\\udc00"}', "line 2, field 'prompt': holds U+DC00 at character 1"),
+                           (b'{"messages": [{"role": "bot", "content": "x"}]}',
+                            "line 2, field 'messages[0].role': unknown role 'bot'")]:
+        prompts.write_bytes(b'{"prompt": "ok"}\n' + line + b"\n")
+        assert_refused(args, f"{prompts}, {expected}", out=tmp_path / "bad", inputs=[prompts])
 
 # Global batches of 8 (4 x 2): this split's first three are full. A shuffled epoch may hold one short
 # batch, which batching.length_grouped_batches drops only when it comes last.

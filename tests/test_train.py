@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -239,6 +238,26 @@ def test_cache_of_another_model_warns_and_trains(data, tmp_path, tiny_llama):
                    "--out", tmp_path / "run", "--max-steps", "1", "--per-device-batch-size", "2", check=True)
     assert "WARNING" in proc.stderr and str(tiny_llama) in proc.stderr
     assert (tmp_path / "run" / "manifest.json").is_file()
+
+
+def test_model_with_a_smaller_vocabulary_is_refused(data, tmp_path):
+    """Token ids past the model's embedding table: exit 2 naming both sizes, before anything runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from refusals import file_hashes
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    before = file_hashes(data["tok"], data["ref"], small)
+    proc = run_dpo("train", "--tokenized", data["tok"], "--ref-cache", data["ref"], "--model", small,
+                   "--out", tmp_path / "run", "--max-steps", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert f"model {small} has a vocabulary of 100 tokens" in proc.stderr
+    assert f"--tokenizer {DEMO_MODEL}, a tokenizer of 512 tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert file_hashes(data["tok"], data["ref"], small) == before
 
 
 def test_bad_options_exit_2(data, tmp_path):
