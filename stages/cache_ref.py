@@ -265,7 +265,8 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
     mine = plan[rank::world]
     todo = [t for t in mine if committed_shard(out, t.path) is None]
     stats["shards_resumed"] = stats["shards_committed"] = len(mine) - len(todo)
-    bar = progress(sum(t.stop - t.start for t in todo), desc="cache-ref", unit="pairs", quiet=config.quiet)
+    desc = "cache-ref" if world == 1 else f"cache-ref (rank 0's shards of {world})"
+    bar = progress(sum(t.stop - t.start for t in todo), desc=desc, unit="pairs", quiet=config.quiet, logger=log)
     with bar:
         for round_ in range(math.ceil(len(plan) / world)):
             task = plan[round_ * world + rank] if round_ * world + rank < len(plan) else None

@@ -41,7 +41,7 @@ from ..pipeline.config import (
 )
 from ..pipeline.data_order import BatchOrder, Cursor, micro_batches
 from ..pipeline.logprobs import LabelLogProbs
-from ..pipeline.logs import progress
+from ..pipeline.logs import Progress, duration, progress
 from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
 from ..pipeline.losses import LossConfig, LossInputs
 from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
@@ -299,7 +299,8 @@ class Trainer:
 
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
-        bar = progress(total=self.total_steps, desc="train", unit="step", quiet=cfg.quiet, initial=state.step)
+        bar = progress(total=self.total_steps, desc="train", unit="steps", quiet=cfg.quiet, initial=state.step,
+                       log_every=None, logger=log)
         window = metrics.Window()
         self.session_start = time.perf_counter()
         self.policy.train()
@@ -317,7 +318,7 @@ class Trainer:
                 if state.step in (1, self.total_steps) or state.step % cfg.tracking.logging_steps == 0 or save:
                     self._log(window, learning_rate, bar)
                 if cfg.eval_steps and (state.step % cfg.eval_steps == 0 or state.step == self.total_steps):
-                    self.tracker.log({"step": state.step, "epoch": self._epoch(), **self.evaluate()})
+                    self._log_eval()
                 bar.update(1)
                 if save:
                     self.save()
@@ -367,14 +368,38 @@ class Trainer:
     def _epoch(self) -> float:
         return self.order.epoch_progress(self.state.cursor)
 
-    def _log(self, window: metrics.Window, learning_rate: float, bar) -> None:
+    def _log(self, window: metrics.Window, learning_rate: float, bar: Progress) -> None:
         row, counts = window.flush(self._sum_over_ranks, self.accelerator.device)
         self.state.tokens += counts["tokens"]
         self.state.pairs += counts["pairs"]
-        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **{k: row[k] for k in metrics.METRIC_NAMES},
-                          "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
-                          "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]})
-        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        row = {"step": self.state.step, "epoch": self._epoch(), **{k: row[k] for k in metrics.METRIC_NAMES},
+               "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
+               "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]}
+        self.tracker.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.line(self._progress_line(row, bar))
+
+    def _progress_line(self, row: dict[str, Any], bar: Progress) -> str:
+        """What a log file shows every logging step, in place of the bar: the row's headline numbers,
+        throughput, the training time so far (all sessions) and this session's ETA."""
+        step, total = row["step"], self.total_steps
+        eta = bar.eta(done=step)  # the bar counts this step after the row is logged
+        return " | ".join([
+            f"step {step}/{total} ({100 * step / total:.0f}%)", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
+            f"rewards/accuracies {row['rewards/accuracies']:.3f}", f"rewards/margins {row['rewards/margins']:.4f}",
+            f"lr {row['learning_rate']:.3g}", f"{row['tokens_per_second']:,.0f} tokens/s",
+            f"elapsed {duration(self._train_seconds())}", f"ETA {duration(eta) if eta is not None else '?'}",
+        ])
+
+    def _log_eval(self) -> None:
+        """Eval metrics to metrics.jsonl and the trackers, and always to the log (above the bar on a terminal)."""
+        started = time.perf_counter()
+        values = self.evaluate()
+        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **values})
+        log.info("eval at step %d/%d: %s (%d pairs, %.1fs)", self.state.step, self.total_steps, " | ".join(
+            f"{k} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                                             "eval/logps/chosen", "eval/logps/rejected") if k in values),
+            self.eval_rows.num_rows, time.perf_counter() - started)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -98,6 +99,24 @@ def test_metrics_rows_and_eval(basic_run):
     evals = rows(out, eval_rows=True)
     assert [r["step"] for r in evals] == [2, 4]
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(evals[0])
+
+
+def test_batch_log_has_a_line_per_logging_step_and_the_eval_metrics(basic_run):
+    """stderr is a pipe here, as in a Slurm job: one progress line per logged step, eval when computed."""
+    out, proc, _ = basic_run
+    lines = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if " INFO dpo.stages.train: " in line]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" ", 2)[1] for line in steps] == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    pattern = (r"step \d/4 \(\d+%\) \| epoch [\d.]+ \| loss [\d.]+ \| rewards/accuracies [\d.]+ \| "
+               r"rewards/margins -?[\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tokens/s \| elapsed \d+:\d\d \| ETA \d+:\d\d$")
+    assert all(re.match(pattern, line) for line in steps), steps
+    first = rows(out)[0]
+    assert f"loss {first['loss']:.4f}" in steps[0] and "lr 0.001" in steps[0]
+    evals = [line for line in lines if line.startswith("eval at step")]
+    assert [line.split(":")[0] for line in evals] == ["eval at step 2/4", "eval at step 4/4"]
+    eval_row = rows(out, eval_rows=True)[0]
+    assert f"eval/loss {eval_row['eval/loss']:.4g}" in evals[0] and "eval/rewards/accuracies" in evals[0]
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
 
 
 def test_final_model_manifest_and_wandb(basic_run, data):
