@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .artifacts.errors import EXIT_CODES, DpoError, UsageError
+from .artifacts.errors import EXIT_CODES, DpoError, Preempted, UsageError
 from .artifacts.runner import environment_error
 from .pipeline import distributed
 from .pipeline.config import RUN_PANEL, Leaf, StageOptions, from_mapping, leaves, section_values
@@ -49,6 +49,10 @@ def run_guarded(name: str, body, *, quiet: bool = False, verbose: bool = False):
     setup_logging(quiet=quiet, verbose=verbose)
     try:
         return body()
+    except Preempted as exc:
+        # Not a failure: the work is saved and the scheduler requeues the job (exit 75).
+        typer.echo(f"dpo {name}: pre-empted: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except DpoError as exc:
         typer.echo(f"dpo {name}: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None

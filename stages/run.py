@@ -221,15 +221,15 @@ def _run_step(config: RunConfig, name: str, command: str, section: dict[str, Any
     started = time.monotonic()
     try:
         run_stage(stage_config)
+    except Preempted as exc:
+        log.warning("step %s was pre-empted after %.1fs (%s); rerun `dpo run --config %s` to resume (completed "
+                    "steps are skipped)", name, time.monotonic() - started, exc, config.config)
+        return exc.exit_code
     except DpoError as exc:
         seconds = time.monotonic() - started
         log.error("dpo %s: error: %s", command, exc)
-        if isinstance(exc, Preempted):
-            log.warning("step %s was pre-empted after %.1fs and saved its progress; rerun `dpo run --config %s` "
-                        "to resume (completed steps are skipped)", name, seconds, config.config)
-        else:
-            log.error("step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
-                      "completed steps are skipped", name, exc.exit_code, seconds, config.config)
+        log.error("step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
+                  "completed steps are skipped", name, exc.exit_code, seconds, config.config)
         return exc.exit_code
     after = _manifest_identity(out)
     if after is None:
