@@ -38,6 +38,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 log = logging.getLogger("dpo")
+
+
+def _flags_take_no_value() -> None:
+    """--help shows an on/off flag as a flag: Typer (0.29) prints a "<bool>" value type beside every
+    flag, --help included, as if it took a value."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_dpo_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and getattr(self, "count", False) is False else shown(self, ctx)
+
+    display_type_rich._dpo_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 VERBOSE = inspect.Parameter(
     "verbose", inspect.Parameter.KEYWORD_ONLY, default=False,
     annotation=Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=RUN_PANEL)],

@@ -114,6 +114,7 @@ def test_run_whole_pipeline_then_skip_everything(tmp_path, model):
 
     proc = run_dpo("run", "--config", run_file, check=True)
     assert f"report: {run_dir / 'eval' / 'report.md'}" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("report: ") == 1  # the path once, as the run's result
     assert "step tokenize: skipped" in proc.stderr
     for step in ("cache-ref", "train", "export", "evaluate-base", "evaluate"):
         assert f"step {step}: done" in proc.stderr, proc.stderr
@@ -141,6 +142,13 @@ def test_run_whole_pipeline_then_skip_everything(tmp_path, model):
     train_entry = next(e for e in listing["artifacts"] if e["step"] == "train")
     assert {i["kind"] for i in train_entry["inputs"]} == {"tokenized", "ref-logps"}
     assert all(i["state"] == "ok" for i in train_entry["inputs"])
+    trained = train_entry["stats"]["trained"]
+    assert trained["pairs"] == trained["steps"] * trained["global_batch"] == 3 * 4
+    assert f"trained: 3 steps x 4 pairs = 12 pairs ({trained['epochs']:.2f} epochs)" in proc.stdout
+    # The base model evaluate-base read is a model folder dpo did not make: external, not "incomplete".
+    base_entry = next(e for e in listing["artifacts"] if e["step"] == "evaluate-base")
+    assert {i["kind"]: i["state"] for i in base_entry["inputs"]}["model"] == "external"
+    assert "incomplete" not in proc.stdout
 
     # One artifact on its own: its next stage.
     proc = run_dpo("status", run_dir / "train", check=True)
