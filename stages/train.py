@@ -28,7 +28,7 @@ import torch
 
 from ..artifacts.errors import UsageError
 from ..artifacts.fingerprint import fingerprint, semantic_config
-from ..artifacts.manifest import InputRef, Manifest
+from ..artifacts.manifest import InputRef, Manifest, read_manifest
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
@@ -56,7 +56,7 @@ STAGE = "train"
 VERSION = 1
 KIND = "train"
 FINAL = "final"
-OWNS = ("checkpoints/", "wandb/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
+OWNS = ("checkpoints/", "wandb/", "tensorboard/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
 SCHEDULERS = ("linear", "cosine", "constant")
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Trainer:
         self.scorer.timer = accelerator.unwrap_model(self.policy).timer = self.timer
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
-                               config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
+                               config=self._tracker_config() if accelerator.is_main_process else {})
         self.state.wandb_run_id = self.tracker.run_id
         if self.state.step:
             log.info("resuming from step %d (epoch %d, batch %d of %d)", self.state.step, self.state.cursor.epoch,
@@ -262,6 +262,25 @@ class Trainer:
                  "x %d processes), loss %s beta %g", f"{self.n_trainable:,}", f"{self.n_total:,}",
                  self.train_rows.num_rows, self.total_steps, self.global_batch, cfg.per_device_batch_size,
                  cfg.grad_accum, self.world, cfg.loss.loss_type, cfg.loss.beta)
+
+    def _tracker_config(self) -> dict[str, Any]:
+        """The run's whole lineage for W&B's config (and TensorBoard's "config" text): train's options at
+        the top level, as TRL's config, then what made its inputs: tokenize's and cache-ref's settings,
+        the data sources with their content hashes, and every fingerprint."""
+        cfg, tokenized = self.cfg, self.inputs.tokenized.manifest
+        config: dict[str, Any] = {
+            **flatten(cfg), "loss": cfg.loss.to_json(), "fingerprint": self.fingerprint, "world_size": self.world,
+            "global_batch_size": self.global_batch, "total_steps": self.total_steps,
+            "train_pairs": self.train_rows.num_rows, "model_identity": model_identity(cfg.model)["digest"],
+            "data": [{"source": i.path, "sha256": i.fingerprint} for i in tokenized.inputs if i.kind == "data"],
+            "tokenize": {"path": str(cfg.tokenized), "fingerprint": tokenized.fingerprint, **_settings(tokenized.config),
+                         "pairs": {s: tokenized.rows(s) for s in tokenized.splits}},
+        }
+        if self.inputs.reference is not None:
+            ref = read_manifest(cfg.ref_cache, "ref-logps")
+            config["cache_ref"] = {"path": str(cfg.ref_cache), "fingerprint": ref.fingerprint, **_settings(ref.config),
+                                   "model_identity": (ref.stats.get("model_identity") or {}).get("sampled_digest")}
+        return config
 
     def _read_data(self):
         tokenized, cfg = self.inputs.tokenized, self.cfg
@@ -471,7 +490,7 @@ class Trainer:
             "peak_cpu_rss_bytes": int(peaks[0]), "peak_gpu_allocated_bytes": int(peaks[1]),
             "world_size": self.world, "global_batch_size": self.global_batch,
             "trainable_parameters": self.n_trainable, "parameters": self.n_total, "beta": self.cfg.loss.beta,
-            "wandb_run_id": self.tracker.run_id if self.cfg.tracking.wandb_project else None,
+            "wandb_run_id": self.tracker.run_id if "wandb" in self.cfg.tracking.destinations else None,
             "time_breakdown": self.timer.breakdown(),
         }
         flops = model_flops_per_token(self.accelerator.unwrap_model(self.policy).hf_model,
@@ -479,6 +498,12 @@ class Trainer:
         stats.update(flops, model_flops_per_second=flops["model_flops_per_token"] * stats["tokens_per_second"])
         self.tracker.summary(stats)
         return stats
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's recorded options without the ones that say only how it was run."""
+    return {k: v for k, v in config.items()
+            if k not in ("overwrite", "lock_timeout", "quiet", "verify_inputs", "out", "num_proc")}
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -70,7 +70,8 @@ def basic_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("basic") / "run"
     wandb_dir = tmp_path_factory.mktemp("wandb")
     proc = train(data, out, "--max-steps", "4", "--eval-steps", "2", "--save-every", "2",
-                 "--wandb-project", "dpo-tests", env=dpo_env(WANDB_DIR=str(wandb_dir)))
+                 "--wandb-project", "dpo-tests", "--report-to", "wandb,tensorboard", "--wandb-group", "tests",
+                 env=dpo_env(WANDB_DIR=str(wandb_dir)))
     return out, proc, wandb_dir
 
 
@@ -140,6 +141,27 @@ def test_final_model_manifest_and_wandb(basic_run, data):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     run_ids = [p.name.rsplit("-", 1)[-1] for p in (wandb_dir / "wandb").glob("offline-run-*")]
     assert run_ids == [stats["wandb_run_id"]]
+
+
+def test_tensorboard_has_trl_names_and_the_whole_lineage(basic_run, data):
+    """--report-to wandb,tensorboard: the event files read back with TRL's keys; the config that W&B and
+    TensorBoard get holds train's options, tokenize's and cache-ref's settings, the data and fingerprints."""
+    from test_tracking import read_tensorboard
+
+    out, _, _ = basic_run
+    scalars, text = read_tensorboard(out / "tensorboard")
+    train_rows = rows(out)
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_rows]
+    assert [v for _, v in scalars["train/rewards/margins"]] == pytest.approx([r["rewards/margins"] for r in train_rows])
+    assert [s for s, _ in scalars["eval/rewards/accuracies"]] == [2, 4]
+    config = json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    tok = json.loads((data["tok"] / "manifest.json").read_text())
+    ref = json.loads((data["ref"] / "manifest.json").read_text())
+    assert config["beta"] == 0.1 and config["fingerprint"] == json.loads((out / "manifest.json").read_text())["fingerprint"]
+    assert config["tokenize"]["fingerprint"] == tok["fingerprint"] and config["tokenize"]["max_seq_length"] == 192
+    assert config["cache_ref"]["fingerprint"] == ref["fingerprint"] and config["cache_ref"]["dtype"] == "float32"
+    assert config["data"] == [{"source": f"{HH_DATA}:400", "sha256": tok["inputs"][0]["fingerprint"]}]
+    assert "overwrite" not in config["tokenize"] and config["global_batch_size"] == 4
 
 
 def test_rerun_after_completion_is_noop(basic_run, data):
