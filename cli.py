@@ -192,6 +192,7 @@ def run(
     config: Annotated[Path, typer.Option("--config", help="Run file: top-level run_dir and model, one section per step (see examples/demo.yaml).", show_default=False)],
     step: Annotated[Optional[list[str]], typer.Option("--step", help="Run only this step (repeatable): tokenize, cache-ref, train, export, evaluate-base, evaluate.", show_default=False)] = None,
     list_steps: Annotated[bool, typer.Option("--list-steps", help="Print the steps the run file has, in order, and exit (for job scripts).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one value of the run file, parsed as YAML (repeatable): SECTION.OPTION=VALUE, e.g. train.beta=0.05, or run_dir=PATH / model=PATH.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bar.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ):
@@ -199,10 +200,12 @@ def run(
     from .stages import run as stage
 
     def body() -> int:
+        overrides = tuple(set_ or ())
         if list_steps:
-            typer.echo("\n".join(stage.steps_of(config)))
+            typer.echo("\n".join(stage.steps_of(config, overrides)))
             return 0
-        code, report = stage.run(stage.RunConfig(config=config, steps=tuple(step or ()), quiet=quiet))
+        code, report = stage.run(stage.RunConfig(config=config, steps=tuple(step or ()), quiet=quiet,
+                                                 overrides=overrides))
         if report is not None:
             typer.echo(f"report: {report}")
         return code
