@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -221,15 +223,59 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Options whose values are files or folders: a relative one in a run file is taken from the run
+# file's folder, so a run file works from any working directory and sweeps need no copies of it.
+PATH_OPTIONS = frozenset({"run_dir", "out", "tokenized", "ref_cache", "train", "baseline", "prompts",
+                          "deepspeed_config", "chat_template"})
+# Options that name a local path or a Hugging Face Hub id (``data`` and ``eval_data`` with an optional
+# ``:AMOUNT``): a relative value is taken from the run file's folder when it exists there, and is
+# otherwise passed on as written (a Hub id, or a path from the current folder).
+PATH_OR_HUB_OPTIONS = frozenset({"model", "tokenizer", "data", "eval_data"})
+_AMOUNT_SUFFIX = re.compile(r":(\d+|\d+\.\d*|\.\d+)$")
+
+
+def resolve_paths(values: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """``values`` (a run-file section, or its top level) with relative paths taken from folder ``base``."""
+    base = Path(base)
+    out = dict(values)
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in PATH_OPTIONS or name in PATH_OR_HUB_OPTIONS:
+            items = value if isinstance(value, list) else [value]
+            resolved = [_resolve_path(v, base, hub=name in PATH_OR_HUB_OPTIONS) for v in items]
+            out[key] = resolved if isinstance(value, list) else resolved[0]
+    return out
+
+
+def _resolve_path(value: Any, base: Path, hub: bool) -> Any:
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("~"):
+        return value
+    suffix = _AMOUNT_SUFFIX.search(value) if hub else None
+    path = value[: suffix.start()] if suffix else value
+    candidate = base / path
+    if hub and not candidate.exists():
+        return value
+    # abspath, not resolve: a symlinked folder keeps the name the user gave it.
+    return os.path.abspath(candidate) + (suffix.group(0) if suffix else "")
+
+
+def run_file_folder(path: str | Path) -> Path:
+    """The folder relative paths in run file ``path`` are taken from."""
+    return Path(os.path.abspath(path)).parent
+
+
 def section_values(path: str | Path, section: str, cls: type, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A run file's ``section`` as option values of ``cls``, keyed by field name and typed.
 
     Keys are option names (dashes or underscores). An unknown key, or a value of the wrong type, is
-    a UsageError naming the file, the section and the key. ``values`` stands in for the file's own
-    section (``dpo run`` passes sections it has already resolved).
+    a UsageError naming the file, the section and the key. Relative paths are taken from the run
+    file's folder (``resolve_paths``). ``values`` stands in for the file's own section (``dpo run``
+    passes sections it has already resolved).
     """
     if values is None:
         values = load_run_file(path).get(section) or {}
+        if isinstance(values, dict):
+            values = resolve_paths(values, run_file_folder(path))
     if not isinstance(values, dict):
         raise UsageError(f"{path}: section {section!r} must be a mapping of option names to values")
     known = {leaf.option_name: leaf for leaf in leaves(cls)}

@@ -59,25 +59,25 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheRefConfig(StageOptions):
     # Where things live and how fast they are computed is not what is computed: not semantic.
-    tokenized: str = option(semantic=False, help="Tokenized artifact (from `dpo tokenize`).")
+    tokenized: str = option(semantic=False, panel="Data", help="Tokenized artifact (from `dpo tokenize`).")
     # The model enters the fingerprint by its identity, not its path.
-    model: str = option(semantic=False, help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).")
-    out: str = option(semantic=False, help="Output folder for the ref-logps artifact.")
-    batch_size: int = option(8, semantic=False, check=at_least(1), help=(
+    model: str = option(semantic=False, panel="Data", help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).")
+    out: str = option(semantic=False, panel="Data", help="Output folder for the ref-logps artifact.")
+    batch_size: int = option(8, semantic=False, check=at_least(1), panel="Batching", help=(
         "Pairs per forward; batches are formed from pairs of similar length."))
-    dtype: str = option("float32", choices=tuple(DTYPES), help=(
+    dtype: str = option("float32", choices=tuple(DTYPES), panel="Model", help=(
         "Weights dtype: float32, bfloat16 or float16 (log-softmax is always float32). Part of the fingerprint."))
-    forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), help=(
+    forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), panel="Batching", help=(
         "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory; packed: see "
         "--packing. Same values."))
     batching: PackingConfig = group(PackingConfig)
-    splits: tuple[str, ...] = option((), flag="--split", help=(
+    splits: tuple[str, ...] = option((), flag="--split", panel="Data", help=(
         "Split to compute (repeatable); default: every split of --tokenized."))
     # Checks the full sha256; the sampled identity is what is fingerprinted.
-    verify_model: bool = option(False, semantic=False, help=(
+    verify_model: bool = option(False, semantic=False, panel="Model", help=(
         "Identify the model by the full sha256 of its weight files (reads them all) instead of a sampled identity; "
         "a finished cache is checked against it."))
-    rows_per_shard: int = option(2048, check=at_least(1), help=(
+    rows_per_shard: int = option(2048, check=at_least(1), panel="Data", help=(
         "Pairs per output shard: the unit of resumption and of work per process."))
 
 
@@ -251,7 +251,8 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
     mine = plan[rank::world]
     todo = [t for t in mine if committed_shard(out, t.path) is None]
     stats["shards_resumed"] = stats["shards_committed"] = len(mine) - len(todo)
-    bar = progress(sum(t.stop - t.start for t in todo), desc="cache-ref", unit="pairs", quiet=config.quiet)
+    desc = "cache-ref" if world == 1 else f"cache-ref (rank 0's shards of {world})"
+    bar = progress(sum(t.stop - t.start for t in todo), desc=desc, unit="pairs", quiet=config.quiet, logger=log)
     with bar:
         for round_ in range(math.ceil(len(plan) / world)):
             task = plan[round_ * world + rank] if round_ * world + rank < len(plan) else None

@@ -253,10 +253,12 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
             kind=KIND, fingerprint=fp,
             config={**flatten(cfg), "objective": {**objective.fingerprinted(), "source": objective.source}},
             inputs=inputs, files=files, stats={k: v for k, v in metrics.items() if k != "by_source"}))
-    log.info("evaluated %d pairs of split %r in %.1fs: %s", rows.num_rows, cfg.split, time.perf_counter() - started,
+    # The folder, not "report: PATH": `dpo run` prints that once, as its result, for the last evaluation.
+    log.info("evaluated %d pairs of split %r in %.1fs: %s; report.md and plots in %s", rows.num_rows, cfg.split,
+             time.perf_counter() - started,
              ", ".join(f"{k} {report.fmt(metrics.get(k))}" for k in ("rewards/accuracies", "rewards/margins",
-                                                                      "logp_accuracies/summed") if k in metrics))
-    log.info("report: %s", Path(cfg.out) / "report.md")
+                                                                      "logp_accuracies/summed") if k in metrics),
+             cfg.out)
     return read_manifest(cfg.out, KIND)
 
 
@@ -277,7 +279,7 @@ def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: Evalu
     names += ["chosen_wpo_term", "rejected_wpo_term"] if want_wpo else []
     names += ["policy_chosen_shared_logps", "policy_rejected_shared_logps"] if want_shared else []
     out = {name: np.zeros(n, dtype=np.float64) for name in names}
-    bar = progress(n, "evaluate", unit="pair", quiet=cfg.quiet)
+    bar = progress(n, "evaluate", unit="pairs", quiet=cfg.quiet, logger=log)
     with torch.no_grad(), bar:
         for positions in forward_batches(rows, cfg.batch_size, cfg.batching.max_tokens_per_batch):
             _stop_point(stage_run)
@@ -457,7 +459,7 @@ def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: 
     limit = getattr(model.config, "max_position_embeddings", None)
     generator_seed = cfg.seed
     results = []
-    bar = progress(len(items), "generate", unit="prompt", quiet=cfg.quiet)
+    bar = progress(len(items), "generate", unit="prompts", quiet=cfg.quiet, logger=log)
     for start in range(0, len(items), cfg.batch_size):
         _stop_point(stage_run)
         chunk = items[start: start + cfg.batch_size]

@@ -302,7 +302,7 @@ def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]],
 
     processed = {"pairs": 0, "tokens": 0, "shards": 0}
     pending_keys = {(split, number) for split, number, *_ in pending}
-    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pair", quiet=cfg.quiet)
+    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pairs", quiet=cfg.quiet, logger=log)
     with _Workers(cfg.num_proc, settings, encoder) as workers:
         results = workers.map(_chunks(pending))
         first_index = 0  # indices run on across shards and from train into eval

@@ -28,7 +28,7 @@ import torch
 
 from ..artifacts.errors import UsageError
 from ..artifacts.fingerprint import fingerprint, semantic_config
-from ..artifacts.manifest import InputRef, Manifest
+from ..artifacts.manifest import InputRef, Manifest, read_manifest
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
@@ -43,7 +43,7 @@ from ..pipeline.config import (
 )
 from ..pipeline.data_order import BatchOrder, Cursor, micro_batches
 from ..pipeline.logprobs import LabelLogProbs
-from ..pipeline.logs import progress
+from ..pipeline.logs import Progress, duration, progress
 from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
 from ..pipeline.losses import BCO_REWARD, BatchContext, LossConfig, LossInputs, RewardShift
 from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
@@ -58,7 +58,7 @@ STAGE = "train"
 VERSION = 1
 KIND = "train"
 FINAL = "final"
-OWNS = ("checkpoints/", "wandb/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
+OWNS = ("checkpoints/", "wandb/", "tensorboard/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
 SCHEDULERS = ("linear", "cosine", "constant")
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Trainer:
         self.scorer.timer = accelerator.unwrap_model(self.policy).timer = self.timer
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
-                               config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
+                               config=self._tracker_config() if accelerator.is_main_process else {})
         self.state.wandb_run_id = self.tracker.run_id
         if self.state.step:
             log.info("resuming from step %d (epoch %d, batch %d of %d)", self.state.step, self.state.cursor.epoch,
@@ -277,6 +277,25 @@ class Trainer:
                  "x %d processes), loss %s beta %g", f"{self.n_trainable:,}", f"{self.n_total:,}",
                  self.train_rows.num_rows, self.total_steps, self.global_batch, cfg.per_device_batch_size,
                  cfg.grad_accum, self.world, cfg.loss.loss_type, cfg.loss.beta)
+
+    def _tracker_config(self) -> dict[str, Any]:
+        """The run's whole lineage for W&B's config (and TensorBoard's "config" text): train's options at
+        the top level, as TRL's config, then what made its inputs: tokenize's and cache-ref's settings,
+        the data sources with their content hashes, and every fingerprint."""
+        cfg, tokenized = self.cfg, self.inputs.tokenized.manifest
+        config: dict[str, Any] = {
+            **flatten(cfg), "loss": cfg.loss.to_json(), "fingerprint": self.fingerprint, "world_size": self.world,
+            "global_batch_size": self.global_batch, "total_steps": self.total_steps,
+            "train_pairs": self.train_rows.num_rows, "model_identity": model_identity(cfg.model)["digest"],
+            "data": [{"source": i.path, "sha256": i.fingerprint} for i in tokenized.inputs if i.kind == "data"],
+            "tokenize": {"path": str(cfg.tokenized), "fingerprint": tokenized.fingerprint, **_settings(tokenized.config),
+                         "pairs": {s: tokenized.rows(s) for s in tokenized.splits}},
+        }
+        if self.inputs.reference is not None:
+            ref = read_manifest(cfg.ref_cache, "ref-logps")
+            config["cache_ref"] = {"path": str(cfg.ref_cache), "fingerprint": ref.fingerprint, **_settings(ref.config),
+                                   "model_identity": (ref.stats.get("model_identity") or {}).get("sampled_digest")}
+        return config
 
     def _read_data(self):
         tokenized, cfg = self.inputs.tokenized, self.cfg
@@ -314,7 +333,8 @@ class Trainer:
 
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
-        bar = progress(total=self.total_steps, desc="train", unit="step", quiet=cfg.quiet, initial=state.step)
+        bar = progress(total=self.total_steps, desc="train", unit="steps", quiet=cfg.quiet, initial=state.step,
+                       log_every=None, logger=log)
         window = metrics.Window()
         self.session_start = time.perf_counter()
         self.policy.train()
@@ -332,7 +352,7 @@ class Trainer:
                 if state.step in (1, self.total_steps) or state.step % cfg.tracking.logging_steps == 0 or save:
                     self._log(window, learning_rate, bar)
                 if cfg.eval_steps and (state.step % cfg.eval_steps == 0 or state.step == self.total_steps):
-                    self.tracker.log({"step": state.step, "epoch": self._epoch(), **self.evaluate()})
+                    self._log_eval()
                 bar.update(1)
                 if save:
                     self.save()
@@ -401,14 +421,38 @@ class Trainer:
     def _epoch(self) -> float:
         return self.order.epoch_progress(self.state.cursor)
 
-    def _log(self, window: metrics.Window, learning_rate: float, bar) -> None:
+    def _log(self, window: metrics.Window, learning_rate: float, bar: Progress) -> None:
         row, counts = window.flush(self._sum_over_ranks, self.accelerator.device)
         self.state.tokens += counts["tokens"]
         self.state.pairs += counts["pairs"]
-        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **metrics.means_of(row),
-                          "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
-                          "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]})
-        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        row = {"step": self.state.step, "epoch": self._epoch(), **metrics.means_of(row),
+               "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
+               "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]}
+        self.tracker.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.line(self._progress_line(row, bar))
+
+    def _progress_line(self, row: dict[str, Any], bar: Progress) -> str:
+        """What a log file shows every logging step, in place of the bar: the row's headline numbers,
+        throughput, the training time so far (all sessions) and this session's ETA."""
+        step, total = row["step"], self.total_steps
+        eta = bar.eta(done=step)  # the bar counts this step after the row is logged
+        return " | ".join([
+            f"step {step}/{total} ({100 * step / total:.0f}%)", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
+            f"rewards/accuracies {row['rewards/accuracies']:.3f}", f"rewards/margins {row['rewards/margins']:.4f}",
+            f"lr {row['learning_rate']:.3g}", f"{row['tokens_per_second']:,.0f} tokens/s",
+            f"elapsed {duration(self._train_seconds())}", f"ETA {duration(eta) if eta is not None else '?'}",
+        ])
+
+    def _log_eval(self) -> None:
+        """Eval metrics to metrics.jsonl and the trackers, and always to the log (above the bar on a terminal)."""
+        started = time.perf_counter()
+        values = self.evaluate()
+        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **values})
+        log.info("eval at step %d/%d: %s (%d pairs, %.1fs)", self.state.step, self.total_steps, " | ".join(
+            f"{k} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                                             "eval/logps/chosen", "eval/logps/rejected") if k in values),
+            self.eval_rows.num_rows, time.perf_counter() - started)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum")
@@ -484,7 +528,7 @@ class Trainer:
             "peak_cpu_rss_bytes": int(peaks[0]), "peak_gpu_allocated_bytes": int(peaks[1]),
             "world_size": self.world, "global_batch_size": self.global_batch,
             "trainable_parameters": self.n_trainable, "parameters": self.n_total, "beta": self.cfg.loss.beta,
-            "wandb_run_id": self.tracker.run_id if self.cfg.tracking.wandb_project else None,
+            "wandb_run_id": self.tracker.run_id if "wandb" in self.cfg.tracking.destinations else None,
             "time_breakdown": self.timer.breakdown(),
         }
         flops = model_flops_per_token(self.accelerator.unwrap_model(self.policy).hf_model,
@@ -494,6 +538,12 @@ class Trainer:
             stats["loss_state"] = self._loss_state()  # what evaluate needs to compute the same objective
         self.tracker.summary(stats)
         return stats
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's recorded options without the ones that say only how it was run."""
+    return {k: v for k, v in config.items()
+            if k not in ("overwrite", "lock_timeout", "quiet", "verify_inputs", "out", "num_proc")}
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import time
@@ -68,7 +69,8 @@ def basic_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("basic") / "run"
     wandb_dir = tmp_path_factory.mktemp("wandb")
     proc = train(data, out, "--max-steps", "4", "--eval-steps", "2", "--save-every", "2",
-                 "--wandb-project", "dpo-tests", env=dpo_env(WANDB_DIR=str(wandb_dir)))
+                 "--wandb-project", "dpo-tests", "--report-to", "wandb,tensorboard", "--wandb-group", "tests",
+                 env=dpo_env(WANDB_DIR=str(wandb_dir)))
     return out, proc, wandb_dir
 
 
@@ -99,6 +101,24 @@ def test_metrics_rows_and_eval(basic_run):
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(evals[0])
 
 
+def test_batch_log_has_a_line_per_logging_step_and_the_eval_metrics(basic_run):
+    """stderr is a pipe here, as in a Slurm job: one progress line per logged step, eval when computed."""
+    out, proc, _ = basic_run
+    lines = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if " INFO dpo.stages.train: " in line]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" ", 2)[1] for line in steps] == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    pattern = (r"step \d/4 \(\d+%\) \| epoch [\d.]+ \| loss [\d.]+ \| rewards/accuracies [\d.]+ \| "
+               r"rewards/margins -?[\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tokens/s \| elapsed \d+:\d\d \| ETA \d+:\d\d$")
+    assert all(re.match(pattern, line) for line in steps), steps
+    first = rows(out)[0]
+    assert f"loss {first['loss']:.4f}" in steps[0] and "lr 0.001" in steps[0]
+    evals = [line for line in lines if line.startswith("eval at step")]
+    assert [line.split(":")[0] for line in evals] == ["eval at step 2/4", "eval at step 4/4"]
+    eval_row = rows(out, eval_rows=True)[0]
+    assert f"eval/loss {eval_row['eval/loss']:.4g}" in evals[0] and "eval/rewards/accuracies" in evals[0]
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
+
+
 def test_final_model_manifest_and_wandb(basic_run, data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,6 +140,27 @@ def test_final_model_manifest_and_wandb(basic_run, data):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     run_ids = [p.name.rsplit("-", 1)[-1] for p in (wandb_dir / "wandb").glob("offline-run-*")]
     assert run_ids == [stats["wandb_run_id"]]
+
+
+def test_tensorboard_has_trl_names_and_the_whole_lineage(basic_run, data):
+    """--report-to wandb,tensorboard: the event files read back with TRL's keys; the config that W&B and
+    TensorBoard get holds train's options, tokenize's and cache-ref's settings, the data and fingerprints."""
+    from test_tracking import read_tensorboard
+
+    out, _, _ = basic_run
+    scalars, text = read_tensorboard(out / "tensorboard")
+    train_rows = rows(out)
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_rows]
+    assert [v for _, v in scalars["train/rewards/margins"]] == pytest.approx([r["rewards/margins"] for r in train_rows])
+    assert [s for s, _ in scalars["eval/rewards/accuracies"]] == [2, 4]
+    config = json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    tok = json.loads((data["tok"] / "manifest.json").read_text())
+    ref = json.loads((data["ref"] / "manifest.json").read_text())
+    assert config["beta"] == 0.1 and config["fingerprint"] == json.loads((out / "manifest.json").read_text())["fingerprint"]
+    assert config["tokenize"]["fingerprint"] == tok["fingerprint"] and config["tokenize"]["max_seq_length"] == 192
+    assert config["cache_ref"]["fingerprint"] == ref["fingerprint"] and config["cache_ref"]["dtype"] == "float32"
+    assert config["data"] == [{"source": f"{HH_DATA}:400", "sha256": tok["inputs"][0]["fingerprint"]}]
+    assert "overwrite" not in config["tokenize"] and config["global_batch_size"] == 4
 
 
 def test_rerun_after_completion_is_noop(basic_run, data):
@@ -328,6 +369,8 @@ def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]
+    # A pause, not a failure: worded as such.
+    assert "dpo train: pre-empted: stopped by SIGTERM after step" in stderr and "error" not in stderr, stderr[-2000:]
     saved = sorted((out / "checkpoints").iterdir())
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
     stopped_at = int(saved[0].name.split("-")[1])
