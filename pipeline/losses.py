@@ -204,6 +204,15 @@ def per_token(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     return logps / num_tokens.clamp(min=1).to(logps.dtype)
 
 
+def _per_token_ratios(x, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each response's log-ratio averaged over its own tokens, and the margin of the scored ones
+    (the divergence's scores, which are the log-ratios under reverse KL)."""
+    chosen, rejected = x.ratios()
+    scored_chosen, scored_rejected = x.scores(config)
+    margin = per_token(scored_chosen, x.chosen_num_tokens) - per_token(scored_rejected, x.rejected_num_tokens)
+    return per_token(chosen, x.chosen_num_tokens), per_token(rejected, x.rejected_num_tokens), margin
+
+
 def _smoothed_sigmoid(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # −(1−ε)·logσ(x) − ε·logσ(−x): cDPO's loss when the preference label is flipped with prob. ε.
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
@@ -273,10 +282,7 @@ class DpoNorm(Loss):
     f_divergence = True
 
     def __call__(self, x, config, context):
-        chosen, rejected = x.ratios()
-        chosen, rejected = per_token(chosen, x.chosen_num_tokens), per_token(rejected, x.rejected_num_tokens)
-        scored_chosen, scored_rejected = x.scores(config)
-        margin = per_token(scored_chosen, x.chosen_num_tokens) - per_token(scored_rejected, x.rejected_num_tokens)
+        chosen, rejected, margin = _per_token_ratios(x, config)
         return PreferenceLoss(_smoothed_sigmoid(config.beta * margin, config.label_smoothing),
                               *_rewards(config.beta, chosen, rejected))
 
@@ -336,10 +342,7 @@ class Ipo(Loss):
     f_divergence = True
 
     def __call__(self, x, config, context):
-        chosen, rejected = x.ratios()
-        chosen, rejected = per_token(chosen, x.chosen_num_tokens), per_token(rejected, x.rejected_num_tokens)
-        scored_chosen, scored_rejected = x.scores(config)
-        margin = per_token(scored_chosen, x.chosen_num_tokens) - per_token(scored_rejected, x.rejected_num_tokens)
+        chosen, rejected, margin = _per_token_ratios(x, config)
         losses = (margin - 1 / (2 * config.beta)) ** 2
         return PreferenceLoss(losses, *_rewards(config.beta, chosen, rejected))
 
