@@ -214,7 +214,9 @@ def make_adamw(accelerator, params, lr: float, weight_decay: float, betas=(0.9, 
     """torch AdamW, or DeepSpeed's CPU Adam (AdamW mode) when the optimizer is offloaded to CPU.
 
     DeepSpeed refuses a torch optimizer under ZeRO-Offload; its CPU Adam is a compiled op (built
-    once into TORCH_EXTENSIONS_DIR).
+    once into TORCH_EXTENSIONS_DIR). Without DeepSpeed, torch's fused kernel: one pass over each
+    parameter instead of a dozen elementwise ops (on a CPU the default per-tensor loop is about 10x
+    slower on a 16M-parameter model). DeepSpeed's ZeRO wraps the plain one, as it documents.
     """
     import torch
 
@@ -222,7 +224,8 @@ def make_adamw(accelerator, params, lr: float, weight_decay: float, betas=(0.9, 
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    fused = zero_stage_of(accelerator) is None and accelerator.device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 def describe(accelerator) -> str:
