@@ -360,66 +360,199 @@ def comparison_table(before: Mapping[str, Any], after: Mapping[str, Any], before
 
 # -------------------------------------------------------------------------------------- model card
 
+# Folder names that say nothing about a model: a card titled "model" would be no title.
+GENERIC_NAMES = {"model", "models", "final", "export", "exported", "out", "output", "hf", "base", "weights"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+_AMOUNT = re.compile(r":(\d+|\d+\.\d*|\.\d+)$")
+
+
+def hub_or_local_name(path: str | None) -> str | None:
+    """A model or dataset's Hub id (``org/name``, also from a Hub cache folder), else its local name."""
+    if not path:
+        return None
+    text = _AMOUNT.sub("", str(path)).rstrip("/")
+    if not Path(text).exists() and HUB_ID.fullmatch(text):
+        return text
+    for part in reversed(Path(text).parts):  # ~/.cache/huggingface/hub/models--org--name/snapshots/<sha>
+        if part.startswith(("models--", "datasets--")) and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:3])
+    name = Path(text).name
+    for suffix in DATA_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    parent = Path(text).resolve().parent.name
+    return f"{parent}-{name}" if name.lower() in GENERIC_NAMES and parent else name
+
+
+def model_license(path: str | None) -> str | None:
+    """The ``license:`` of a local model folder's own card (README.md front matter), when it has one."""
+    card = Path(path) / "README.md" if path else None
+    if card is None or not card.is_file():
+        return None
+    match = re.match(r"---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
+    found = re.search(r"^license:\s*(\S+)\s*$", match.group(1), re.M) if match else None
+    return found.group(1).strip("'\"") if found else None
+
+
+def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
+    return [f"{key}:"] + [f"- {json.dumps(v) if ':' in v or v.startswith(('{', '[')) else v}" for v in values]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def card_hyperparameters(train_cfg: Mapping[str, Any], stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The settings that decide what was learned, as (name, value): no None, no settings of features
+    that were off (LoRA for a full fine-tune, ZeRO for DDP), no knobs that change only speed."""
+    loss = dict(train_cfg.get("loss") or {})
+    loss_type = loss.get("loss_type") or train_cfg.get("loss_type", "dpo")
+    rows: list[tuple[str, Any]] = [("loss_type", loss_type)]
+    for key, value in loss.items():
+        if key == "loss_type" or value is None or value is False or value == 0 or value == [] or value == {}:
+            continue
+        if key == "gamma_beta_ratio" and loss_type != "simpo":
+            continue  # SimPO's target margin: other losses never read it
+        rows.append((key, value))
+    if "beta" not in loss and train_cfg.get("beta") is not None:
+        rows.insert(1, ("beta", train_cfg["beta"]))
+    rows += [(k, train_cfg[k]) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay")
+             if train_cfg.get(k) is not None]
+    rows.append(("optimizer", "AdamW (betas 0.9, 0.999, eps 1e-8)"))
+    if train_cfg.get("max_steps"):
+        rows.append(("max_steps", train_cfg["max_steps"]))
+    elif train_cfg.get("epochs") is not None:
+        rows.append(("epochs", train_cfg["epochs"]))
+    if stats.get("steps") is not None:
+        rows.append(("steps trained", stats["steps"]))
+    global_batch = stats.get("global_batch_size") or train_cfg.get("global_batch")
+    if global_batch:
+        rows.append(("total batch size (pairs per step)", global_batch))
+    rows += [(k, train_cfg[k]) for k in ("per_device_batch_size", "grad_accum") if train_cfg.get(k) is not None]
+    if stats.get("world_size"):
+        rows.append(("processes", stats["world_size"]))
+    rows += [(k, train_cfg[k]) for k in ("max_grad_norm", "seed", "dtype") if train_cfg.get(k) is not None]
+    if train_cfg.get("mixed_precision") not in (None, "no"):
+        rows.append(("mixed_precision", train_cfg["mixed_precision"]))
+    if train_cfg.get("zero_stage") is not None:
+        rows.append(("zero_stage", train_cfg["zero_stage"]))
+    if train_cfg.get("keep_dropout"):
+        rows.append(("keep_dropout", True))
+    if train_cfg.get("lora"):
+        rows += [(k, train_cfg[k]) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+                 if train_cfg.get(k) is not None]
+    return rows
+
+
+def usage_snippet(load_path: str, chat: bool, hh: bool) -> list[str]:
+    """Python that prompts the model the way its training data was laid out."""
+    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f"model = AutoModelForCausalLM.from_pretrained({load_path!r})",
+             f"tokenizer = AutoTokenizer.from_pretrained({load_path!r})"]
+    if chat:
+        lines += ["# Trained on chat data through the tokenizer's chat template:",
+                  'messages = [{"role": "user", "content": "How do I bake bread?"}]',
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True)"]
+    elif hh:
+        lines += ["# Trained on plain text in Anthropic HH-RLHF's layout (no chat template):",
+                  'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"',
+                  'inputs = tokenizer(prompt, return_tensors="pt")']
+    else:
+        lines += ["# Trained on plain text (prompt followed by the response, no chat template):",
+                  'prompt = "How do I bake bread?"', 'inputs = tokenizer(prompt, return_tensors="pt")']
+    lines += ["output = model.generate(**inputs, max_new_tokens=128)",
+              "print(tokenizer.decode(output[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```"]
+    return lines
+
 
 def model_card(info: Mapping[str, Any]) -> str:
-    """README.md for an exported model folder (Hugging Face model card with YAML front matter)."""
+    """README.md for an exported model folder: a Hugging Face model card with YAML front matter."""
     train_cfg: Mapping[str, Any] = info.get("train_config", {})
-    tags = dict.fromkeys(["dpo", str(train_cfg.get("loss_type", "dpo")), "preference-optimization"]
-                         + (["peft", "lora"] if info.get("adapter") else []))
-    front = ["---", "library_name: " + ("peft" if info.get("adapter") else "transformers"),
-             "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
-    base = info.get("base_model")
-    # The Hub validates base_model as a repo id: only name it when it is one, not a local folder.
-    if base and not Path(str(base)).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)):
-        front.append(f"base_model: {base}")
+    loss_type = (train_cfg.get("loss") or {}).get("loss_type") or train_cfg.get("loss_type", "dpo")
+    adapter = bool(info.get("adapter"))
+    base, base_id = info.get("base_model"), info.get("base_model_id")
+    datasets = list(info.get("datasets") or [])
+    front = ["---"]
+    if base_id:
+        front.append(f"base_model: {base_id}")
+    if datasets:
+        front += _yaml_list("datasets", datasets)
+    if info.get("license"):
+        front.append(f"license: {info['license']}")
+    front += ["library_name: " + ("peft" if adapter else "transformers"), f"model_name: {info.get('title')}",
+              "pipeline_tag: text-generation"]
+    front += _yaml_list("tags", list(dict.fromkeys(["dpo", loss_type, "preference-optimization", "generated-by-dpo"]
+                                                   + (["lora", "peft"] if adapter else []))))
     front.append("---")
-    lines = front + ["", f"# {info.get('name', 'DPO model')}", ""]
-    what = "a LoRA adapter" if info.get("adapter") else "a full model"
-    lines.append(
-        f"This folder holds {what} trained with `{train_cfg.get('loss_type', 'dpo')}` preference "
-        f"optimisation by `dpo` {info.get('producer_version', '')} from base model `{base}`, exported from "
-        f"checkpoint `{info.get('checkpoint')}` in `{info.get('dtype')}`."
-    )
-    if info.get("merged"):
-        lines.append("The LoRA adapter was merged into the base weights.")
-    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"model = AutoModelForCausalLM.from_pretrained({info.get('load_path', '.')!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({info.get('load_path', '.')!r})",
-              "messages = [{'role': 'user', 'content': 'Hello!'}]",
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```", ""]
+
+    what = "A LoRA adapter for" if adapter else "A fine-tuned version of"
+    on = f" on {', '.join(f'`{d}`' for d in datasets)}" if datasets else ""
+    beta = train_cfg.get("beta") if train_cfg.get("beta") is not None else (train_cfg.get("loss") or {}).get("beta")
+    lines = front + ["", f"# {info.get('title')}", "",
+                     f"{what} `{base_id or base}`{on}, aligned with preference optimization (`{loss_type}` loss"
+                     + (f", β = {_value(beta)}" if beta is not None else "") + f") by `dpo` {info.get('producer_version', '')}. "
+                     f"Exported from checkpoint `{info.get('checkpoint')}` in `{info.get('dtype')}`"
+                     + ("; the LoRA adapter is merged into the base weights." if info.get("merged") else ".")]
+    if base and base_id != base:
+        lines += ["", f"Base model: `{base}`."]
+    lines += ["", "## Usage", ""] + usage_snippet(info.get("load_path", "."), bool(info.get("chat")),
+                                                   bool(info.get("hh"))) + [""]
+
+    results = info.get("results") or {}
+    if results.get("train") or results.get("eval"):
+        lines += ["## Results", ""]
+        train, evals = results.get("train") or {}, results.get("eval") or {}
+        where = []
+        if train:
+            where.append(f"the last logged training step ({fmt(train.get('step'))})")
+        if evals:
+            where.append(f"the eval split at step {fmt(evals.get('step'))}")
+        lines += [f"Metrics at {' and on '.join(where)}, as TRL names them:", ""]
+        keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                            "logps/chosen", "logps/rejected")
+                if train.get(k) is not None or evals.get(f"eval/{k}") is not None]
+        header = ["metric"] + (["train"] if train else []) + (["eval"] if evals else [])
+        lines.append(table(header, [[f"`{k}`"] + ([fmt(train.get(k))] if train else [])
+                                    + ([fmt(evals.get(f"eval/{k}"))] if evals else []) for k in keys]))
+        lines.append("")
+
+    lines += ["## Training procedure", "",
+              f"Loss `{loss_type}`; the hyperparameters that decided the result (dpo's option names):", ""]
+    lines.append(table(["hyperparameter", "value"],
+                       [[name, f"`{_value(v)}`"] for name, v in card_hyperparameters(train_cfg, info.get("train_stats") or {})]))
+    lines.append("")
+
+    tokenization = info.get("tokenization") or {}
+    if tokenization:
+        lines += ["### Tokenization", ""]
+        lines.append(table(["setting", "value"], [[k, f"`{_value(v)}`"] for k, v in tokenization.items()]))
+        lines.append("")
+
     data = info.get("data") or {}
-    if data:
+    if data.get("sources"):
         lines += ["## Training data", ""]
-        lines.append(table(["source", "pairs"], [[s, fmt(n)] for s, n in data.get("sources", {}).items()]))
+        lines.append(table(["source", "format", "pairs"],
+                           [[f"`{s}`", data.get("formats", {}).get(s, "–"), fmt(n)] for s, n in data["sources"].items()]))
         splits = data.get("splits", {})
         if splits:
             lines += ["", "Splits: " + ", ".join(f"{k} {fmt(v)} pairs" for k, v in splits.items())
-                      + (f"; {fmt(data['rejected'])} records rejected at tokenization" if data.get("rejected") else "")
-                      + "."]
+                      + (f"; {fmt(data['rejected'])} records set aside at tokenization (see the tokenized artifact's "
+                         "rejects.jsonl)" if data.get("rejected") else "") + "."]
         lines.append("")
-    if train_cfg:
-        lines += ["## Training procedure", ""]
-        keys = [k for k in HYPERPARAMETERS if k in train_cfg]
-        lines.append(table(["hyperparameter", "value"], [[k, f"`{train_cfg[k]}`"] for k in keys]))
-        lines.append("")
-    final = info.get("final_metrics") or {}
-    if final:
-        lines += ["## Final training metrics", ""]
-        lines.append(table(["metric", "value"], [[f"`{k}`", fmt(v)] for k, v in final.items()]))
-        lines.append("")
+
     lineage = info.get("lineage") or []
     if lineage:
         lines += ["## Lineage", "", "Fingerprints of the `dpo` artifacts this model was built from (each covers "
                   "its inputs', so the last one identifies the whole chain):", ""]
         lines.append(table(["artifact", "path", "fingerprint"], [[k, f"`{p}`", f"`{f}`"] for k, p, f in lineage]))
         lines.append("")
+    versions = info.get("versions") or {}
+    if versions:
+        lines += ["## Framework versions", ""] + [f"- {name}: {version}" for name, version in versions.items()] + [""]
     return "\n".join(lines)
-
-
-HYPERPARAMETERS = (
-    "loss_type", "beta", "label_smoothing", "gamma_beta_ratio", "rpo_alpha", "learning_rate", "lr_scheduler",
-    "warmup_ratio", "weight_decay", "epochs", "max_steps", "per_device_batch_size", "grad_accum",
-    "max_grad_norm", "seed", "dtype", "mixed_precision", "forward", "lora", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_target_modules", "zero_stage", "gradient_checkpointing",
-)

@@ -81,12 +81,25 @@ def test_full_model_export(runs, tmp_path):
     assert {"model.safetensors", "README.md", "config.json"} <= {f["path"] for f in manifest["files"]}
 
     card = (out / "README.md").read_text()
-    assert str(runs["base"]) in card  # the base model
-    assert "hh-rlhf-harmless-test.jsonl.gz" in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "tiny-llama" == runs["base"].name  # a local model: its name
+    assert front["datasets"] == ["hh-rlhf-harmless-test"] and front["library_name"] == "transformers"
+    assert front["tags"][0] == "dpo" and "license" not in front  # the tiny base model has no licence
+    assert "\n# tiny-llama-dpo\n" in card  # the folder is called "model": the title says what it is
+    assert str(runs["base"]) in card and "hh-rlhf-harmless-test.jsonl.gz" in card
     total = sum(tokenized["stats"]["pairs"].values())
-    assert f"| {total:,} |" in card  # the source's pair count
-    assert "| loss_type | `dpo` |" in card and "| learning_rate | `0.005` |" in card
-    assert "## Final training metrics" in card and "`rewards/accuracies`" in card
+    assert f"| hh | {total:,} |" in card  # the source, its format and its pair count
+    assert "| loss_type | `dpo` |" in card and "| beta | `0.1` |" in card and "| learning_rate | `0.005` |" in card
+    assert "| total batch size (pairs per step) | `4` |" in card and "| max_seq_length | `80` |" in card
+    # Only what mattered: no None, no LoRA settings for a full fine-tune, no unused SimPO margin.
+    for absent in ("None", "lora", "gamma_beta_ratio", "zero_stage", "label_smoothing"):
+        assert absent not in card, absent
+    last = [json.loads(line) for line in (runs["train"] / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in last if "loss" in r][-1]
+    assert f"| `rewards/accuracies` | {last_train['rewards/accuracies']:.4g} | " in card
+    # HH-RLHF text went in without a chat template: the usage snippet prompts the same way.
+    assert 'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"' in card
+    assert "apply_chat_template" not in card
     for fingerprint in (tokenized["fingerprint"], train_manifest["fingerprint"], manifest["fingerprint"]):
         assert fingerprint in card
 
@@ -109,7 +122,11 @@ def test_dtype_and_checkpoints(runs, tmp_path):
     assert torch.equal(logits(step2, PROBE), logits(checkpoint, PROBE))
     assert not torch.equal(logits(step2, PROBE), logits(runs["train"] / "final", PROBE))
     card = (step2 / "README.md").read_text()
-    assert "checkpoint `step-00000002`" in card and "| `step` | 2 |" in card
+    assert "checkpoint `step-00000002`" in card and "last logged training step (2)" in card
+    # A checkpoint's model/ carries the tokenizer: it loads on its own.
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(checkpoint).chat_template == AutoTokenizer.from_pretrained(runs["base"]).chat_template
 
     proc = run_dpo("export", "--train", runs["train"], "--out", tmp_path / "x", "--checkpoint", "step-3")
     assert proc.returncode == 3
@@ -130,7 +147,9 @@ def test_lora_merged_and_adapter_exports_give_the_peft_logits(runs, tmp_path):
     run_dpo("export", "--train", runs["lora"], "--out", merged, check=True)
     assert not (merged / "adapter_config.json").exists()
     torch.testing.assert_close(logits(merged, PROBE), expected, atol=1e-5, rtol=1e-5)
-    assert "The LoRA adapter was merged" in (merged / "README.md").read_text()
+    card = (merged / "README.md").read_text()
+    assert "the LoRA adapter is merged into the base weights" in card and "library_name: transformers" in card
+    assert "| lora_rank | `4` |" in card and "| lora_alpha | `8` |" in card
 
     adapter = tmp_path / "adapter"
     run_dpo("export", "--train", runs["lora"], "--out", adapter, "--no-merge", check=True)
@@ -138,7 +157,7 @@ def test_lora_merged_and_adapter_exports_give_the_peft_logits(runs, tmp_path):
     # transformers loads an adapter folder through the base model path it records.
     torch.testing.assert_close(logits(adapter, PROBE), expected, atol=1e-6, rtol=1e-6)
     card = (adapter / "README.md").read_text()
-    assert "library_name: peft" in card and "a LoRA adapter" in card
+    assert "library_name: peft" in card and "A LoRA adapter for `tiny-llama`" in card and "- lora" in card
 
 
 def test_push_to_hub_offline_keeps_the_local_export(runs, tmp_path):
