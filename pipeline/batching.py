@@ -131,6 +131,18 @@ def sequence_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return lengths, lengths - np.concatenate([prompt, prompt])
 
 
+def scored_label_tokens(table: pa.Table, side: str, rows_per_chunk: int = 4096) -> np.ndarray:
+    """Per pair, the label tokens of ``side`` that carry a log-prob: labels != -100 past position 0
+    (position t's logits predict token t + 1), as LabelLogProbs counts them. Known before any forward."""
+    counts = []
+    for start in range(0, table.num_rows, rows_per_chunk):
+        labels, lengths = ragged(table.slice(start, rows_per_chunk), f"{side}_labels")
+        position = np.arange(len(labels)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        counts.append(np.bincount(row[(labels != IGNORE_INDEX) & (position >= 1)], minlength=len(lengths)))
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
 def ragged(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (all values in row order, each row's length), as numpy arrays."""
     values = table.column(column)

@@ -35,13 +35,17 @@ Check = Callable[[Any], "str | None"]
 
 def option(default: Any = dataclasses.MISSING, *, help: str, semantic: bool = True, choices: tuple | None = None,
            check: Check | None = None, flag: str | None = None, short: str | None = None, panel: str | None = None,
-           factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           factory: Callable[[], Any] | Any = dataclasses.MISSING, omit_if_default: bool = False,
+           separator: str | None = None) -> Any:
     """A config field. ``semantic``: it changes what the stage computes (so it enters the
-    fingerprint). ``flag``: the option's name when it is not the field's (``--split`` for
-    ``splits``); ``short``: a one-letter alias. ``panel``: the --help section; a group's fields
-    default to the group's PANEL."""
+    fingerprint). ``omit_if_default``: it enters the fingerprint only when set to another value
+    than its default (for options added later, so existing runs keep their fingerprints).
+    ``flag``: the option's name when it is not the field's (``--split`` for ``splits``);
+    ``short``: a one-letter alias. ``panel``: the --help section; a group's fields default to the
+    group's PANEL. ``separator``: a string option that lists values (``dpo,sft``), which a run file
+    may also give as a YAML list."""
     metadata = {"help": help, "semantic": semantic, "choices": choices, "check": check, "flag": flag, "short": short,
-                "panel": panel}
+                "panel": panel, "omit_if_default": omit_if_default, "separator": separator}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -283,6 +287,9 @@ def section_values(path: str | Path, section: str, cls: type, values: Mapping[st
                 f"{path}: section {section!r} has unknown option {key!r}; "
                 f"known: {', '.join(sorted(n.replace('_', '-') for n in known))}"
             )
+        separator = leaf.field.metadata.get("separator")
+        if separator and isinstance(value, list):
+            value = separator.join(str(v) for v in value)
         try:
             out[leaf.name] = coerce(value, leaf.type)
         except ValueError as exc:

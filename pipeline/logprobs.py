@@ -36,6 +36,7 @@ class SequenceLogProbs:
     logps: torch.Tensor  # [B] float32: sum over label positions of log p(y_t | y_<t)
     num_tokens: torch.Tensor  # [B] int64: number of label positions
     wpo_term: torch.Tensor | None = None  # [B] float32: mean over label positions of log p(y_t) - logsumexp_v 2 log p(v)
+    shared_logps: torch.Tensor | None = None  # [B] float32: the sum over the first ``shared_tokens`` label positions
 
 
 def _unwrap_hf(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -205,8 +206,12 @@ class LabelLogProbs(nn.Module):
         return tok, wpo, seq, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                with_wpo_term: bool = False, packed: PackedLayout | None = None) -> SequenceLogProbs:
-        """Per-sequence sums: one per row, or with ``packed`` one per sequence of the packed row."""
+                with_wpo_term: bool = False, packed: PackedLayout | None = None,
+                shared_tokens: torch.Tensor | None = None) -> SequenceLogProbs:
+        """Per-sequence sums: one per row, or with ``packed`` one per sequence of the packed row.
+
+        ``shared_tokens`` [sequences]: also sum each sequence's first that many label positions
+        (LD-DPO's S_k)."""
         if self.head_path == "auto":
             self._verify_body_path(input_ids, attention_mask if packed is None else None)
         tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term,
@@ -217,5 +222,12 @@ class LabelLogProbs(nn.Module):
         wpo_term = None
         if with_wpo_term:
             wpo_term = tok.new_zeros(batch).index_add(0, seq, wpo) / num_tokens.clamp(min=1).to(tok.dtype)
-        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term)
+        shared = None
+        if shared_tokens is not None:
+            # Each label position's rank within its sequence: ``tok`` holds them in row order, sequence by sequence.
+            first = torch.cumsum(num_tokens, 0) - num_tokens
+            rank = torch.arange(len(seq), device=seq.device) - first[seq]
+            keep = rank < shared_tokens.to(rank.device)[seq]
+            shared = tok.new_zeros(batch).index_add(0, seq, torch.where(keep, tok, torch.zeros_like(tok)))
+        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term, shared_logps=shared)
 

@@ -39,7 +39,8 @@ def pair_metrics(pairs: Mapping[str, np.ndarray]) -> dict[str, float | int | Non
     ``pairs`` holds float arrays ``policy_chosen_logps``, ``policy_rejected_logps``,
     ``chosen_num_tokens``, ``rejected_num_tokens``; optionally ``ref_chosen_logps``,
     ``ref_rejected_logps`` (the reference cache) and ``rewards_chosen``, ``rewards_rejected``,
-    ``losses`` (the trained loss's implicit rewards and per-pair loss).
+    ``losses`` (the trained loss's implicit rewards and per-pair loss), and ``loss/NAME`` for each
+    component of a combined loss.
     """
     pc, pr = pairs["policy_chosen_logps"], pairs["policy_rejected_logps"]
     nc, nr = pairs["chosen_num_tokens"], pairs["rejected_num_tokens"]
@@ -47,6 +48,7 @@ def pair_metrics(pairs: Mapping[str, np.ndarray]) -> dict[str, float | int | Non
     if "rewards_chosen" in pairs:
         rc, rr = pairs["rewards_chosen"], pairs["rewards_rejected"]
         out["loss"] = _mean(pairs["losses"])
+        out.update({name: _mean(values) for name, values in pairs.items() if name.startswith("loss/")})
         out["rewards/chosen"] = _mean(rc)
         out["rewards/rejected"] = _mean(rr)
         out["rewards/accuracies"] = _mean((rc - rr > REWARD_TIE).astype(np.float64))
@@ -380,9 +382,13 @@ def hub_or_local_name(path: str | None) -> str | None:
     name = Path(text).name
     for suffix in DATA_SUFFIXES:
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    parent = Path(text).resolve().parent.name
-    return f"{parent}-{name}" if name.lower() in GENERIC_NAMES and parent else name
+            name = name[: -len(suffix)]
+            break
+    else:
+        parent = Path(text).resolve().parent.name
+        name = f"{parent}-{name}" if name.lower() in GENERIC_NAMES and parent else name
+    # The Hub rejects a card whose base_model or datasets entry is not shaped like a repo name.
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "local"
 
 
 def model_license(path: str | None) -> str | None:
@@ -487,7 +493,9 @@ def model_card(info: Mapping[str, Any]) -> str:
         front.append(f"license: {info['license']}")
     front += ["library_name: " + ("peft" if adapter else "transformers"), f"model_name: {info.get('title')}",
               "pipeline_tag: text-generation"]
-    front += _yaml_list("tags", list(dict.fromkeys(["dpo", loss_type, "preference-optimization", "generated-by-dpo"]
+    # A combined loss ("sigmoid,sft") tags each of its parts.
+    front += _yaml_list("tags", list(dict.fromkeys(["dpo", *str(loss_type).split(","), "preference-optimization",
+                                                    "generated-by-dpo"]
                                                    + (["lora", "peft"] if adapter else []))))
     front.append("---")
 

@@ -9,6 +9,9 @@ registered in FORWARDS; adding one (a packed layout, say) is one class here.
 - ``separate``: two forwards, each side padded to its own longest row: less peak memory, same values.
 - ``packed``: every sequence of the batch in one row without padding, each attending only to itself
   (``--packing``); its first batch is checked against ``concatenated`` before it is trusted.
+
+Asked ``with_shared``, scoring also sums each response's first ``k = min(nc, nr)`` label tokens
+(k counted per pair, as TRL's LD-DPO counts it), for the length-desensitised losses.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from .packing import layout
 from .profiling import NULL_TIMER
 from .tokenization import IGNORE_INDEX
 
-# (input_ids, attention_mask, labels, with_wpo_term=...) -> SequenceLogProbs: LabelLogProbs, or
-# the DDP / DeepSpeed wrapper around it that Accelerate returns.
+# (input_ids, attention_mask, labels, with_wpo_term=..., shared_tokens=...) -> SequenceLogProbs:
+# LabelLogProbs, or the DDP / DeepSpeed wrapper around it that Accelerate returns.
 Module = Callable[..., SequenceLogProbs]
 
 
@@ -44,9 +47,15 @@ class PairScores:
 def _split(both: SequenceLogProbs, n: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
     def part(sl: slice) -> SequenceLogProbs:
         return SequenceLogProbs(both.logps[sl], both.num_tokens[sl],
-                                None if both.wpo_term is None else both.wpo_term[sl])
+                                None if both.wpo_term is None else both.wpo_term[sl],
+                                None if both.shared_logps is None else both.shared_logps[sl])
 
     return part(slice(0, n)), part(slice(n, None))
+
+
+def _label_counts(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scored label tokens per row, counted as LabelLogProbs scores them (next-token labels)."""
+    return ((labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, 1:].bool()).sum(dim=1)
 
 
 def _counts(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -61,7 +70,8 @@ class ForwardMode:
     def collate(self, pairs: pa.Table, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool) -> PairScores:
+    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool,
+              with_shared: bool = False) -> PairScores:
         raise NotImplementedError
 
 
@@ -76,9 +86,15 @@ class Concatenated(ForwardMode):
         width = padded_length(int(lengths.max()), pad_to_multiple_of)
         return right_padded(np.concatenate([cids, rids]), np.concatenate([clab, rlab]), lengths, pad_token_id, width)
 
-    def score(self, module, batch, with_wpo_term):
-        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term)
-        chosen, rejected = _split(both, batch["input_ids"].shape[0] // 2)
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        n = batch["input_ids"].shape[0] // 2
+        shared = None
+        if with_shared:
+            counts = _label_counts(batch["labels"], batch["attention_mask"])
+            shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term,
+                      shared_tokens=shared)
+        chosen, rejected = _split(both, n)
         return PairScores(chosen, rejected, *_counts([batch["attention_mask"]]))
 
 
@@ -95,10 +111,14 @@ class Separate(ForwardMode):
             batch.update({f"{side}_{k}": v for k, v in right_padded(ids, labels, lengths, pad_token_id, width).items()})
         return batch
 
-    def score(self, module, batch, with_wpo_term):
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        shared = None
+        if with_shared:
+            shared = torch.minimum(*(_label_counts(batch[f"{side}_labels"], batch[f"{side}_attention_mask"])
+                                     for side in SIDES))
         chosen, rejected = (
             module(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                   with_wpo_term=with_wpo_term)
+                   with_wpo_term=with_wpo_term, shared_tokens=shared)
             for side in SIDES
         )
         return PairScores(chosen, rejected, *_counts([batch[f"{side}_attention_mask"] for side in SIDES]))
@@ -120,9 +140,17 @@ class Packed(ForwardMode):
         return {"input_ids": torch.from_numpy(np.concatenate([cids, rids])).unsqueeze(0),
                 "labels": torch.from_numpy(labels).unsqueeze(0), "packed": layout(lengths)}
 
-    def score(self, module, batch, with_wpo_term):
-        both = module(batch["input_ids"], None, batch["labels"], with_wpo_term=with_wpo_term, packed=batch["packed"])
-        chosen, rejected = _split(both, batch["packed"].num_sequences // 2)
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        packed = batch["packed"]
+        n = packed.num_sequences // 2
+        shared = None
+        if with_shared:
+            scored = batch["labels"][0, 1:] != IGNORE_INDEX
+            counts = torch.bincount(packed.sequence_ids[0, 1:][scored], minlength=packed.num_sequences)
+            shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        both = module(batch["input_ids"], None, batch["labels"], with_wpo_term=with_wpo_term, packed=packed,
+                      shared_tokens=shared)
+        chosen, rejected = _split(both, n)
         tokens = batch["input_ids"].numel()
         return PairScores(chosen, rejected, tokens, tokens)
 
@@ -161,7 +189,7 @@ class PairScorer:
     PACKING_TOLERANCE = 1e-4
 
     def __init__(self, module: Module, mode: str, pad_token_id: int, device: torch.device | str,
-                 with_wpo_term: bool = False, agree=None):
+                 with_wpo_term: bool = False, agree=None, with_shared: bool = False):
         if mode not in FORWARDS:
             raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, not {mode!r}")
         self.module = module
@@ -170,6 +198,7 @@ class PairScorer:
         self.device = torch.device(device)
         self.with_wpo_term = with_wpo_term
         self.agree = agree
+        self.with_shared = with_shared
         self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         self._checked = mode != Packed.name
 
@@ -183,7 +212,7 @@ class PairScorer:
         with self.timer.phase("data"):
             batch = collate_pairs(rows, self.pad_token_id, mode.name)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-        return mode.score(self.module, batch, self.with_wpo_term)
+        return mode.score(self.module, batch, self.with_wpo_term, self.with_shared)
 
     @torch.no_grad()
     def _check_packing(self, rows, packed: PairScores) -> None:

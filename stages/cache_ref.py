@@ -35,19 +35,22 @@ from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_l
 from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.profiling import PhaseTimer, model_flops_per_token
 from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 
 STAGE = "cache-ref"
-VERSION = 1
+# 2: the shared-prefix columns (LD-DPO) joined the layout; a version-1 cache serves every other loss.
+VERSION = 2
 INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
     ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()),
+    # Sums over each pair's first min(chosen, rejected) label tokens: all LD-DPO needs, for any --ld-alpha.
+    ("chosen_shared_logps", pa.float32()), ("rejected_shared_logps", pa.float32()),
 ])
 OWNS = ("*/part-*.parquet",)  # what a (partial) run writes besides the manifest
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ def _run(config: CacheRefConfig) -> None:
     tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs)
     config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
-    _check_vocab(config, info)
+    check_vocab(config.model, config.tokenized, tokenized.manifest)
     collective = dist.COLLECTIVE
     identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify_model))
     # The sampled identity is the key whether or not --verify-model hashed the weights in full, so
@@ -155,23 +158,6 @@ def _resolve_splits(config: CacheRefConfig, tokenized: ArtifactReader) -> tuple[
             f"--split {', '.join(unknown)}: {config.tokenized} has no such split (it has {', '.join(available)})"
         )
     return tuple(dict.fromkeys(config.splits))
-
-
-def _check_vocab(config: CacheRefConfig, info: dict) -> None:
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model {config.model}: cannot read its config: {exc}") from None
-    model_vocab = model_config.get_text_config().vocab_size
-    tokenizer_vocab = info.get("vocab_size")
-    if tokenizer_vocab is not None and tokenizer_vocab > model_vocab:
-        raise UsageError(
-            f"model {config.model} has a vocabulary of {model_vocab} tokens, but {config.tokenized} was tokenized "
-            f"with a tokenizer of {tokenizer_vocab} (ids up to {tokenizer_vocab - 1}): this is not the model those "
-            "tokens were made for. Tokenize with the model's own tokenizer"
-        )
 
 
 def _plan(tokenized: ArtifactReader, splits: tuple[str, ...], rows_per_shard: int) -> list[ShardTask]:
@@ -243,7 +229,7 @@ class _Reference:
             self.module = LabelLogProbs(model)
             self.vocab = self.module.vocab_size()
             mode = forward_mode(self.config.forward, self.config.batching.packing)
-            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device)
+            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device, with_shared=True)
             self.scorer.timer = self.module.timer = self.timer
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
@@ -320,6 +306,7 @@ def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, ba
                 for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
                     out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
                     out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
+                    out[f"{side}_shared_logps"][positions] = values.shared_logps.float().cpu().numpy()
         padded += scores.slots
         bar.update(len(positions))
     result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)

@@ -43,7 +43,7 @@ import yaml
 
 from ..artifacts.errors import DpoError, Preempted, UsageError
 from ..artifacts.manifest import MANIFEST
-from ..pipeline.config import from_mapping, leaves, load_run_file, resolve_paths, run_file_folder, section_values
+from ..pipeline.config import coerce, from_mapping, leaves, load_run_file, resolve_paths, run_file_folder, section_values
 from ..pipeline.losses import LossConfig
 from ..pipeline.distributed import rank
 from . import STAGES
@@ -141,6 +141,12 @@ def resolve(path: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     present = [name for name in STEP_NAMES if name in data]
     if not present:
         raise UsageError(f"{path}: no step sections; expected some of {', '.join(STEP_NAMES)}")
+    for key in TOP_LEVEL:
+        if data.get(key) is not None:
+            try:
+                data[key] = coerce(data[key], str)
+            except ValueError as exc:
+                raise UsageError(f"{path}: top-level key {key!r}: {exc} (a folder path)") from None
     run_dir = data.get("run_dir")
     if not run_dir:
         raise UsageError(f"{path}: needs a top-level run_dir (the folder the steps write under)")

@@ -18,14 +18,14 @@ from dpo.artifacts.fingerprint import sha256_file
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A full-weights run (checkpoints at steps 2 and 4) and a LoRA run of a tiny Llama."""
     root = tmp_path_factory.mktemp("export")
-    model = build_tiny_llama(root / "base")
+    model = build_tiny_llama(root / "tiny-llama")
     spec = {
         "run_dir": str(root / "run"), "model": str(model),
         "tokenize": {"data": [f"{HH_DATA}:40"], "tokenizer": str(model), "eval_fraction": 0.2,
                      "max_seq_length": 80, "max_prompt_length": 40},
         "cache-ref": {"batch_size": 8},
         "train": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0,
-                  "logging_steps": 1, "save_every": "2", "keep_last": 3},
+                  "logging_steps": 1, "save_every": "2", "keep_last": 3, "eval_steps": 2},
     }
     (root / "run.yaml").write_text(yaml.safe_dump(spec))
     run_dpo("run", "--config", root / "run.yaml", check=True)
@@ -95,8 +95,11 @@ def test_full_model_export(runs, tmp_path):
     for absent in ("None", "lora", "gamma_beta_ratio", "zero_stage", "label_smoothing"):
         assert absent not in card, absent
     last = [json.loads(line) for line in (runs["train"] / "metrics.jsonl").read_text().splitlines()]
-    last_train = [r for r in last if "loss" in r][-1]
-    assert f"| `rewards/accuracies` | {last_train['rewards/accuracies']:.4g} | " in card
+    last_train, last_eval = [r for r in last if "loss" in r][-1], [r for r in last if "eval/loss" in r][-1]
+    assert last_eval["step"] == 4  # the card's eval column is the final eval
+    assert (f"| `rewards/accuracies` | {last_train['rewards/accuracies']:.4g} "
+            f"| {last_eval['eval/rewards/accuracies']:.4g} |") in card
+    assert f"| `loss` | {last_train['loss']:.4g} | {last_eval['eval/loss']:.4g} |" in card
     # HH-RLHF text went in without a chat template: the usage snippet prompts the same way.
     assert 'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"' in card
     assert "apply_chat_template" not in card
@@ -126,7 +129,8 @@ def test_dtype_and_checkpoints(runs, tmp_path):
     # A checkpoint's model/ carries the tokenizer: it loads on its own.
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(checkpoint).chat_template == AutoTokenizer.from_pretrained(runs["base"]).chat_template
+    own, base = AutoTokenizer.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(runs["base"])
+    assert own.chat_template == base.chat_template and own("Human: hi").input_ids == base("Human: hi").input_ids
 
     proc = run_dpo("export", "--train", runs["train"], "--out", tmp_path / "x", "--checkpoint", "step-3")
     assert proc.returncode == 3

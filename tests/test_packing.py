@@ -42,6 +42,9 @@ def assert_same(got, want):
         assert rel < REL, (side, rel)
         if b.wpo_term is not None:
             torch.testing.assert_close(a.wpo_term, b.wpo_term, rtol=0, atol=1e-5)
+        if b.shared_logps is not None:  # LD-DPO's sums over the pair's shared length
+            rel = ((a.shared_logps - b.shared_logps).abs() / b.shared_logps.abs().clamp(min=1)).max().item()
+            assert rel < REL, (side, "shared", rel)
 
 
 @pytest.mark.parametrize("model_key", ["demo", "gqa"])
@@ -52,10 +55,10 @@ def test_packed_log_probs_equal_the_padded_ones(data, model_key):
     assert lengths.min() < 40 and lengths.max() == 160  # mixed: short pairs and truncated ones
     module = LabelLogProbs(model)
     with torch.no_grad():
-        padded = [PairScorer(module, "concatenated", 0, "cpu", with_wpo_term=True)(table.slice(s, 12))
+        padded = [PairScorer(module, "concatenated", 0, "cpu", with_wpo_term=True, with_shared=True)(table.slice(s, 12))
                   for s in range(0, table.num_rows, 12)]
         enable_packing(model)
-        packed_scorer = PairScorer(module, "packed", 0, "cpu", with_wpo_term=True)
+        packed_scorer = PairScorer(module, "packed", 0, "cpu", with_wpo_term=True, with_shared=True)
         packed = [packed_scorer(table.slice(s, 12)) for s in range(0, table.num_rows, 12)]
     for got, want in zip(packed, padded):
         assert_same(got, want)

@@ -136,6 +136,8 @@ def test_set_overrides_values_of_the_run_file(tmp_path, monkeypatch):
     ("model: m\ntokenize: {}\n", "needs a top-level run_dir"),
     ("run_dir: r\n", "no step sections"),
     ("run_dir: r\ntrain: [1, 2]\n", "section 'train' must be a mapping"),
+    ("run_dir: r\nmodel: [m]\ntrain: {}\n", "top-level key 'model': expected a single value"),
+    ("run_dir: {a: 1}\ntrain: {}\n", "top-level key 'run_dir': expected a single value"),
 ])
 def test_resolve_rejects_bad_run_files(tmp_path, text, message):
     path = tmp_path / "run.yaml"
