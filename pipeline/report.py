@@ -181,6 +181,39 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: Path, title: s
     return True
 
 
+def plot_run_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path, title: str) -> bool:
+    """Loss, reward accuracy and reward margin of several runs on shared axes: one colour per run,
+    train solid, eval dashed with markers. Returns False when no run logged anything."""
+    keys = [("loss", "loss (nats)"), ("rewards/accuracies", "implicit-reward accuracy (fraction)"),
+            ("rewards/margins", "reward margin (nats)")]
+    if not any("loss" in r or "eval/loss" in r for _, rows in runs for r in rows):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, ylabel) in zip(axes, keys):
+        for i, (label, rows) in enumerate(runs):
+            colour = colours[i % len(colours)]
+            for prefix, style in (("", "-"), ("eval/", "o--")):
+                points = [(r["step"], r[prefix + key]) for r in rows if r.get(prefix + key) is not None and "step" in r]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, color=colour, markersize=3, label=f"{label}{' (eval)' if prefix else ''}")
+        if key == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     """Histograms of the implicit-reward margin and of the log-prob margin (policy vs reference)."""
     plt = _pyplot()
