@@ -214,10 +214,15 @@ def plot_run_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
     return True
 
 
-def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-    """Histograms of the implicit-reward margin and of the log-prob margin (policy vs reference)."""
+def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> list[str]:
+    """Histograms of the implicit-reward margin and of the log-prob margin (policy vs reference).
+
+    A model scored against its own reference has every reward margin 0: that histogram would be one
+    bar saying nothing, so it is left out, and the log-prob margins are drawn once. Returns the
+    titles of the panels drawn."""
     plt = _pyplot()
-    has_rewards = "rewards_chosen" in pairs
+    has_rewards = "rewards_chosen" in pairs and bool(
+        np.any(np.abs(pairs["rewards_chosen"] - pairs["rewards_rejected"]) > REWARD_TIE))
     fig, axes = plt.subplots(1, 2 if has_rewards else 1, figsize=(11 if has_rewards else 6, 4.2),
                              constrained_layout=True, squeeze=False)
     axes = axes[0]
@@ -235,7 +240,11 @@ def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> Non
     policy = pairs["policy_chosen_logps"] - pairs["policy_rejected_logps"]
     series = [("model", policy, "tab:orange")]
     if "ref_chosen_logps" in pairs:
-        series.append(("reference", pairs["ref_chosen_logps"] - pairs["ref_rejected_logps"], "tab:grey"))
+        reference = pairs["ref_chosen_logps"] - pairs["ref_rejected_logps"]
+        if np.allclose(policy, reference, atol=1e-4):
+            series = [("model = reference", policy, "tab:orange")]
+        else:
+            series.append(("reference", reference, "tab:grey"))
     edges = _bins(np.concatenate([s[1] for s in series]))
     for name, values, color in series:
         ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (π(c) > π(r): {np.mean(values > 0):.1%})")
@@ -246,7 +255,9 @@ def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> Non
     ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+    drawn = [a.get_title() for a in axes]
     plt.close(fig)
+    return drawn
 
 
 def plot_logp_shift(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> None:
@@ -268,24 +279,35 @@ def plot_logp_shift(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def plot_generation_lengths(generations: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+def plot_generation_lengths(generations: Sequence[Mapping[str, Any]], path: Path, title: str,
+                            max_new_tokens: int) -> str:
+    """Completion lengths (and the baseline's and the dataset's chosen responses', when known), with
+    the token cap marked: a pile at the cap is completions cut off, not a preferred length. Returns
+    the plot's title."""
     plt = _pyplot()
     own = np.array([g["completion_tokens"] for g in generations], dtype=np.float64)
-    series = [("generated", own, "tab:blue")]
+    series = [("this model", own, "tab:blue")]
+    baseline = [g["baseline_completion_tokens"] for g in generations if "baseline_completion_tokens" in g]
+    if baseline:
+        series.append(("baseline", np.array(baseline, dtype=np.float64), "tab:orange"))
     chosen = [g["chosen_tokens"] for g in generations if g.get("chosen_tokens") is not None]
     if chosen:
         series.append(("dataset chosen", np.array(chosen, dtype=np.float64), "tab:green"))
-    edges = _bins(np.concatenate([s[1] for s in series]))
+    edges = _bins(np.concatenate([s[1] for s in series] + [np.array([max_new_tokens], dtype=np.float64)]))
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     for name, values, color in series:
-        ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (mean {values.mean():.1f})")
-    ax.set_title("response length")
+        ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (n={len(values)}, mean {values.mean():.1f})")
+    ax.axvline(max_new_tokens, color="black", linewidth=0.9, linestyle="--", label=f"cap {max_new_tokens} new tokens")
+    cut = sum(1 for g in generations if not g.get("stopped"))
+    heading = f"response length: {len(generations)} completions, {cut} cut at the cap"
+    ax.set_title(heading)
     ax.set_xlabel("tokens")
     ax.set_ylabel("responses")
     ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return heading
 
 
 def _bins(values: np.ndarray, count: int = 40) -> np.ndarray:

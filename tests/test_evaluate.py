@@ -122,7 +122,7 @@ def test_metrics_match_the_definitions(pipeline, tmp_path):
 def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     base_out, after_out = tmp_path / "base", tmp_path / "after"
     run_dpo("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--ref-cache",
-            pipeline["ref"], "--out", base_out, "--beta", "0.5", check=True)
+            pipeline["ref"], "--out", base_out, "--beta", "0.5", "--generate", "2", "--max-new-tokens", "4", check=True)
     before = json.loads((base_out / "metrics.json").read_text())
     assert before["evaluated"]["beta"] == 0.5 and before["evaluated"]["objective_from"] == "--beta"
     assert before["rewards/accuracies"] == 0.0 and abs(before["rewards/margins"]) < 1e-5
@@ -133,14 +133,39 @@ def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     # --train's β wins over --beta (the reward must be the one the model was trained for), with a warning.
     proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
                    "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--beta", "0.5",
-                   "--baseline", base_out, "--out", after_out)
+                   "--baseline", base_out, "--out", after_out, "--generate", "2", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert "--beta 0.5 ignored" in proc.stderr
+    assert f"--baseline {base_out} generated with other settings (--max-new-tokens 4 there, 5 here)" in proc.stderr
+    # The same held-out prompts, the base model's completion beside the trained one's.
+    before_gen = [json.loads(line) for line in (base_out / "generations.jsonl").read_text().splitlines()]
+    after_gen = [json.loads(line) for line in (after_out / "generations.jsonl").read_text().splitlines()]
+    assert [g["index"] for g in after_gen] == [g["index"] for g in before_gen]
+    assert [g["baseline_completion"] for g in after_gen] == [g["completion"] for g in before_gen]
     after = json.loads((after_out / "metrics.json").read_text())
     assert after["evaluated"]["beta"] == BETA
     assert after["baseline"]["metrics"]["rewards/accuracies"] == 0.0
     report = (after_out / "report.md").read_text()
     assert "## Before and after" in report and "pp" in report
+    assert "### Baseline and this model, side by side" in report and "**Baseline** (" in report
+    assert f"```\n{after_gen[0]['completion']}\n```" in report.split("**This model**", 1)[1]
+
+
+def test_plots_say_something(tmp_path):
+    from dpo.pipeline import report
+
+    rng = np.random.default_rng(0)
+    logps = {f"{w}_{s}_logps": -50 + rng.standard_normal(20) for w in ("policy", "ref") for s in ("chosen", "rejected")}
+    own_reference = {**logps, "policy_chosen_logps": logps["ref_chosen_logps"],
+                     "policy_rejected_logps": logps["ref_rejected_logps"],
+                     "rewards_chosen": np.zeros(20), "rewards_rejected": np.zeros(20)}
+    # A model scored against itself: no histogram of all-zero reward margins.
+    assert report.plot_margins(own_reference, tmp_path / "m.png", "t") == ["log-prob margin, summed over response tokens"]
+    moved = {**logps, "rewards_chosen": rng.standard_normal(20), "rewards_rejected": np.zeros(20)}
+    assert report.plot_margins(moved, tmp_path / "m.png", "t")[0].startswith("implicit-reward margin")
+    generations = [{"completion_tokens": n, "stopped": n < 8, "chosen_tokens": 5} for n in (3, 8, 8, 6)]
+    title = report.plot_generation_lengths(generations, tmp_path / "g.png", "t", max_new_tokens=8)
+    assert title == "response length: 4 completions, 2 cut at the cap"
 
 
 def test_reference_free_without_cache(pipeline, tmp_path):
@@ -202,10 +227,13 @@ def test_prompts_file(pipeline, tmp_path):
     prompts.write_text('{"prompt": "Tell me a story."}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     out = tmp_path / "e"
     run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", out,
-            "--generate", "2", "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0.8", check=True)
+            "--generate", "3", "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0.8", check=True)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert [g["line"] for g in generations] == [1, 2]
-    assert "user: Tell me a story." in generations[0]["prompt"]  # the chat template was applied
+    assert [g["line"] for g in generations] == [1, 2, 3]
+    # The model was trained on HH-RLHF text without a chat template: prompts are laid out the same way.
+    assert generations[0]["prompt"].endswith("\n\nHuman: Tell me a story.\n\nAssistant:")
+    assert generations[2]["prompt"].endswith("\n\nHuman: Hi\n\nAssistant:")
+    assert not any("user:" in g["prompt"] for g in generations)
 
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
