@@ -104,6 +104,16 @@ def generation_metrics(generations: Sequence[Mapping[str, Any]]) -> dict[str, fl
         out["generation/mean_chosen_tokens"] = _mean(chosen)
         out["generation/mean_rejected_tokens"] = _mean(rejected)
         out["generation/length_ratio_to_chosen"] = float(own.mean() / chosen.mean()) if chosen.mean() else None
+    scored = [g for g in generations if "reward" in g]
+    if scored:
+        out["generation/reward_mean"] = _mean(np.array([g["reward"] for g in scored], dtype=np.float64))
+    paired = [g for g in scored if "baseline_reward" in g]
+    if paired:
+        own_r = np.array([g["reward"] for g in paired], dtype=np.float64)
+        base_r = np.array([g["baseline_reward"] for g in paired], dtype=np.float64)
+        out["generation/baseline_reward_mean"] = _mean(base_r)
+        # A tie (the same completion, as greedy decoding often gives) counts half a win.
+        out["generation/win_rate"] = _mean((own_r > base_r) + 0.5 * (own_r == base_r))
     return out
 
 

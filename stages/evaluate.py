@@ -37,7 +37,7 @@ from ..pipeline.formats import FieldError, chat_messages, hh_prompt, prompt_layo
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import BatchContext, LossConfig, LossInputs, RewardShift
-from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity, torch_dtype
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, load_reward_model, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
@@ -75,6 +75,9 @@ class EvaluateConfig(StageOptions):
         "Complete this many held-out prompts (or --prompts) and compare lengths; 0 = off."))
     prompts: str | None = option(None, semantic=False, panel="Generation", help=(  # content hashed as an input
         'JSONL of prompts to complete instead: {"prompt": text} or {"messages": [...]} per line.'))
+    reward_model: str | None = option(None, semantic=False, panel="Generation", help=(  # content identity is an input
+        "Score the completions with this local reward model (a sequence-classification model with one output): "
+        "mean reward, and with a --baseline that generated too, the win rate against its completions."))
     temperature: float = option(0.0, check=non_negative, panel="Generation", help=(
         "Sampling temperature for --generate; 0 = greedy."))
     max_new_tokens: int = option(128, check=at_least(1), panel="Generation", help="Longest completion, in tokens.")
@@ -87,6 +90,8 @@ class EvaluateConfig(StageOptions):
     def check(self) -> None:
         if self.prompts and not self.generate:
             raise UsageError("--prompts needs --generate N (how many of its prompts to complete)")
+        if self.reward_model and not self.generate:
+            raise UsageError("--reward-model scores completions: it needs --generate N")
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -241,6 +246,10 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
+    if cfg.reward_model:
+        if not Path(cfg.reward_model).is_dir():
+            raise UsageError(f"--reward-model {cfg.reward_model}: no such directory")
+        inputs.append(InputRef("reward-model", cfg.reward_model, model_identity(cfg.reward_model)["digest"][:16]))
     tokenizer = _tokenizer(model_dir, tokenized.manifest) if cfg.generate else None
     layout = prompt_layout(tokenized.manifest.config, tokenized.manifest.stats)
     prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate, layout) if cfg.prompts else None
@@ -250,7 +259,8 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
     input_paths = [("--model", cfg.model), ("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache),
-                   ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts)]
+                   ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts),
+                   ("--reward-model", cfg.reward_model)]
     with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout,
                   inputs=input_paths, owns=OWNS) as stage_run:
         if stage_run.complete:
@@ -273,6 +283,9 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if cfg.generate:
             generations = _generate(model, tokenizer, rows, cfg, stage_run, prompts)
             _pair_with_baseline(generations, baseline_reader)
+            if cfg.reward_model:
+                del model  # the policy is done with: its memory goes to the reward model
+                _score_rewards(generations, cfg, device)
         metrics = _metrics(cfg, pairs, rows, generations, objective.loss, objective.source, baseline_reader, started)
         files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective.loss)
         stage_run.commit(Manifest(
@@ -496,6 +509,29 @@ def _pair_with_baseline(generations: list[dict[str, Any]], baseline: ArtifactRea
             g["baseline_completion_tokens"] = match["completion_tokens"]
 
 
+def _score_rewards(generations: list[dict[str, Any]], cfg: EvaluateConfig, device: torch.device) -> None:
+    """The reward model's score of prompt + completion (the prompt as the policy saw it), one text at a
+    time (no padding to get wrong), for this model's completions and the baseline's beside them."""
+    model, tokenizer = load_reward_model(cfg.reward_model, cfg.dtype)
+    model.to(device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+
+    def score(prompt: str, completion: str) -> float:
+        ids = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+        if limit is not None and len(ids) > limit:
+            ids = ids[-limit:]  # the completion's end is what is being judged
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids], device=device)).logits[0, 0].float())
+
+    bar = progress(len(generations), "reward", unit="completions", quiet=cfg.quiet, logger=log)
+    for g in generations:
+        g["reward"] = score(g["prompt"], g["completion"])
+        if "baseline_completion" in g:
+            g["baseline_reward"] = score(g["prompt"], g["baseline_completion"])
+        bar.update(1)
+    bar.close()
+
+
 def _stop_ids(model, tokenizer) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     if eos is None:
@@ -626,6 +662,11 @@ def _report_md(cfg: EvaluateConfig, metrics: dict[str, Any], generations: list[d
                 ["mean rejected response length", report.fmt(metrics.get("generation/mean_rejected_tokens"))],
                 ["generated / chosen length", report.fmt(metrics.get("generation/length_ratio_to_chosen"))],
                 ["stopped before the token limit", report.fmt(metrics.get("generation/stopped_fraction"), True)]]
+        if "generation/reward_mean" in metrics:
+            rows.append([f"mean reward (`{cfg.reward_model}`)", report.fmt(metrics["generation/reward_mean"])])
+        if "generation/win_rate" in metrics:
+            rows += [["baseline's mean reward, same prompts", report.fmt(metrics["generation/baseline_reward_mean"])],
+                     ["win rate against the baseline (ties count half)", report.fmt(metrics["generation/win_rate"], True)]]
         lines += [report.table(["", "value"], rows), ""]
         paired = [g for g in generations if "baseline_completion" in g]
         if paired:

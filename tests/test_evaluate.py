@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import HH_DATA, build_tiny_llama, run_dpo
+from conftest import DEMO_MODEL, HH_DATA, build_tiny_llama, run_dpo
 from refusals import assert_refused, dpo_in_process
 
 BETA = 0.1
@@ -133,7 +133,8 @@ def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     # --train's β wins over --beta (the reward must be the one the model was trained for), with a warning.
     proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
                    "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--beta", "0.5",
-                   "--baseline", base_out, "--out", after_out, "--generate", "2", "--max-new-tokens", "5")
+                   "--baseline", base_out, "--out", after_out, "--generate", "2", "--max-new-tokens", "5",
+                   "--reward-model", reward_model(tmp_path / "rm"))
     assert proc.returncode == 0, proc.stderr
     assert "--beta 0.5 ignored" in proc.stderr
     assert f"--baseline {base_out} generated with other settings (--max-new-tokens 4 there, 5 here)" in proc.stderr
@@ -142,13 +143,43 @@ def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     after_gen = [json.loads(line) for line in (after_out / "generations.jsonl").read_text().splitlines()]
     assert [g["index"] for g in after_gen] == [g["index"] for g in before_gen]
     assert [g["baseline_completion"] for g in after_gen] == [g["completion"] for g in before_gen]
+    # Each completion scored by the reward model on prompt + completion; the win rate counts ties half.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm, rm_tokenizer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm"), AutoTokenizer.from_pretrained(tmp_path / "rm")
+    for g in after_gen:
+        for key, text in (("reward", g["completion"]), ("baseline_reward", g["baseline_completion"])):
+            with torch.no_grad():
+                expected = rm(**rm_tokenizer(g["prompt"] + text, return_tensors="pt")).logits[0, 0].item()
+            assert g[key] == pytest.approx(expected, abs=1e-5)
+    after_metrics = json.loads((after_out / "metrics.json").read_text())
+    assert after_metrics["generation/reward_mean"] == pytest.approx(np.mean([g["reward"] for g in after_gen]))
+    wins = [1.0 if g["reward"] > g["baseline_reward"] else 0.5 if g["reward"] == g["baseline_reward"] else 0.0
+            for g in after_gen]
+    assert after_metrics["generation/win_rate"] == pytest.approx(np.mean(wins))
     after = json.loads((after_out / "metrics.json").read_text())
     assert after["evaluated"]["beta"] == BETA
     assert after["baseline"]["metrics"]["rewards/accuracies"] == 0.0
     report = (after_out / "report.md").read_text()
     assert "## Before and after" in report and "pp" in report
     assert "### Baseline and this model, side by side" in report and "**Baseline** (" in report
+    assert "win rate against the baseline (ties count half)" in report
     assert f"```\n{after_gen[0]['completion']}\n```" in report.split("**This model**", 1)[1]
+
+
+def reward_model(out: Path) -> Path:
+    """A tiny randomly initialised reward model (one score per text) with the demo tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def test_plots_say_something(tmp_path):
