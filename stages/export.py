@@ -31,7 +31,7 @@ from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import report
 from ..pipeline.checkpoint import complete_checkpoints, damage, step_dir_name
 from ..pipeline.config import StageOptions, flatten, option, validate
-from ..pipeline.formats import CHAT_FORMATS
+from ..pipeline.formats import prompt_layout
 from ..pipeline.lora import count_parameters
 from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
 from ..pipeline.tokenization import tokenizer_with_template
@@ -267,6 +267,7 @@ def _card_info(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dt
     datasets: list[str] = []
     tokenization: dict[str, Any] = {}
     formats: list[str] = []
+    layout = "text"
     if tokenized is not None:
         per_split = tokenized.stats.get("pairs_per_source") or {}
         sources: dict[str, int] = {}
@@ -279,8 +280,8 @@ def _card_info(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dt
                 "rejected": tokenized.stats.get("dropped_total"),
                 "formats": {name: by_spec.get(report.hub_or_local_name(name)) or "–" for name in sources}}
         datasets = list(dict.fromkeys(report.hub_or_local_name(i.path) for i in tokenized.inputs if i.kind == "data"))
-        tokenization = _tokenization(tokenized.config, formats)
-    chat = bool(tokenized is not None and (tokenized.config.get("apply_chat_template") or set(formats) & set(CHAT_FORMATS)))
+        layout = prompt_layout(tokenized.config, tokenized.stats)
+        tokenization = _tokenization(tokenized.config, formats, layout == "chat")
     results: dict[str, Any] = {}
     metrics_path = train_dir / "metrics.jsonl"
     if metrics_path.is_file():
@@ -301,8 +302,8 @@ def _card_info(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dt
         versions["peft"] = peft.__version__
     return {
         "title": _title(cfg, out, base_id, loss_type), "base_model": base_path, "base_model_id": base_id,
-        "license": report.model_license(base_path), "datasets": datasets, "chat": chat,
-        "hh": bool(formats) and set(formats) == {"hh"}, "checkpoint": source.name, "dtype": dtype, "merged": merge,
+        "license": report.model_license(base_path), "datasets": datasets, "chat": layout == "chat",
+        "hh": layout == "hh", "checkpoint": source.name, "dtype": dtype, "merged": merge,
         "adapter": source.adapter and not merge, "train_config": train_cfg, "train_stats": train_stats,
         "tokenization": tokenization, "data": data, "results": results, "final_metrics": final_metrics,
         "lineage": lineage, "producer_version": __version__, "versions": versions,
@@ -320,10 +321,9 @@ def _title(cfg: ExportConfig, out: Path, base_id: str | None, loss_type: str) ->
     return f"{(base_id or 'model').split('/')[-1]}-{loss_type}"
 
 
-def _tokenization(config: dict[str, Any], formats: list[str]) -> dict[str, Any]:
+def _tokenization(config: dict[str, Any], formats: list[str], chat: bool) -> dict[str, Any]:
     """How the pairs were turned into tokens, for the card: what a user must reproduce at inference."""
     template = config.get("chat_template")
-    chat = config.get("apply_chat_template") or set(formats) & set(CHAT_FORMATS)
     out: dict[str, Any] = {"formats": ", ".join(dict.fromkeys(formats)) or None,
                            "chat template": (f"from {template}" if template else "the tokenizer's") if chat
                            else "none (plain text: prompt + response + EOS)",

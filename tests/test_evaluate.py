@@ -337,3 +337,29 @@ def test_every_loss_round_trips_through_the_train_manifest():
         assert objective.loss == loss, options
         assert objective.sort_size == 6
         assert objective.reward_shift == -0.25
+
+
+def test_prompts_follow_the_training_layout(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dpo.artifacts.errors import DataError
+    from dpo.pipeline.formats import prompt_layout
+    from dpo.stages.evaluate import _read_prompts
+
+    sources = lambda *formats: {"sources": [{"data": f"d{i}", "format": f} for i, f in enumerate(formats)]}  # noqa: E731
+    assert prompt_layout({}, sources("chat", "text")) == "chat"
+    assert prompt_layout({"apply_chat_template": True}, sources("text")) == "chat"
+    assert prompt_layout({}, sources("hh")) == "hh" and prompt_layout({}, sources("hh", "text")) == "text"
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n{"messages": [{"role": "user", "content": "Hi there"}]}\n')
+    chat = _read_prompts(str(prompts), tokenizer, 2, "chat")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert chat[0]["prompt_ids"] == chat[1]["prompt_ids"] == list(rendered)
+    hh = _read_prompts(str(prompts), tokenizer, 2, "hh")
+    assert hh[0]["prompt_ids"] == hh[1]["prompt_ids"] == tokenizer("\n\nHuman: Hi there\n\nAssistant:")["input_ids"]
+    assert _read_prompts(str(prompts), tokenizer, 1, "text")[0]["prompt_ids"] == tokenizer("Hi there")["input_ids"]
+    with pytest.raises(DataError, match=r"line 2: 'messages' given, but the model was trained on plain-text prompts"):
+        _read_prompts(str(prompts), tokenizer, 2, "text")
