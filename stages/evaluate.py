@@ -517,6 +517,9 @@ def _score_rewards(generations: list[dict[str, Any]], cfg: EvaluateConfig, devic
     limit = getattr(model.config, "max_position_embeddings", None)
 
     def score(prompt: str, completion: str) -> float:
+        # The decoded prompt starts with the policy's BOS text; the reward tokenizer adds its own.
+        if tokenizer.bos_token:
+            prompt = prompt.removeprefix(tokenizer.bos_token)
         ids = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
         if limit is not None and len(ids) > limit:
             ids = ids[-limit:]  # the completion's end is what is being judged

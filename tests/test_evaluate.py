@@ -150,7 +150,9 @@ def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     for g in after_gen:
         for key, text in (("reward", g["completion"]), ("baseline_reward", g["baseline_completion"])):
             with torch.no_grad():
-                expected = rm(**rm_tokenizer(g["prompt"] + text, return_tensors="pt")).logits[0, 0].item()
+                inputs = rm_tokenizer(g["prompt"].removeprefix("<s>") + text, return_tensors="pt")
+                assert inputs["input_ids"][0, :2].tolist().count(rm_tokenizer.bos_token_id) == 1
+                expected = rm(**inputs).logits[0, 0].item()
             assert g[key] == pytest.approx(expected, abs=1e-5)
     after_metrics = json.loads((after_out / "metrics.json").read_text())
     assert after_metrics["generation/reward_mean"] == pytest.approx(np.mean([g["reward"] for g in after_gen]))
