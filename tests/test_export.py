@@ -171,3 +171,29 @@ def test_push_to_hub_offline_keeps_the_local_export(runs, tmp_path):
     assert proc.returncode == 5, proc.stderr
     assert "upload failed" in proc.stderr and f"The local export in {out} is complete" in proc.stderr
     assert (out / "manifest.json").is_file()
+
+
+def test_card_names_hub_ids_licence_and_chat_usage(tmp_path):
+    from dpo.pipeline import report
+
+    base = tmp_path / "Qwen2-0.5B-Instruct"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- chat\n---\n# Qwen\n")
+    assert report.model_license(str(base)) == "apache-2.0" and report.model_license(str(tmp_path)) is None
+    assert report.hub_or_local_name("HuggingFaceH4/ultrafeedback_binarized:0.5") == "HuggingFaceH4/ultrafeedback_binarized"
+    assert report.hub_or_local_name("/hf/hub/models--Qwen--Qwen2-0.5B/snapshots/abc") == "Qwen/Qwen2-0.5B"
+    assert report.hub_or_local_name("/data/my prefs.jsonl:100") == "my-prefs"
+
+    card = report.model_card({
+        "title": "qwen-dpo", "base_model": str(base), "base_model_id": report.hub_or_local_name(str(base)),
+        "license": report.model_license(str(base)), "datasets": ["HuggingFaceH4/ultrafeedback_binarized"],
+        "chat": True, "load_path": "org/qwen-dpo", "checkpoint": "final", "dtype": "bfloat16",
+        "train_config": {"loss": {"loss_type": "dpo,sft", "beta": 0.1, "loss_weights": [1.0, 0.5]},
+                         "learning_rate": 5e-7, "lora": False, "lora_rank": 16, "zero_stage": None},
+    })
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "Qwen2-0.5B-Instruct" and front["license"] == "apache-2.0"
+    assert front["datasets"] == ["HuggingFaceH4/ultrafeedback_binarized"] and front["library_name"] == "transformers"
+    assert front["tags"][:3] == ["dpo", "sft", "preference-optimization"]  # each loss of the combination, once
+    assert "tokenizer.apply_chat_template(messages, add_generation_prompt=True" in card
+    assert "| loss_weights | `1.0, 0.5` |" in card and "lora_rank" not in card and "None" not in card
