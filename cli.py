@@ -109,7 +109,10 @@ def _parameter(leaf: Leaf) -> inspect.Parameter:
     if leaf.field.metadata.get("short"):
         decls.append(leaf.field.metadata["short"])
     shown = leaf.has_default and leaf.default not in (None, ())
-    info = typer.Option(*decls, help=leaf.field.metadata["help"], show_default=shown, rich_help_panel=leaf.panel)
+    if leaf.field.metadata.get("argument"):
+        info = typer.Argument(help=leaf.field.metadata["help"], show_default=shown, metavar=leaf.name.upper())
+    else:
+        info = typer.Option(*decls, help=leaf.field.metadata["help"], show_default=shown, rich_help_panel=leaf.panel)
     default = inspect.Parameter.empty
     if leaf.has_default:
         default = list(leaf.default) if repeatable else leaf.default

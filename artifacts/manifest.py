@@ -18,7 +18,7 @@ from .faults import fault_point
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-KINDS = ("tokenized", "ref-logps", "train", "model", "eval")
+KINDS = ("tokenized", "ref-logps", "train", "model", "eval", "comparison")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Layout of ``<out>/checkpoints/step-00000120/``::
 
-    model/                 HF save_pretrained folder (or PEFT adapter folder); ZeRO-3 gathers it first
+    model/                 HF save_pretrained folder (or PEFT adapter folder) with the tokenizer, so it
+                           loads on its own; ZeRO-3 gathers it first
     state/optimizer.pt     AdamW state (DDP / single process: identical on every rank, saved once)
     state/scheduler.pt     learning-rate schedule
     state/scaler.pt        fp16 loss scaler, when there is one
@@ -339,11 +340,12 @@ class CheckpointManager:
     # ---- saving
 
     def save(self, step: int, model, optimizer, scheduler, trainer_state: Mapping[str, Any],
-             data_cursor: Mapping[str, Any] | None = None) -> Path:
+             data_cursor: Mapping[str, Any] | None = None, tokenizer=None) -> Path:
         """Write ``step-%08d`` for the prepared ``model``, ``optimizer`` and ``scheduler``; collective.
 
         ``trainer_state`` (JSON-able: step, tokens seen, W&B run id, ...) and ``data_cursor`` come
-        back from ``load_latest``. Saving a step that already has a complete checkpoint is a no-op.
+        back from ``load_latest``. ``tokenizer`` (rank 0's) is saved into ``model/``. Saving a step
+        that already has a complete checkpoint is a no-op.
         """
         acc = self.accelerator
         final = self.root / step_dir_name(step)
@@ -360,7 +362,7 @@ class CheckpointManager:
                 (partial / sub).mkdir(parents=True)
         acc.wait_for_everyone()
 
-        save_model(acc, model, partial / "model")
+        save_model(acc, model, partial / "model", tokenizer=tokenizer)
         stage = zero_stage_of(acc)
         if stage is not None:
             # DeepSpeed keeps the fp32 master weights and optimizer partitions in its own per-rank files.

@@ -36,16 +36,17 @@ Check = Callable[[Any], "str | None"]
 def option(default: Any = dataclasses.MISSING, *, help: str, semantic: bool = True, choices: tuple | None = None,
            check: Check | None = None, flag: str | None = None, short: str | None = None, panel: str | None = None,
            factory: Callable[[], Any] | Any = dataclasses.MISSING, omit_if_default: bool = False,
-           separator: str | None = None) -> Any:
+           separator: str | None = None, argument: bool = False) -> Any:
     """A config field. ``semantic``: it changes what the stage computes (so it enters the
     fingerprint). ``omit_if_default``: it enters the fingerprint only when set to another value
     than its default (for options added later, so existing runs keep their fingerprints).
     ``flag``: the option's name when it is not the field's (``--split`` for ``splits``);
     ``short``: a one-letter alias. ``panel``: the --help section; a group's fields default to the
     group's PANEL. ``separator``: a string option that lists values (``dpo,sft``), which a run file
-    may also give as a YAML list."""
+    may also give as a YAML list. ``argument``: given by position on the command line (``dpo compare
+    RUN...``), not as a flag; a run file still names it."""
     metadata = {"help": help, "semantic": semantic, "choices": choices, "check": check, "flag": flag, "short": short,
-                "panel": panel, "omit_if_default": omit_if_default, "separator": separator}
+                "panel": panel, "omit_if_default": omit_if_default, "separator": separator, "argument": argument}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 

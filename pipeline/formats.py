@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..artifacts.errors import UsageError
@@ -31,6 +32,7 @@ FORMATS = ("auto", "text", "chat", "chat-prompt", "hh", "sharegpt")
 CHAT_FORMATS = ("chat", "chat-prompt", "sharegpt")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "system")
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system", "function_call": "tool_call", "observation": "tool", "tool": "tool",
@@ -305,3 +307,20 @@ def _sharegpt_turn(value: Any, where: str) -> Message:
     if role is None:
         raise FieldError(f"{where}.from", f"unknown speaker {message['role']!r} (known: {', '.join(SHAREGPT_ROLES)})")
     return {"role": role, "content": message["content"]}
+
+
+def prompt_layout(config: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    """How a tokenized artifact (its manifest's config and stats) laid out its prompts: ``chat``
+    (through a chat template), ``hh`` (Anthropic HH-RLHF text turns) or ``text`` (plain text), so a
+    new prompt can be written the way the model saw them in training."""
+    formats = {s.get("format") for s in stats.get("sources") or [] if s.get("format")}
+    if config.get("apply_chat_template") or formats & set(CHAT_FORMATS):
+        return "chat"
+    return "hh" if formats == {"hh"} else "text"
+
+
+def hh_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Chat turns as HH-RLHF text, ending where the assistant's answer begins."""
+    turns = [f"{HH_ASSISTANT if m['role'] == 'assistant' else HH_HUMAN} {m['content']}" for m in messages
+             if m["role"] != "system"]
+    return "".join(turns) + HH_ASSISTANT

@@ -86,6 +86,25 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     return model.eval()
 
 
+def load_reward_model(path: str | os.PathLike, dtype: str = "float32"):
+    """A sequence-classification model with one output (a reward model) and its tokenizer, in eval mode."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    _check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "num_labels", None) != 1:
+        raise UsageError(f"--reward-model {path}: has {getattr(config, 'num_labels', None)} output labels; a reward "
+                         "model is a sequence-classification model with num_labels=1 (one score per text)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--reward-model {path}: cannot be loaded as a sequence-classification model with its "
+                         f"tokenizer: {exc}") from None
+    return model.eval(), tokenizer
+
+
 def model_vocab_size(path: str | os.PathLike) -> int:
     """The vocabulary size of a model folder's config; for a PEFT adapter folder, of its base model's."""
     from transformers import AutoConfig

@@ -104,6 +104,16 @@ def generation_metrics(generations: Sequence[Mapping[str, Any]]) -> dict[str, fl
         out["generation/mean_chosen_tokens"] = _mean(chosen)
         out["generation/mean_rejected_tokens"] = _mean(rejected)
         out["generation/length_ratio_to_chosen"] = float(own.mean() / chosen.mean()) if chosen.mean() else None
+    scored = [g for g in generations if "reward" in g]
+    if scored:
+        out["generation/reward_mean"] = _mean(np.array([g["reward"] for g in scored], dtype=np.float64))
+    paired = [g for g in scored if "baseline_reward" in g]
+    if paired:
+        own_r = np.array([g["reward"] for g in paired], dtype=np.float64)
+        base_r = np.array([g["baseline_reward"] for g in paired], dtype=np.float64)
+        out["generation/baseline_reward_mean"] = _mean(base_r)
+        # A tie (the same completion, as greedy decoding often gives) counts half a win.
+        out["generation/win_rate"] = _mean((own_r > base_r) + 0.5 * (own_r == base_r))
     return out
 
 
@@ -181,10 +191,48 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: Path, title: s
     return True
 
 
-def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-    """Histograms of the implicit-reward margin and of the log-prob margin (policy vs reference)."""
+def plot_run_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path, title: str) -> bool:
+    """Loss, reward accuracy and reward margin of several runs on shared axes: one colour per run,
+    train solid, eval dashed with markers. Returns False when no run logged anything."""
+    keys = [("loss", "loss (nats)"), ("rewards/accuracies", "implicit-reward accuracy (fraction)"),
+            ("rewards/margins", "reward margin (nats)")]
+    if not any("loss" in r or "eval/loss" in r for _, rows in runs for r in rows):
+        return False
     plt = _pyplot()
-    has_rewards = "rewards_chosen" in pairs
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, ylabel) in zip(axes, keys):
+        for i, (label, rows) in enumerate(runs):
+            colour = colours[i % len(colours)]
+            for prefix, style in (("", "-"), ("eval/", "o--")):
+                points = [(r["step"], r[prefix + key]) for r in rows if r.get(prefix + key) is not None and "step" in r]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, color=colour, markersize=3, label=f"{label}{' (eval)' if prefix else ''}")
+        if key == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> list[str]:
+    """Histograms of the implicit-reward margin and of the log-prob margin (policy vs reference).
+
+    A model scored against its own reference has every reward margin 0: that histogram would be one
+    bar saying nothing, so it is left out, and the log-prob margins are drawn once. Returns the
+    titles of the panels drawn."""
+    plt = _pyplot()
+    has_rewards = "rewards_chosen" in pairs and bool(
+        np.any(np.abs(pairs["rewards_chosen"] - pairs["rewards_rejected"]) > REWARD_TIE))
     fig, axes = plt.subplots(1, 2 if has_rewards else 1, figsize=(11 if has_rewards else 6, 4.2),
                              constrained_layout=True, squeeze=False)
     axes = axes[0]
@@ -202,7 +250,11 @@ def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> Non
     policy = pairs["policy_chosen_logps"] - pairs["policy_rejected_logps"]
     series = [("model", policy, "tab:orange")]
     if "ref_chosen_logps" in pairs:
-        series.append(("reference", pairs["ref_chosen_logps"] - pairs["ref_rejected_logps"], "tab:grey"))
+        reference = pairs["ref_chosen_logps"] - pairs["ref_rejected_logps"]
+        if np.allclose(policy, reference, atol=1e-4):
+            series = [("model = reference", policy, "tab:orange")]
+        else:
+            series.append(("reference", reference, "tab:grey"))
     edges = _bins(np.concatenate([s[1] for s in series]))
     for name, values, color in series:
         ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (π(c) > π(r): {np.mean(values > 0):.1%})")
@@ -213,7 +265,9 @@ def plot_margins(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> Non
     ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+    drawn = [a.get_title() for a in axes]
     plt.close(fig)
+    return drawn
 
 
 def plot_logp_shift(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> None:
@@ -235,24 +289,35 @@ def plot_logp_shift(pairs: Mapping[str, np.ndarray], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def plot_generation_lengths(generations: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+def plot_generation_lengths(generations: Sequence[Mapping[str, Any]], path: Path, title: str,
+                            max_new_tokens: int) -> str:
+    """Completion lengths (and the baseline's and the dataset's chosen responses', when known), with
+    the token cap marked: a pile at the cap is completions cut off, not a preferred length. Returns
+    the plot's title."""
     plt = _pyplot()
     own = np.array([g["completion_tokens"] for g in generations], dtype=np.float64)
-    series = [("generated", own, "tab:blue")]
+    series = [("this model", own, "tab:blue")]
+    baseline = [g["baseline_completion_tokens"] for g in generations if "baseline_completion_tokens" in g]
+    if baseline:
+        series.append(("baseline", np.array(baseline, dtype=np.float64), "tab:orange"))
     chosen = [g["chosen_tokens"] for g in generations if g.get("chosen_tokens") is not None]
     if chosen:
         series.append(("dataset chosen", np.array(chosen, dtype=np.float64), "tab:green"))
-    edges = _bins(np.concatenate([s[1] for s in series]))
+    edges = _bins(np.concatenate([s[1] for s in series] + [np.array([max_new_tokens], dtype=np.float64)]))
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     for name, values, color in series:
-        ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (mean {values.mean():.1f})")
-    ax.set_title("response length")
+        ax.hist(values, bins=edges, alpha=0.55, color=color, label=f"{name} (n={len(values)}, mean {values.mean():.1f})")
+    ax.axvline(max_new_tokens, color="black", linewidth=0.9, linestyle="--", label=f"cap {max_new_tokens} new tokens")
+    cut = sum(1 for g in generations if not g.get("stopped"))
+    heading = f"response length: {len(generations)} completions, {cut} cut at the cap"
+    ax.set_title(heading)
     ax.set_xlabel("tokens")
     ax.set_ylabel("responses")
     ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return heading
 
 
 def _bins(values: np.ndarray, count: int = 40) -> np.ndarray:
@@ -362,68 +427,205 @@ def comparison_table(before: Mapping[str, Any], after: Mapping[str, Any], before
 
 # -------------------------------------------------------------------------------------- model card
 
+# Folder names that say nothing about a model: a card titled "model" would be no title.
+GENERIC_NAMES = {"model", "models", "final", "export", "exported", "out", "output", "hf", "base", "weights"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+_AMOUNT = re.compile(r":(\d+|\d+\.\d*|\.\d+)$")
+
+
+def hub_or_local_name(path: str | None) -> str | None:
+    """A model or dataset's Hub id (``org/name``, also from a Hub cache folder), else its local name."""
+    if not path:
+        return None
+    text = _AMOUNT.sub("", str(path)).rstrip("/")
+    if not Path(text).exists() and HUB_ID.fullmatch(text):
+        return text
+    for part in reversed(Path(text).parts):  # ~/.cache/huggingface/hub/models--org--name/snapshots/<sha>
+        if part.startswith(("models--", "datasets--")) and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:3])
+    name = Path(text).name
+    for suffix in DATA_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        parent = Path(text).resolve().parent.name
+        name = f"{parent}-{name}" if name.lower() in GENERIC_NAMES and parent else name
+    # The Hub rejects a card whose base_model or datasets entry is not shaped like a repo name.
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "local"
+
+
+def model_license(path: str | None) -> str | None:
+    """The ``license:`` of a local model folder's own card (README.md front matter), when it has one."""
+    card = Path(path) / "README.md" if path else None
+    if card is None or not card.is_file():
+        return None
+    match = re.match(r"---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
+    found = re.search(r"^license:\s*(\S+)\s*$", match.group(1), re.M) if match else None
+    return found.group(1).strip("'\"") if found else None
+
+
+def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
+    return [f"{key}:"] + [f"- {json.dumps(v) if ':' in v or v.startswith(('{', '[')) else v}" for v in values]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def card_hyperparameters(train_cfg: Mapping[str, Any], stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The settings that decide what was learned, as (name, value): no None, no settings of features
+    that were off (LoRA for a full fine-tune, ZeRO for DDP), no knobs that change only speed."""
+    loss = dict(train_cfg.get("loss") or {})
+    loss_type = loss.get("loss_type") or train_cfg.get("loss_type", "dpo")
+    rows: list[tuple[str, Any]] = [("loss_type", loss_type)]
+    for key, value in loss.items():
+        if key == "loss_type" or value is None or value is False or value == 0 or value == [] or value == {}:
+            continue
+        if key == "gamma_beta_ratio" and loss_type != "simpo":
+            continue  # SimPO's target margin: other losses never read it
+        rows.append((key, value))
+    if "beta" not in loss and train_cfg.get("beta") is not None:
+        rows.insert(1, ("beta", train_cfg["beta"]))
+    rows += [(k, train_cfg[k]) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay")
+             if train_cfg.get(k) is not None]
+    rows.append(("optimizer", "AdamW (betas 0.9, 0.999, eps 1e-8)"))
+    if train_cfg.get("max_steps"):
+        rows.append(("max_steps", train_cfg["max_steps"]))
+    elif train_cfg.get("epochs") is not None:
+        rows.append(("epochs", train_cfg["epochs"]))
+    if stats.get("steps") is not None:
+        rows.append(("steps trained", stats["steps"]))
+    global_batch = stats.get("global_batch_size") or train_cfg.get("global_batch")
+    if global_batch:
+        rows.append(("total batch size (pairs per step)", global_batch))
+    rows += [(k, train_cfg[k]) for k in ("per_device_batch_size", "grad_accum") if train_cfg.get(k) is not None]
+    if stats.get("world_size"):
+        rows.append(("processes", stats["world_size"]))
+    rows += [(k, train_cfg[k]) for k in ("max_grad_norm", "seed", "dtype") if train_cfg.get(k) is not None]
+    if train_cfg.get("mixed_precision") not in (None, "no"):
+        rows.append(("mixed_precision", train_cfg["mixed_precision"]))
+    if train_cfg.get("zero_stage") is not None:
+        rows.append(("zero_stage", train_cfg["zero_stage"]))
+    if train_cfg.get("keep_dropout"):
+        rows.append(("keep_dropout", True))
+    if train_cfg.get("lora"):
+        rows += [(k, train_cfg[k]) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+                 if train_cfg.get(k) is not None]
+    return rows
+
+
+def usage_snippet(load_path: str, chat: bool, hh: bool) -> list[str]:
+    """Python that prompts the model the way its training data was laid out."""
+    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f"model = AutoModelForCausalLM.from_pretrained({load_path!r})",
+             f"tokenizer = AutoTokenizer.from_pretrained({load_path!r})"]
+    if chat:
+        lines += ["# Trained on chat data through the tokenizer's chat template:",
+                  'messages = [{"role": "user", "content": "How do I bake bread?"}]',
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True)"]
+    elif hh:
+        lines += ["# Trained on plain text in Anthropic HH-RLHF's layout (no chat template):",
+                  'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"',
+                  'inputs = tokenizer(prompt, return_tensors="pt")']
+    else:
+        lines += ["# Trained on plain text (prompt followed by the response, no chat template):",
+                  'prompt = "How do I bake bread?"', 'inputs = tokenizer(prompt, return_tensors="pt")']
+    lines += ["output = model.generate(**inputs, max_new_tokens=128)",
+              "print(tokenizer.decode(output[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```"]
+    return lines
+
 
 def model_card(info: Mapping[str, Any]) -> str:
-    """README.md for an exported model folder (Hugging Face model card with YAML front matter)."""
+    """README.md for an exported model folder: a Hugging Face model card with YAML front matter."""
     train_cfg: Mapping[str, Any] = info.get("train_config", {})
-    tags = dict.fromkeys(["dpo", *str(train_cfg.get("loss_type", "dpo")).split(","), "preference-optimization"]
-                         + (["peft", "lora"] if info.get("adapter") else []))
-    front = ["---", "library_name: " + ("peft" if info.get("adapter") else "transformers"),
-             "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
-    base = info.get("base_model")
-    # The Hub validates base_model as a repo id: only name it when it is one, not a local folder.
-    if base and not Path(str(base)).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)):
-        front.append(f"base_model: {base}")
+    loss_type = (train_cfg.get("loss") or {}).get("loss_type") or train_cfg.get("loss_type", "dpo")
+    adapter = bool(info.get("adapter"))
+    base, base_id = info.get("base_model"), info.get("base_model_id")
+    datasets = list(info.get("datasets") or [])
+    front = ["---"]
+    if base_id:
+        front.append(f"base_model: {base_id}")
+    if datasets:
+        front += _yaml_list("datasets", datasets)
+    if info.get("license"):
+        front.append(f"license: {info['license']}")
+    front += ["library_name: " + ("peft" if adapter else "transformers"), f"model_name: {info.get('title')}",
+              "pipeline_tag: text-generation"]
+    # A combined loss ("sigmoid,sft") tags each of its parts.
+    front += _yaml_list("tags", list(dict.fromkeys(["dpo", *str(loss_type).split(","), "preference-optimization",
+                                                    "generated-by-dpo"]
+                                                   + (["lora", "peft"] if adapter else []))))
     front.append("---")
-    lines = front + ["", f"# {info.get('name', 'DPO model')}", ""]
-    what = "a LoRA adapter" if info.get("adapter") else "a full model"
-    lines.append(
-        f"This folder holds {what} trained with `{train_cfg.get('loss_type', 'dpo')}` preference "
-        f"optimisation by `dpo` {info.get('producer_version', '')} from base model `{base}`, exported from "
-        f"checkpoint `{info.get('checkpoint')}` in `{info.get('dtype')}`."
-    )
-    if info.get("merged"):
-        lines.append("The LoRA adapter was merged into the base weights.")
-    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"model = AutoModelForCausalLM.from_pretrained({info.get('load_path', '.')!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({info.get('load_path', '.')!r})",
-              "messages = [{'role': 'user', 'content': 'Hello!'}]",
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```", ""]
+
+    what = "A LoRA adapter for" if adapter else "A fine-tuned version of"
+    on = f" on {', '.join(f'`{d}`' for d in datasets)}" if datasets else ""
+    beta = train_cfg.get("beta") if train_cfg.get("beta") is not None else (train_cfg.get("loss") or {}).get("beta")
+    lines = front + ["", f"# {info.get('title')}", "",
+                     f"{what} `{base_id or base}`{on}, aligned with preference optimization (`{loss_type}` loss"
+                     + (f", β = {_value(beta)}" if beta is not None else "") + f") by `dpo` {info.get('producer_version', '')}. "
+                     f"Exported from checkpoint `{info.get('checkpoint')}` in `{info.get('dtype')}`"
+                     + ("; the LoRA adapter is merged into the base weights." if info.get("merged") else ".")]
+    if base and base_id != base:
+        lines += ["", f"Base model: `{base}`."]
+    lines += ["", "## Usage", ""] + usage_snippet(info.get("load_path", "."), bool(info.get("chat")),
+                                                   bool(info.get("hh"))) + [""]
+
+    results = info.get("results") or {}
+    if results.get("train") or results.get("eval"):
+        lines += ["## Results", ""]
+        train, evals = results.get("train") or {}, results.get("eval") or {}
+        where = []
+        if train:
+            where.append(f"the last logged training step ({fmt(train.get('step'))})")
+        if evals:
+            where.append(f"the eval split at step {fmt(evals.get('step'))}")
+        lines += [f"Metrics at {' and on '.join(where)}, as TRL names them:", ""]
+        keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                            "logps/chosen", "logps/rejected")
+                if train.get(k) is not None or evals.get(f"eval/{k}") is not None]
+        header = ["metric"] + (["train"] if train else []) + (["eval"] if evals else [])
+        lines.append(table(header, [[f"`{k}`"] + ([fmt(train.get(k))] if train else [])
+                                    + ([fmt(evals.get(f"eval/{k}"))] if evals else []) for k in keys]))
+        lines.append("")
+
+    lines += ["## Training procedure", "",
+              f"Loss `{loss_type}`; the hyperparameters that decided the result (dpo's option names):", ""]
+    lines.append(table(["hyperparameter", "value"],
+                       [[name, f"`{_value(v)}`"] for name, v in card_hyperparameters(train_cfg, info.get("train_stats") or {})]))
+    lines.append("")
+
+    tokenization = info.get("tokenization") or {}
+    if tokenization:
+        lines += ["### Tokenization", ""]
+        lines.append(table(["setting", "value"], [[k, f"`{_value(v)}`"] for k, v in tokenization.items()]))
+        lines.append("")
+
     data = info.get("data") or {}
-    if data:
+    if data.get("sources"):
         lines += ["## Training data", ""]
-        lines.append(table(["source", "pairs"], [[s, fmt(n)] for s, n in data.get("sources", {}).items()]))
+        lines.append(table(["source", "format", "pairs"],
+                           [[f"`{s}`", data.get("formats", {}).get(s, "–"), fmt(n)] for s, n in data["sources"].items()]))
         splits = data.get("splits", {})
         if splits:
             lines += ["", "Splits: " + ", ".join(f"{k} {fmt(v)} pairs" for k, v in splits.items())
-                      + (f"; {fmt(data['rejected'])} records rejected at tokenization" if data.get("rejected") else "")
-                      + "."]
+                      + (f"; {fmt(data['rejected'])} records set aside at tokenization (see the tokenized artifact's "
+                         "rejects.jsonl)" if data.get("rejected") else "") + "."]
         lines.append("")
-    if train_cfg:
-        lines += ["## Training procedure", ""]
-        rows = [[k, f"`{train_cfg[k]}`"] for k in HYPERPARAMETERS if k in train_cfg]
-        # Loss options newer than a run are in its loss section only when the run set them.
-        rows += [[k, f"`{v}`"] for k, v in (train_cfg.get("loss") or {}).items() if k not in HYPERPARAMETERS]
-        lines.append(table(["hyperparameter", "value"], rows))
-        lines.append("")
-    final = info.get("final_metrics") or {}
-    if final:
-        lines += ["## Final training metrics", ""]
-        lines.append(table(["metric", "value"], [[f"`{k}`", fmt(v)] for k, v in final.items()]))
-        lines.append("")
+
     lineage = info.get("lineage") or []
     if lineage:
         lines += ["## Lineage", "", "Fingerprints of the `dpo` artifacts this model was built from (each covers "
                   "its inputs', so the last one identifies the whole chain):", ""]
         lines.append(table(["artifact", "path", "fingerprint"], [[k, f"`{p}`", f"`{f}`"] for k, p, f in lineage]))
         lines.append("")
+    versions = info.get("versions") or {}
+    if versions:
+        lines += ["## Framework versions", ""] + [f"- {name}: {version}" for name, version in versions.items()] + [""]
     return "\n".join(lines)
-
-
-HYPERPARAMETERS = (
-    "loss_type", "beta", "label_smoothing", "gamma_beta_ratio", "rpo_alpha", "learning_rate", "lr_scheduler",
-    "warmup_ratio", "weight_decay", "epochs", "max_steps", "per_device_batch_size", "grad_accum",
-    "max_grad_norm", "seed", "dtype", "mixed_precision", "forward", "lora", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_target_modules", "zero_stage", "gradient_checkpointing",
-)

@@ -36,4 +36,6 @@ STAGES = {stage.command: stage for stage in (
           "Write a trained policy as a Hugging Face model folder (LoRA merged by default) with a model card."),
     Stage("evaluate", "evaluate", "EvaluateConfig",
           "Preference accuracy, margins and log-prob movement on held-out pairs, generations, report.md."),
+    Stage("compare", "compare", "CompareConfig",
+          "Training runs side by side: overlaid curves (PNG) and a table of their differing settings and final metrics."),
 )}

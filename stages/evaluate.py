@@ -33,11 +33,11 @@ from ..pipeline.batching import (
     SIDES, forward_batches, length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens,
 )
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
-from ..pipeline.formats import FieldError, chat_messages, surrogate_problem
+from ..pipeline.formats import FieldError, chat_messages, hh_prompt, prompt_layout, surrogate_problem
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
 from ..pipeline.losses import BatchContext, LossConfig, LossInputs, RewardShift
-from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity, torch_dtype
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, load_reward_model, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
@@ -75,6 +75,9 @@ class EvaluateConfig(StageOptions):
         "Complete this many held-out prompts (or --prompts) and compare lengths; 0 = off."))
     prompts: str | None = option(None, semantic=False, panel="Generation", help=(  # content hashed as an input
         'JSONL of prompts to complete instead: {"prompt": text} or {"messages": [...]} per line.'))
+    reward_model: str | None = option(None, semantic=False, panel="Generation", help=(  # content identity is an input
+        "Score the completions with this local reward model (a sequence-classification model with one output): "
+        "mean reward, and with a --baseline that generated too, the win rate against its completions."))
     temperature: float = option(0.0, check=non_negative, panel="Generation", help=(
         "Sampling temperature for --generate; 0 = greedy."))
     max_new_tokens: int = option(128, check=at_least(1), panel="Generation", help="Longest completion, in tokens.")
@@ -87,6 +90,8 @@ class EvaluateConfig(StageOptions):
     def check(self) -> None:
         if self.prompts and not self.generate:
             raise UsageError("--prompts needs --generate N (how many of its prompts to complete)")
+        if self.reward_model and not self.generate:
+            raise UsageError("--reward-model scores completions: it needs --generate N")
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -179,6 +184,28 @@ def _check_baseline(cfg: EvaluateConfig, baseline: Manifest, tokenized_fingerpri
     )
 
 
+GENERATION_SETTINGS = ("generate", "temperature", "max_new_tokens", "seed")
+
+
+def _check_baseline_generation(cfg: EvaluateConfig, baseline: Manifest, prompts: InputRef | None) -> None:
+    """Side-by-side completions compare models only when both were asked the same way."""
+    theirs = baseline.config
+    if not theirs.get("generate"):
+        log.warning("--baseline %s has no generations (it ran without --generate): the report cannot show its "
+                    "completions beside these", cfg.baseline)
+        return
+    differ = [f"--{k.replace('_', '-')} {theirs.get(k)} there, {getattr(cfg, k)} here" for k in GENERATION_SETTINGS
+              if theirs.get(k) != getattr(cfg, k)]
+    their_prompts = next((i for i in baseline.inputs if i.kind == "prompts"), None)
+    if (their_prompts and their_prompts.fingerprint) != (prompts and prompts.fingerprint):
+        differ.append(f"--prompts {their_prompts.path if their_prompts else 'none (held-out pairs)'} there, "
+                      f"{prompts.path if prompts else 'none (held-out pairs)'} here")
+    if differ:
+        log.warning("--baseline %s generated with other settings (%s): its completions and lengths are not a like-for-"
+                    "like comparison; evaluate the baseline again with this run's generation options", cfg.baseline,
+                    "; ".join(differ))
+
+
 def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
     if split not in reader.splits:
         raise UsageError(
@@ -219,13 +246,21 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
+    if cfg.reward_model:
+        if not Path(cfg.reward_model).is_dir():
+            raise UsageError(f"--reward-model {cfg.reward_model}: no such directory")
+        inputs.append(InputRef("reward-model", cfg.reward_model, model_identity(cfg.reward_model)["digest"][:16]))
     tokenizer = _tokenizer(model_dir, tokenized.manifest) if cfg.generate else None
-    prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else None
+    layout = prompt_layout(tokenized.manifest.config, tokenized.manifest.stats)
+    prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate, layout) if cfg.prompts else None
+    if baseline is not None and cfg.generate:
+        _check_baseline_generation(cfg, baseline, next((i for i in inputs if i.kind == "prompts"), None))
     semantic = {**semantic_config(cfg), "objective": objective.fingerprinted()}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
     input_paths = [("--model", cfg.model), ("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache),
-                   ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts)]
+                   ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts),
+                   ("--reward-model", cfg.reward_model)]
     with StageRun(STAGE, cfg.out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout,
                   inputs=input_paths, owns=OWNS) as stage_run:
         if stage_run.complete:
@@ -247,6 +282,10 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         generations = []
         if cfg.generate:
             generations = _generate(model, tokenizer, rows, cfg, stage_run, prompts)
+            _pair_with_baseline(generations, baseline_reader)
+            if cfg.reward_model:
+                del model  # the policy is done with: its memory goes to the reward model
+                _score_rewards(generations, cfg, device)
         metrics = _metrics(cfg, pairs, rows, generations, objective.loss, objective.source, baseline_reader, started)
         files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective.loss)
         stage_run.commit(Manifest(
@@ -374,11 +413,13 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
 # ----------------------------------------------------------------------------------- generation
 
 
-def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
+def _read_prompts(path: str, tokenizer, limit: int, layout: str) -> list[dict[str, Any]]:
     """Prompts from a JSONL file: {"prompt": text} or {"messages": [...]} (or a bare JSON string) per line.
 
-    Text prompts become one user turn through the chat template when the tokenizer has one. Read
-    before anything is scored, so a bad line stops the run at once (exit 2 naming file and line).
+    Each is laid out as the training prompts were (``layout``, from the tokenized artifact): a text
+    prompt becomes one user turn through the chat template for chat data, a Human turn for HH-RLHF
+    text, and stays as it is for plain text. Read before anything is scored, so a bad line stops
+    the run at once (exit 2 naming file and line).
     """
     prompts = []
     for number, line in read_lines(Path(path)):
@@ -403,12 +444,20 @@ def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
                 problem = surrogate_problem(record["prompt"])
                 if problem:
                     raise FieldError("prompt", problem)
-                if tokenizer.chat_template:
+                if layout == "chat":
                     messages = [{"role": "user", "content": record["prompt"]}]
             else:
                 messages = list(chat_messages(messages, "messages"))
         except FieldError as exc:
             raise DataError(f"{where}, {exc}") from None
+        text = record.get("prompt")
+        if messages is not None and layout == "hh":
+            messages, text = None, hh_prompt(messages)
+        elif messages is not None and layout == "text":
+            raise DataError(f"{where}: 'messages' given, but the model was trained on plain-text prompts (no chat "
+                            'template); write this prompt as {"prompt": text}')
+        elif messages is None and layout == "hh" and not text.lstrip().startswith("Human:"):
+            text = hh_prompt([{"role": "user", "content": text}])
         if messages is not None:
             try:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -417,7 +466,7 @@ def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
                 raise DataError(f"{where}: the chat template cannot render these messages: "
                                 f"{type(exc).__name__}: {exc}") from None
         else:
-            ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         prompts.append({"line": number, "prompt_ids": list(ids)})
         if len(prompts) == limit:
             break
@@ -439,6 +488,51 @@ def _held_out_prompts(rows: pa.Table, limit: int) -> list[dict[str, Any]]:
             "chosen_ids": [t for t in row["chosen_labels"] if t != IGNORE_INDEX],
         })
     return out
+
+
+def _generation_key(generation: dict[str, Any]) -> tuple[str, Any]:
+    return ("index", generation["index"]) if "index" in generation else ("line", generation.get("line"))
+
+
+def _pair_with_baseline(generations: list[dict[str, Any]], baseline: ArtifactReader | None) -> None:
+    """Put the baseline's completion of the same prompt (same pair index or --prompts line) beside each one."""
+    if baseline is None or not any(f.path == "generations.jsonl" for f in baseline.manifest.files):
+        return
+    theirs = {}
+    for line in baseline.path("generations.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        theirs[_generation_key(record)] = record
+    for g in generations:
+        match = theirs.get(_generation_key(g))
+        if match is not None:
+            g["baseline_completion"] = match["completion"]
+            g["baseline_completion_tokens"] = match["completion_tokens"]
+
+
+def _score_rewards(generations: list[dict[str, Any]], cfg: EvaluateConfig, device: torch.device) -> None:
+    """The reward model's score of prompt + completion (the prompt as the policy saw it), one text at a
+    time (no padding to get wrong), for this model's completions and the baseline's beside them."""
+    model, tokenizer = load_reward_model(cfg.reward_model, cfg.dtype)
+    model.to(device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+
+    def score(prompt: str, completion: str) -> float:
+        # The decoded prompt starts with the policy's BOS text; the reward tokenizer adds its own.
+        if tokenizer.bos_token:
+            prompt = prompt.removeprefix(tokenizer.bos_token)
+        ids = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+        if limit is not None and len(ids) > limit:
+            ids = ids[-limit:]  # the completion's end is what is being judged
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids], device=device)).logits[0, 0].float())
+
+    bar = progress(len(generations), "reward", unit="completions", quiet=cfg.quiet, logger=log)
+    for g in generations:
+        g["reward"] = score(g["prompt"], g["completion"])
+        if "baseline_completion" in g:
+            g["baseline_reward"] = score(g["prompt"], g["baseline_completion"])
+        bar.update(1)
+    bar.close()
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -524,7 +618,7 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, pairs: dict[str, np.ndarray],
         report.plot_logp_shift(pairs, out / "logp_shift.png", title)
         plots.append(("Log-prob change against the reference", "logp_shift.png"))
     if generations:
-        report.plot_generation_lengths(generations, out / "generation_lengths.png", title)
+        report.plot_generation_lengths(generations, out / "generation_lengths.png", title, cfg.max_new_tokens)
         plots.append(("Generation lengths", "generation_lengths.png"))
     write_json_atomic(out / "metrics.json", metrics)
     files.append(file_entry(out, "metrics.json"))
@@ -571,12 +665,29 @@ def _report_md(cfg: EvaluateConfig, metrics: dict[str, Any], generations: list[d
                 ["mean rejected response length", report.fmt(metrics.get("generation/mean_rejected_tokens"))],
                 ["generated / chosen length", report.fmt(metrics.get("generation/length_ratio_to_chosen"))],
                 ["stopped before the token limit", report.fmt(metrics.get("generation/stopped_fraction"), True)]]
+        if "generation/reward_mean" in metrics:
+            rows.append([f"mean reward (`{cfg.reward_model}`)", report.fmt(metrics["generation/reward_mean"])])
+        if "generation/win_rate" in metrics:
+            rows += [["baseline's mean reward, same prompts", report.fmt(metrics["generation/baseline_reward_mean"])],
+                     ["win rate against the baseline (ties count half)", report.fmt(metrics["generation/win_rate"], True)]]
         lines += [report.table(["", "value"], rows), ""]
-        for g in generations[:3]:
+        paired = [g for g in generations if "baseline_completion" in g]
+        if paired:
+            before = [g["baseline_completion_tokens"] for g in paired]
+            lines += ["### Baseline and this model, side by side", "",
+                      f"The same {len(paired)} prompts completed by the baseline's model "
+                      f"(`{metrics['baseline']['metrics'].get('evaluated', {}).get('model')}`) and by this one; mean "
+                      f"length {report.fmt(float(np.mean(before)))} → "
+                      f"{report.fmt(float(np.mean([g['completion_tokens'] for g in paired])))} tokens.", ""]
+        for g in (paired or generations)[:5 if paired else 3]:
             lines += [f"**Prompt** ({'pair ' + str(g['index']) if 'index' in g else 'line ' + str(g.get('line'))}):", "",
-                      "```", _clip(g["prompt"], 600), "```", "", f"**Completion** ({g['completion_tokens']} tokens):", "",
-                      "```", _clip(g["completion"], 600), "```", ""]
-        lines += ["All completions: `generations.jsonl`.", ""]
+                      "```", _clip(g["prompt"], 600), "```", ""]
+            if "baseline_completion" in g:
+                lines += [f"**Baseline** ({g['baseline_completion_tokens']} tokens):", "", "```",
+                          _clip(g["baseline_completion"], 600), "```", ""]
+            lines += [f"**{'This model' if 'baseline_completion' in g else 'Completion'}** "
+                      f"({g['completion_tokens']} tokens):", "", "```", _clip(g["completion"], 600), "```", ""]
+        lines += ["All completions" + (" (with the baseline's beside them)" if paired else "") + ": `generations.jsonl`.", ""]
     if training_rows:
         final = report.last_row_with(training_rows, "loss")
         final_eval = report.last_row_with(training_rows, "eval/loss")

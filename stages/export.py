@@ -31,6 +31,7 @@ from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import report
 from ..pipeline.checkpoint import complete_checkpoints, damage, step_dir_name
 from ..pipeline.config import StageOptions, flatten, option, validate
+from ..pipeline.formats import prompt_layout
 from ..pipeline.lora import count_parameters
 from ..pipeline.modeling import DTYPES, load_causal_lm, torch_dtype
 from ..pipeline.tokenization import tokenizer_with_template
@@ -253,35 +254,84 @@ def _fill_generation_config(model, tokenizer) -> None:
 
 def _card_info(cfg: ExportConfig, source: Source, train_dir: Path, out: Path, dtype: str, merge: bool,
                base: Path | None, tokenized: Manifest | None, fp: str) -> dict[str, Any]:
+    """What the model card says, gathered from the train run, its tokenized input and the base model."""
+    import transformers
+
     from .. import __version__
 
+    train_cfg = source.train_config
+    base_path = str(base) if base else train_cfg.get("model")
+    base_id = report.hub_or_local_name(base_path)
+    loss_type = (train_cfg.get("loss") or {}).get("loss_type") or train_cfg.get("loss_type", "dpo")
     data: dict[str, Any] = {}
+    datasets: list[str] = []
+    tokenization: dict[str, Any] = {}
+    formats: list[str] = []
+    layout = "text"
     if tokenized is not None:
         per_split = tokenized.stats.get("pairs_per_source") or {}
         sources: dict[str, int] = {}
         for split_counts in per_split.values():
             for name, count in split_counts.items():
                 sources[name] = sources.get(name, 0) + int(count)
+        by_spec = {report.hub_or_local_name(s.get("data")): s.get("format") for s in tokenized.stats.get("sources") or []}
+        formats = [f for f in by_spec.values() if f]
         data = {"sources": sources, "splits": {s: tokenized.rows(s) for s in tokenized.splits},
-                "rejected": tokenized.stats.get("dropped_total")}
-    final_metrics: dict[str, Any] = {}
+                "rejected": tokenized.stats.get("dropped_total"),
+                "formats": {name: by_spec.get(report.hub_or_local_name(name)) or "–" for name in sources}}
+        datasets = list(dict.fromkeys(report.hub_or_local_name(i.path) for i in tokenized.inputs if i.kind == "data"))
+        layout = prompt_layout(tokenized.config, tokenized.stats)
+        tokenization = _tokenization(tokenized.config, formats, layout == "chat")
+    results: dict[str, Any] = {}
     metrics_path = train_dir / "metrics.jsonl"
     if metrics_path.is_file():
         rows = [r for r in report.read_metrics_jsonl(metrics_path) if source.step is None or r.get("step", 0) <= source.step]
-        last = report.last_row_with(rows, "loss") or {}
-        last_eval = report.last_row_with(rows, "eval/loss") or {}
-        keys = ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-                "rewards/rejected", "logps/chosen", "logps/rejected")
-        final_metrics = {k: last[k] for k in keys if k in last}
-        final_metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval/")})
+        results = {"train": report.last_row_with(rows, "loss") or {}, "eval": report.last_row_with(rows, "eval/loss") or {}}
+    keys = ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+            "rewards/rejected", "logps/chosen", "logps/rejected")
+    final_metrics = {k: results["train"][k] for k in keys if k in results.get("train", {})}
+    final_metrics.update({k: v for k, v in results.get("eval", {}).items() if k.startswith("eval/")})
+    train_stats = dict(source.complete_train.stats) if source.complete_train is not None else {}
+    train_stats.setdefault("steps", source.step)
     lineage = [(ref.kind, ref.path, ref.fingerprint) for ref in source.train_inputs]
     lineage += [("train", str(train_dir), source.train_fingerprint), ("model", str(out), fp)]
+    versions = {"dpo": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    if source.adapter:
+        import peft
+
+        versions["peft"] = peft.__version__
     return {
-        "name": out.resolve().name, "base_model": str(base) if base else source.train_config.get("model"),
-        "checkpoint": source.name, "dtype": dtype, "merged": merge, "adapter": source.adapter and not merge,
-        "train_config": source.train_config, "data": data, "final_metrics": final_metrics, "lineage": lineage,
-        "producer_version": __version__, "load_path": cfg.push_to_hub or str(out),
+        "title": _title(cfg, out, base_id, loss_type), "base_model": base_path, "base_model_id": base_id,
+        "license": report.model_license(base_path), "datasets": datasets, "chat": layout == "chat",
+        "hh": layout == "hh", "checkpoint": source.name, "dtype": dtype, "merged": merge,
+        "adapter": source.adapter and not merge, "train_config": train_cfg, "train_stats": train_stats,
+        "tokenization": tokenization, "data": data, "results": results, "final_metrics": final_metrics,
+        "lineage": lineage, "producer_version": __version__, "versions": versions,
+        "load_path": cfg.push_to_hub or str(out),
     }
+
+
+def _title(cfg: ExportConfig, out: Path, base_id: str | None, loss_type: str) -> str:
+    """The Hub repo's name, else the output folder's, else ``<base>-<loss>`` when that folder is just "model"."""
+    if cfg.push_to_hub:
+        return cfg.push_to_hub.split("/")[-1]
+    name = out.resolve().name
+    if name.lower() not in report.GENERIC_NAMES:
+        return name
+    return f"{(base_id or 'model').split('/')[-1]}-{loss_type}"
+
+
+def _tokenization(config: dict[str, Any], formats: list[str], chat: bool) -> dict[str, Any]:
+    """How the pairs were turned into tokens, for the card: what a user must reproduce at inference."""
+    template = config.get("chat_template")
+    out: dict[str, Any] = {"formats": ", ".join(dict.fromkeys(formats)) or None,
+                           "chat template": (f"from {template}" if template else "the tokenizer's") if chat
+                           else "none (plain text: prompt + response + EOS)",
+                           "max_seq_length": config.get("max_seq_length"),
+                           "max_prompt_length": config.get("max_prompt_length"),
+                           "truncation": config.get("truncation"),
+                           "eval_fraction": config.get("eval_fraction") or None}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------- close

@@ -25,7 +25,8 @@ from ..pipeline.report import last_row_with, read_metrics_jsonl
 from .run import RESOLVED, STEPS
 
 # kind -> the step that writes it, in pipeline order
-KIND_STEPS = {"tokenized": "tokenize", "ref-logps": "cache-ref", "train": "train", "model": "export", "eval": "evaluate"}
+KIND_STEPS = {"tokenized": "tokenize", "ref-logps": "cache-ref", "train": "train", "model": "export", "eval": "evaluate",
+              "comparison": "compare"}
 
 
 def _checkpoints(train_dir: Path) -> list[str]:

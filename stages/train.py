@@ -255,6 +255,11 @@ class Trainer:
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.total_steps = cfg.max_steps or cfg.epochs * self.order.steps_per_epoch
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
+        # The tokenizer the data was made with (and its chat template) goes into every checkpoint's
+        # model/ and into final/, so each of them loads on its own.
+        tokenized = inputs.tokenized.manifest
+        self.tokenizer = tokenizer_with_template([tokenized.config.get("tokenizer"), cfg.model],
+                                                 tokenized.stats.get("chat_template")) if accelerator.is_main_process else None
         saved = checkpoints.load_latest(self.policy, self.optimizer, self.scheduler)
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
         self.reward_shift = RewardShift() if cfg.loss.bco_reward_shift else None
@@ -480,7 +485,8 @@ class Trainer:
     def save(self) -> None:
         state = dataclasses.replace(self.state, train_seconds=self._train_seconds(), loss_state=self._loss_state())
         self.checkpoints.save(state.step, self.policy, self.optimizer, self.scheduler,
-                              state.state_dict(self.global_batch), data_cursor=state.data_cursor(self.global_batch))
+                              state.state_dict(self.global_batch), data_cursor=state.data_cursor(self.global_batch),
+                              tokenizer=self.tokenizer)
 
     def _loss_state(self) -> dict[str, Any]:
         return {"bco_reward_shift": self.reward_shift.state_dict()} if self.reward_shift is not None else {}
@@ -495,10 +501,7 @@ class Trainer:
         cfg, out = self.cfg, self.stage_run.dir
         self.state.train_seconds = self._train_seconds()
         final = out / FINAL
-        tokenized = self.inputs.tokenized.manifest
-        tokenizer = tokenizer_with_template([tokenized.config.get("tokenizer"), cfg.model],
-                                            tokenized.stats.get("chat_template")) if self.accelerator.is_main_process else None
-        save_model(self.accelerator, self.policy, final, tokenizer=tokenizer)
+        save_model(self.accelerator, self.policy, final, tokenizer=self.tokenizer)
         manifest_stats = self._stats()
         manifest = None
         if self.accelerator.is_main_process:

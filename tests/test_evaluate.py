@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import HH_DATA, build_tiny_llama, run_dpo
+from conftest import DEMO_MODEL, HH_DATA, build_tiny_llama, run_dpo
 from refusals import assert_refused, dpo_in_process
 
 BETA = 0.1
@@ -122,7 +122,7 @@ def test_metrics_match_the_definitions(pipeline, tmp_path):
 def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     base_out, after_out = tmp_path / "base", tmp_path / "after"
     run_dpo("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--ref-cache",
-            pipeline["ref"], "--out", base_out, "--beta", "0.5", check=True)
+            pipeline["ref"], "--out", base_out, "--beta", "0.5", "--generate", "2", "--max-new-tokens", "4", check=True)
     before = json.loads((base_out / "metrics.json").read_text())
     assert before["evaluated"]["beta"] == 0.5 and before["evaluated"]["objective_from"] == "--beta"
     assert before["rewards/accuracies"] == 0.0 and abs(before["rewards/margins"]) < 1e-5
@@ -133,14 +133,72 @@ def test_base_model_against_its_own_cache_and_before_after(pipeline, tmp_path):
     # --train's β wins over --beta (the reward must be the one the model was trained for), with a warning.
     proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
                    "--ref-cache", pipeline["ref"], "--train", pipeline["train"], "--beta", "0.5",
-                   "--baseline", base_out, "--out", after_out)
+                   "--baseline", base_out, "--out", after_out, "--generate", "2", "--max-new-tokens", "5",
+                   "--reward-model", reward_model(tmp_path / "rm"))
     assert proc.returncode == 0, proc.stderr
     assert "--beta 0.5 ignored" in proc.stderr
+    assert f"--baseline {base_out} generated with other settings (--max-new-tokens 4 there, 5 here)" in proc.stderr
+    # The same held-out prompts, the base model's completion beside the trained one's.
+    before_gen = [json.loads(line) for line in (base_out / "generations.jsonl").read_text().splitlines()]
+    after_gen = [json.loads(line) for line in (after_out / "generations.jsonl").read_text().splitlines()]
+    assert [g["index"] for g in after_gen] == [g["index"] for g in before_gen]
+    assert [g["baseline_completion"] for g in after_gen] == [g["completion"] for g in before_gen]
+    # Each completion scored by the reward model on prompt + completion; the win rate counts ties half.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm, rm_tokenizer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm"), AutoTokenizer.from_pretrained(tmp_path / "rm")
+    for g in after_gen:
+        for key, text in (("reward", g["completion"]), ("baseline_reward", g["baseline_completion"])):
+            with torch.no_grad():
+                inputs = rm_tokenizer(g["prompt"].removeprefix("<s>") + text, return_tensors="pt")
+                assert inputs["input_ids"][0, :2].tolist().count(rm_tokenizer.bos_token_id) == 1
+                expected = rm(**inputs).logits[0, 0].item()
+            assert g[key] == pytest.approx(expected, abs=1e-5)
+    after_metrics = json.loads((after_out / "metrics.json").read_text())
+    assert after_metrics["generation/reward_mean"] == pytest.approx(np.mean([g["reward"] for g in after_gen]))
+    wins = [1.0 if g["reward"] > g["baseline_reward"] else 0.5 if g["reward"] == g["baseline_reward"] else 0.0
+            for g in after_gen]
+    assert after_metrics["generation/win_rate"] == pytest.approx(np.mean(wins))
     after = json.loads((after_out / "metrics.json").read_text())
     assert after["evaluated"]["beta"] == BETA
     assert after["baseline"]["metrics"]["rewards/accuracies"] == 0.0
     report = (after_out / "report.md").read_text()
     assert "## Before and after" in report and "pp" in report
+    assert "### Baseline and this model, side by side" in report and "**Baseline** (" in report
+    assert "win rate against the baseline (ties count half)" in report
+    assert f"```\n{after_gen[0]['completion']}\n```" in report.split("**This model**", 1)[1]
+
+
+def reward_model(out: Path) -> Path:
+    """A tiny randomly initialised reward model (one score per text) with the demo tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_plots_say_something(tmp_path):
+    from dpo.pipeline import report
+
+    rng = np.random.default_rng(0)
+    logps = {f"{w}_{s}_logps": -50 + rng.standard_normal(20) for w in ("policy", "ref") for s in ("chosen", "rejected")}
+    own_reference = {**logps, "policy_chosen_logps": logps["ref_chosen_logps"],
+                     "policy_rejected_logps": logps["ref_rejected_logps"],
+                     "rewards_chosen": np.zeros(20), "rewards_rejected": np.zeros(20)}
+    # A model scored against itself: no histogram of all-zero reward margins.
+    assert report.plot_margins(own_reference, tmp_path / "m.png", "t") == ["log-prob margin, summed over response tokens"]
+    moved = {**logps, "rewards_chosen": rng.standard_normal(20), "rewards_rejected": np.zeros(20)}
+    assert report.plot_margins(moved, tmp_path / "m.png", "t")[0].startswith("implicit-reward margin")
+    generations = [{"completion_tokens": n, "stopped": n < 8, "chosen_tokens": 5} for n in (3, 8, 8, 6)]
+    title = report.plot_generation_lengths(generations, tmp_path / "g.png", "t", max_new_tokens=8)
+    assert title == "response length: 4 completions, 2 cut at the cap"
 
 
 def test_reference_free_without_cache(pipeline, tmp_path):
@@ -202,10 +260,13 @@ def test_prompts_file(pipeline, tmp_path):
     prompts.write_text('{"prompt": "Tell me a story."}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     out = tmp_path / "e"
     run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", out,
-            "--generate", "2", "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0.8", check=True)
+            "--generate", "3", "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0.8", check=True)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert [g["line"] for g in generations] == [1, 2]
-    assert "user: Tell me a story." in generations[0]["prompt"]  # the chat template was applied
+    assert [g["line"] for g in generations] == [1, 2, 3]
+    # The model was trained on HH-RLHF text without a chat template: prompts are laid out the same way.
+    assert generations[0]["prompt"].endswith("\n\nHuman: Tell me a story.\n\nAssistant:")
+    assert generations[2]["prompt"].endswith("\n\nHuman: Hi\n\nAssistant:")
+    assert not any("user:" in g["prompt"] for g in generations)
 
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     proc = run_dpo("evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"],
@@ -278,3 +339,29 @@ def test_every_loss_round_trips_through_the_train_manifest():
         assert objective.loss == loss, options
         assert objective.sort_size == 6
         assert objective.reward_shift == -0.25
+
+
+def test_prompts_follow_the_training_layout(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dpo.artifacts.errors import DataError
+    from dpo.pipeline.formats import prompt_layout
+    from dpo.stages.evaluate import _read_prompts
+
+    sources = lambda *formats: {"sources": [{"data": f"d{i}", "format": f} for i, f in enumerate(formats)]}  # noqa: E731
+    assert prompt_layout({}, sources("chat", "text")) == "chat"
+    assert prompt_layout({"apply_chat_template": True}, sources("text")) == "chat"
+    assert prompt_layout({}, sources("hh")) == "hh" and prompt_layout({}, sources("hh", "text")) == "text"
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n{"messages": [{"role": "user", "content": "Hi there"}]}\n')
+    chat = _read_prompts(str(prompts), tokenizer, 2, "chat")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert chat[0]["prompt_ids"] == chat[1]["prompt_ids"] == list(rendered)
+    hh = _read_prompts(str(prompts), tokenizer, 2, "hh")
+    assert hh[0]["prompt_ids"] == hh[1]["prompt_ids"] == tokenizer("\n\nHuman: Hi there\n\nAssistant:")["input_ids"]
+    assert _read_prompts(str(prompts), tokenizer, 1, "text")[0]["prompt_ids"] == tokenizer("Hi there")["input_ids"]
+    with pytest.raises(DataError, match=r"line 2: 'messages' given, but the model was trained on plain-text prompts"):
+        _read_prompts(str(prompts), tokenizer, 2, "text")
