@@ -62,6 +62,21 @@ def file_entry(root: Path, relative: str) -> FileEntry:
     return FileEntry(path=relative, rows=None, bytes=target.stat().st_size, sha256=sha256_file(target))
 
 
+def file_problem(root: Path, manifest: Manifest, verify: bool = True) -> str | None:
+    """The first listed file of an artifact that is missing, of another size or (``verify``) with another
+    sha256 than its manifest says, as a sentence; None when every file is as listed."""
+    for entry in manifest.files:
+        path = resolve_inside(root, entry.path)
+        if not path.is_file():
+            return f"{entry.path} is listed in the manifest but {'is a folder, not a file' if path.is_dir() else 'missing'}"
+        if path.stat().st_size != entry.bytes:
+            return f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+        if verify and sha256_file(path) != entry.sha256:
+            return (f"{entry.path} fails its sha256 check: it is not the file the manifest lists (changed or corrupt). "
+                    "Rerun the stage that made it, with --overwrite")
+    return None
+
+
 class ArtifactReader:
     """Reads a complete artifact through its manifest's file list, never by globbing.
 
@@ -84,19 +99,9 @@ class ArtifactReader:
         return self.manifest.splits
 
     def _check_files(self, verify: bool) -> None:
-        for entry in self.manifest.files:
-            path = resolve_inside(self.root, entry.path)
-            if not path.is_file():
-                raise ArtifactError(f"{self.root}: {entry.path} is listed in the manifest but missing")
-            if path.stat().st_size != entry.bytes:
-                raise ArtifactError(
-                    f"{self.root}: {entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-                )
-            if verify and sha256_file(path) != entry.sha256:
-                raise ArtifactError(
-                    f"{self.root}: {entry.path} fails its sha256 check: it is not the file the manifest lists "
-                    "(changed or corrupt). Rerun the stage that made it, with --overwrite"
-                )
+        problem = file_problem(self.root, self.manifest, verify)
+        if problem is not None:
+            raise ArtifactError(f"{self.root}: {problem}")
 
     def path(self, relative: str) -> Path:
         """The checked path of a file the manifest lists."""
