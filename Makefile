@@ -32,8 +32,17 @@ test: install
 test-fast: install
 	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m 'not slow' $(PYTEST_ARGS)
 
-bench: install
-	$(VENV)/bin/python bench/cache_ref_throughput.py
+# TRL is a benchmark-only extra; torch is pinned to the build already installed so pip never swaps it.
+BENCH_STAMP := $(VENV)/.dpo-bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install --quiet -e '.[bench]' "torch==$$($(VENV)/bin/python -c 'import torch; print(torch.__version__)')"
+	touch $(BENCH_STAMP)
+
+# dpo vs TRL side by side (bench/vs_trl.py; writes bench/RESULTS.md). Quick smoke run: make bench BENCH_ARGS=--quick
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/python bench/vs_trl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

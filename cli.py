@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .artifacts.errors import EXIT_CODES, DpoError, Stopped, UsageError
+from .artifacts.errors import EXIT_CODES, DpoError, Interrupted, Preempted, Stopped, UsageError
 from .artifacts.runner import CommandSignals, environment_error
 from .pipeline import distributed
 from .pipeline.config import RUN_PANEL, Leaf, StageOptions, from_mapping, leaves, section_values
@@ -38,6 +38,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 log = logging.getLogger("dpo")
+
+
+def _flags_take_no_value() -> None:
+    """--help shows an on/off flag as a flag: Typer (0.29) prints a "<bool>" value type beside every
+    flag, --help included, as if it took a value."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_dpo_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and getattr(self, "count", False) is False else shown(self, ctx)
+
+    display_type_rich._dpo_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 VERBOSE = inspect.Parameter(
     "verbose", inspect.Parameter.KEYWORD_ONLY, default=False,
     annotation=Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=RUN_PANEL)],
@@ -50,6 +68,11 @@ def run_guarded(name: str, body, *, quiet: bool = False, verbose: bool = False):
     try:
         with CommandSignals():
             return body()
+    except Preempted as exc:
+        # Not a failure: the work is saved and the scheduler requeues the job (exit 75).
+        word = "interrupted" if isinstance(exc, Interrupted) else "pre-empted"
+        typer.echo(f"dpo {name}: {word}: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except DpoError as exc:
         typer.echo(f"dpo {name}: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -175,6 +198,7 @@ def run(
     config: Annotated[Path, typer.Option("--config", help="Run file: top-level run_dir and model, one section per step (see examples/demo.yaml).", show_default=False)],
     step: Annotated[Optional[list[str]], typer.Option("--step", help="Run only this step (repeatable): tokenize, cache-ref, train, export, evaluate-base, evaluate.", show_default=False)] = None,
     list_steps: Annotated[bool, typer.Option("--list-steps", help="Print the steps the run file has, in order, and exit (for job scripts).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one value of the run file, parsed as YAML (repeatable): SECTION.OPTION=VALUE, e.g. train.beta=0.05, or run_dir=PATH / model=PATH.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bar.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ):
@@ -182,10 +206,12 @@ def run(
     from .stages import run as stage
 
     def body() -> int:
+        overrides = tuple(set_ or ())
         if list_steps:
-            typer.echo("\n".join(stage.steps_of(config)))
+            typer.echo("\n".join(stage.steps_of(config, overrides)))
             return 0
-        code, report = stage.run(stage.RunConfig(config=config, steps=tuple(step or ()), quiet=quiet))
+        code, report = stage.run(stage.RunConfig(config=config, steps=tuple(step or ()), quiet=quiet,
+                                                 overrides=overrides))
         if report is not None:
             typer.echo(f"report: {report}")
         return code

@@ -24,7 +24,8 @@ def leaf_values(config: Any, semantic: bool = True) -> Iterator[tuple[dataclasse
 
     A field whose metadata says ``group`` holds a nested config dataclass, whose options are
     yielded in its place; a field opts out of the fingerprint with ``metadata={"semantic": False}``
-    (a group's opt-out covers all its options).
+    (a group's opt-out covers all its options), and one marked ``omit_if_default`` counts only
+    when it is set to something other than its default.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -32,7 +33,24 @@ def leaf_values(config: Any, semantic: bool = True) -> Iterator[tuple[dataclasse
         if f.metadata.get("group"):
             yield from leaf_values(value, inner)
         else:
-            yield f, value, inner
+            yield f, value, inner and not omitted(f, value)
+
+
+def omitted(field: dataclasses.Field, value: Any) -> bool:
+    """Whether an ``omit_if_default`` field holds its default, and so stays out of fingerprints.
+
+    Options added after runs exist are marked so: a run that does not use one keeps the
+    fingerprint it had before the option existed.
+    """
+    if not field.metadata.get("omit_if_default"):
+        return False
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    return canonical(value) == canonical(default)
 
 
 def semantic_config(config: Any) -> dict[str, Any]:

@@ -222,8 +222,8 @@ class StageRun:
         return self
 
     def _take(self) -> Output:
-        check_out(self.out, self.inputs)
         try:
+            check_out(self.out, self.inputs)
             self.lock.acquire()
             self._locked = True
             if self.inspect is not None and not self.overwrite:
@@ -231,6 +231,8 @@ class StageRun:
             return prepare_output(self.out, self.kind, self.fingerprint, self.overwrite, self.owns)
         except OSError as exc:
             translated = environment_error(exc, self.out)
+            if translated is None and exc.errno in _BAD_PATH:
+                translated = UsageError(f"--out {self.out}: cannot create it ({exc.strerror}: {exc.filename})")
             if translated is None:
                 raise
             raise translated from None
@@ -281,6 +283,10 @@ def check_out(out: Path, inputs: Sequence[tuple[str, str | os.PathLike | None]])
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == out else f"lies under the file {parent}"
             raise UsageError(f"--out {out} {where}; --out must be a folder (new, empty, or one dpo wrote)")
+        if parent.is_symlink() and not parent.exists():
+            where = "is" if parent == out else f"lies under {parent},"
+            raise UsageError(f"--out {out} {where} a symbolic link to {os.readlink(parent)}, which does not exist; "
+                             "create its target or choose another --out")
     here = Path(os.path.realpath(out))
     for flag, path in inputs:
         if path is None or not os.path.exists(path):
@@ -303,6 +309,7 @@ _DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceed
 # torch.save's C++ writer reports a failed write as a RuntimeError without an errno: "unexpected pos 576
 # vs 534" (a short write), "PytorchStreamWriter failed writing file ..."
 _TORCH_WRITER_WORDS = ("inline_container", "PytorchStreamWriter", "file write failed")
+_BAD_PATH = (errno.ENAMETOOLONG, errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # a path that cannot be a folder
 
 
 def environment_error(exc: BaseException, out: Path | None = None) -> DpoError | None:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..artifacts.errors import DataError
+from ..artifacts.errors import DataError, UsageError
 from .tokenization import IGNORE_INDEX
 
 SIDES = ("chosen", "rejected")
@@ -60,6 +60,35 @@ def length_grouped_batches(lengths: Sequence[int] | np.ndarray, batch_size: int,
     return batches
 
 
+def token_budget_batches(tokens: np.ndarray, budget: int, indices: np.ndarray | None = None) -> list[list[int]]:
+    """Positions into ``tokens`` (each pair's chosen + rejected tokens), longest first, grouped into
+    batches of at most ``budget`` tokens: the unit of a packed forward that needs no backward."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    order = np.lexsort((np.arange(len(tokens)), -tokens))
+    if len(tokens) and tokens[order[0]] > budget:
+        at = f"pair index {int(indices[order[0]])}" if indices is not None else f"pair {int(order[0])}"
+        raise UsageError(f"{at} has {int(tokens[order[0]])} tokens (chosen + rejected), more than "
+                         f"--max-tokens-per-batch {budget} holds: raise --max-tokens-per-batch")
+    batches: list[list[int]] = []
+    used = budget
+    for position in order.tolist():
+        if used + tokens[position] > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(position)
+        used += int(tokens[position])
+    return batches
+
+
+def forward_batches(table: pa.Table, batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Batches of a forward-only pass: ``max_tokens`` per batch when given (packed runs), else
+    ``batch_size`` pairs of similar length."""
+    if max_tokens is not None:
+        tokens = pair_lengths(table, combined=True)
+        return token_budget_batches(tokens, max_tokens, pair_indices(table))
+    return length_grouped_batches(pair_lengths(table), batch_size)
+
+
 def pad_token_id(tokenized_stats: Mapping) -> int:
     """The id a tokenized artifact pads with: its tokenizer's pad token, else EOS (GPT-2 has no pad).
 
@@ -80,8 +109,9 @@ def pair_indices(table: pa.Table) -> np.ndarray:
     return np.array(table.column("index").to_numpy(), dtype=np.int64)
 
 
-def pair_lengths(rows: pa.Table | Sequence[Mapping]) -> np.ndarray:
-    """The padded length a pair needs in a concatenated batch: the longer of its two sides.
+def pair_lengths(rows: pa.Table | Sequence[Mapping], combined: bool = False) -> np.ndarray:
+    """The padded length a pair needs in a concatenated batch: the longer of its two sides (with
+    ``combined``, the tokens of both sides: what it takes in a packed row).
 
     Read from the length columns a tokenized artifact has, else from the token lists' lengths,
     never by turning tokens into Python objects.
@@ -89,7 +119,28 @@ def pair_lengths(rows: pa.Table | Sequence[Mapping]) -> np.ndarray:
     table = as_table(rows)
     sides = [table.column(f"{side}_length") if f"{side}_length" in table.column_names
              else pc.list_value_length(table.column(f"{side}_input_ids")) for side in SIDES]
-    return np.maximum(*(np.asarray(s.to_numpy(zero_copy_only=False), dtype=np.int64) for s in sides))
+    chosen, rejected = (np.asarray(s.to_numpy(zero_copy_only=False), dtype=np.int64) for s in sides)
+    return chosen + rejected if combined else np.maximum(chosen, rejected)
+
+
+def sequence_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(every chosen and rejected sequence's tokens, its label tokens), from the length columns."""
+    column = lambda name: np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)  # noqa: E731
+    prompt = column("prompt_length")
+    lengths = np.concatenate([column("chosen_length"), column("rejected_length")])
+    return lengths, lengths - np.concatenate([prompt, prompt])
+
+
+def scored_label_tokens(table: pa.Table, side: str, rows_per_chunk: int = 4096) -> np.ndarray:
+    """Per pair, the label tokens of ``side`` that carry a log-prob: labels != -100 past position 0
+    (position t's logits predict token t + 1), as LabelLogProbs counts them. Known before any forward."""
+    counts = []
+    for start in range(0, table.num_rows, rows_per_chunk):
+        labels, lengths = ragged(table.slice(start, rows_per_chunk), f"{side}_labels")
+        position = np.arange(len(labels)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        counts.append(np.bincount(row[(labels != IGNORE_INDEX) & (position >= 1)], minlength=len(lengths)))
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
 
 
 def ragged(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,13 +35,17 @@ Check = Callable[[Any], "str | None"]
 
 def option(default: Any = dataclasses.MISSING, *, help: str, semantic: bool = True, choices: tuple | None = None,
            check: Check | None = None, flag: str | None = None, short: str | None = None, panel: str | None = None,
-           factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           factory: Callable[[], Any] | Any = dataclasses.MISSING, omit_if_default: bool = False,
+           separator: str | None = None) -> Any:
     """A config field. ``semantic``: it changes what the stage computes (so it enters the
-    fingerprint). ``flag``: the option's name when it is not the field's (``--split`` for
-    ``splits``); ``short``: a one-letter alias. ``panel``: the --help section; a group's fields
-    default to the group's PANEL."""
+    fingerprint). ``omit_if_default``: it enters the fingerprint only when set to another value
+    than its default (for options added later, so existing runs keep their fingerprints).
+    ``flag``: the option's name when it is not the field's (``--split`` for ``splits``);
+    ``short``: a one-letter alias. ``panel``: the --help section; a group's fields default to the
+    group's PANEL. ``separator``: a string option that lists values (``dpo,sft``), which a run file
+    may also give as a YAML list."""
     metadata = {"help": help, "semantic": semantic, "choices": choices, "check": check, "flag": flag, "short": short,
-                "panel": panel}
+                "panel": panel, "omit_if_default": omit_if_default, "separator": separator}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -217,15 +223,59 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Options whose values are files or folders: a relative one in a run file is taken from the run
+# file's folder, so a run file works from any working directory and sweeps need no copies of it.
+PATH_OPTIONS = frozenset({"run_dir", "out", "tokenized", "ref_cache", "train", "baseline", "prompts",
+                          "deepspeed_config", "chat_template"})
+# Options that name a local path or a Hugging Face Hub id (``data`` and ``eval_data`` with an optional
+# ``:AMOUNT``): a relative value is taken from the run file's folder when it exists there, and is
+# otherwise passed on as written (a Hub id, or a path from the current folder).
+PATH_OR_HUB_OPTIONS = frozenset({"model", "tokenizer", "data", "eval_data"})
+_AMOUNT_SUFFIX = re.compile(r":(\d+|\d+\.\d*|\.\d+)$")
+
+
+def resolve_paths(values: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """``values`` (a run-file section, or its top level) with relative paths taken from folder ``base``."""
+    base = Path(base)
+    out = dict(values)
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in PATH_OPTIONS or name in PATH_OR_HUB_OPTIONS:
+            items = value if isinstance(value, list) else [value]
+            resolved = [_resolve_path(v, base, hub=name in PATH_OR_HUB_OPTIONS) for v in items]
+            out[key] = resolved if isinstance(value, list) else resolved[0]
+    return out
+
+
+def _resolve_path(value: Any, base: Path, hub: bool) -> Any:
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("~"):
+        return value
+    suffix = _AMOUNT_SUFFIX.search(value) if hub else None
+    path = value[: suffix.start()] if suffix else value
+    candidate = base / path
+    if hub and not candidate.exists():
+        return value
+    # abspath, not resolve: a symlinked folder keeps the name the user gave it.
+    return os.path.abspath(candidate) + (suffix.group(0) if suffix else "")
+
+
+def run_file_folder(path: str | Path) -> Path:
+    """The folder relative paths in run file ``path`` are taken from."""
+    return Path(os.path.abspath(path)).parent
+
+
 def section_values(path: str | Path, section: str, cls: type, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A run file's ``section`` as option values of ``cls``, keyed by field name and typed.
 
     Keys are option names (dashes or underscores). An unknown key, or a value of the wrong type, is
-    a UsageError naming the file, the section and the key. ``values`` stands in for the file's own
-    section (``dpo run`` passes sections it has already resolved).
+    a UsageError naming the file, the section and the key. Relative paths are taken from the run
+    file's folder (``resolve_paths``). ``values`` stands in for the file's own section (``dpo run``
+    passes sections it has already resolved).
     """
     if values is None:
         values = load_run_file(path).get(section) or {}
+        if isinstance(values, dict):
+            values = resolve_paths(values, run_file_folder(path))
     if not isinstance(values, dict):
         raise UsageError(f"{path}: section {section!r} must be a mapping of option names to values")
     known = {leaf.option_name: leaf for leaf in leaves(cls)}
@@ -237,6 +287,9 @@ def section_values(path: str | Path, section: str, cls: type, values: Mapping[st
                 f"{path}: section {section!r} has unknown option {key!r}; "
                 f"known: {', '.join(sorted(n.replace('_', '-') for n in known))}"
             )
+        separator = leaf.field.metadata.get("separator")
+        if separator and isinstance(value, list):
+            value = separator.join(str(v) for v in value)
         try:
             out[leaf.name] = coerce(value, leaf.type)
         except ValueError as exc:

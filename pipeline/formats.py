@@ -22,6 +22,7 @@ comes back as a `Drop` with a reason that is counted in the manifest.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from ..artifacts.errors import UsageError
@@ -34,6 +35,12 @@ SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system", "function_call": "tool_call", "observation": "tool", "tool": "tool",
 }
+
+# Roles the chat templates of the ecosystem know (OpenAI's, Llama 3's ipython, legacy function).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# A lone UTF-16 surrogate: from a JSON "\\ud800" escape without its pair, or a byte that is not UTF-8
+# (sources.py carries those as surrogates); the Rust tokenizers cannot take either.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Message = dict[str, str]
 
@@ -141,7 +148,32 @@ def normalise(record: dict[str, Any], fmt: str) -> Pair | Drop:
         pair = _sharegpt(record)
     else:
         raise ValueError(f"unknown format {fmt!r}")
+    _check_text(record, pair)
     return _check_content(pair)
+
+
+def _check_text(record: dict[str, Any], pair: Pair) -> None:
+    """Text a tokenizer cannot take is a malformed record, found here rather than as a crash of the
+    tokenizer (which takes the whole batch, and the run, with it)."""
+    texts = [pair.prompt] if isinstance(pair.prompt, str) else [v for m in pair.prompt for v in m.values()]
+    bad = next((t for t in texts + [pair.chosen, pair.rejected] if _SURROGATE.search(t)), None)
+    if bad is None:
+        return
+    path, value = next(((p, v) for p, v in _strings(record, "") if _SURROGATE.search(v) and (v in bad or bad in v)),
+                       ("prompt" if bad in texts else "chosen" if bad == pair.chosen else "rejected", bad))
+    raise FieldError(path, surrogate_problem(value))
+
+
+def _strings(value: Any, path: str):
+    """Every string inside a record, with its field path (``chosen[2].content``)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _strings(inner, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, inner in enumerate(value):
+            yield from _strings(inner, f"{path}[{i}]")
 
 
 def _check_content(pair: Pair) -> Pair | Drop:
@@ -184,7 +216,35 @@ def _messages(record: dict[str, Any], name: str) -> tuple[Message, ...]:
     value = _field(record, name)
     if not isinstance(value, list):
         raise FieldError(name, f"expected a list of messages, got {type(value).__name__}")
-    return tuple(_message(m, f"{name}[{i}]") for i, m in enumerate(value))
+    return tuple(_chat_message(m, f"{name}[{i}]") for i, m in enumerate(value))
+
+
+def chat_messages(value: Any, name: str) -> tuple[Message, ...]:
+    """A message list outside a preference record (e.g. a prompt to complete), checked as records' are:
+    FieldError naming the field, an unknown role, or text no tokenizer can encode."""
+    messages = _messages({name: value}, name)
+    for i, message in enumerate(messages):
+        for key, text in message.items():
+            problem = surrogate_problem(text)
+            if problem:
+                raise FieldError(f"{name}[{i}].{key}", problem)
+    return messages
+
+
+def surrogate_problem(text: str) -> str | None:
+    """What is wrong with text a tokenizer cannot encode (a lone surrogate), or None."""
+    at = _SURROGATE.search(text)
+    if at is None:
+        return None
+    return (f"holds U+{ord(at.group()):04X} at character {at.start()}, a lone surrogate that no tokenizer can encode "
+            "(a JSON \\u escape without its pair, or bytes that are not UTF-8)")
+
+
+def _chat_message(value: Any, where: str) -> Message:
+    message = _message(value, where)
+    if message["role"] not in CHAT_ROLES:
+        raise FieldError(f"{where}.role", f"unknown role {message['role']!r} (known: {', '.join(CHAT_ROLES)})")
+    return message
 
 
 def _completion(record: dict[str, Any], name: str) -> str | list[Message]:

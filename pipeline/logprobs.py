@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .packing import PackedLayout
+from .profiling import NULL_TIMER
 from .tokenization import IGNORE_INDEX
 
 # float32 logits per chunk; 256 MiB keeps a 128k-vocab chunk at ~500 rows and a 512-vocab one unchunked.
@@ -34,6 +36,7 @@ class SequenceLogProbs:
     logps: torch.Tensor  # [B] float32: sum over label positions of log p(y_t | y_<t)
     num_tokens: torch.Tensor  # [B] int64: number of label positions
     wpo_term: torch.Tensor | None = None  # [B] float32: mean over label positions of log p(y_t) - logsumexp_v 2 log p(v)
+    shared_logps: torch.Tensor | None = None  # [B] float32: the sum over the first ``shared_tokens`` label positions
 
 
 def _unwrap_hf(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -103,6 +106,7 @@ class LabelLogProbs(nn.Module):
             raise ValueError(f"head_path must be auto, body or full, not {head_path!r}")
         self.model = model
         self.chunk_bytes = chunk_bytes
+        self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         hf, splittable = _unwrap_hf(model)
         self._hf = [hf]  # a list so the same module is not registered twice under two names
         body = getattr(hf, "base_model", None)
@@ -136,20 +140,27 @@ class LabelLogProbs(nn.Module):
         shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
         return int(shape[0]) if shape is not None and len(shape) == 2 and shape[0] > 0 else self.hf_model.config.vocab_size
 
-    def _label_rows(self, input_ids, attention_mask, labels, use_body: bool):
-        """(rows to score, their targets, their sequence ids, head) for every label position."""
+    def _label_rows(self, input_ids, attention_mask, labels, use_body: bool, packed: PackedLayout | None = None):
+        """(rows to score, their targets, their sequence ids, head, scored-position mask) for every label position.
+
+        In a packed row a sequence's first token carries no label, so no position scores a token
+        of the next sequence; the sequence of a scored position is that of its target."""
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         if attention_mask is not None:
             mask &= attention_mask[:, 1:].bool()
-        if use_body:
-            out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            rows, head = hidden[:, :-1][mask], self._head
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            rows, head = logits[:, :-1][mask], nn.Identity()
-        return rows, targets[mask], mask.nonzero(as_tuple=True)[0], head, mask
+        extra = packed.attention_kwargs() if packed is not None else {}
+        with self.timer.phase("forward_body"):
+            if use_body:
+                out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                               **extra)
+                hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+                rows, head = hidden[:, :-1][mask], self._head
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+                rows, head = logits[:, :-1][mask], nn.Identity()
+        sequences = packed.sequence_ids[:, 1:][mask] if packed is not None else mask.nonzero(as_tuple=True)[0]
+        return rows, targets[mask], sequences, head, mask
 
     def _verify_body_path(self, input_ids, attention_mask) -> None:
         """Compare the body/head split with the model's forward on a short slice of the first row."""
@@ -175,16 +186,18 @@ class LabelLogProbs(nn.Module):
         else:
             self.head_path = "body"
 
-    def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False):
-        rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body)
+    def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False,
+                packed: PackedLayout | None = None):
+        rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body, packed)
         step = self._chunk_rows(self.vocab_size(), rows.shape[0])
         keep = torch.is_grad_enabled() and rows.requires_grad
         logps, terms = [], []
-        for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
-            args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
-            logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
-            logps.append(logp)
-            terms.append(term)
+        with self.timer.phase("forward_head"):
+            for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
+                args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
+                logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
+                logps.append(logp)
+                terms.append(term)
         if logps:
             tok = torch.cat(logps)
         else:
@@ -193,15 +206,28 @@ class LabelLogProbs(nn.Module):
         return tok, wpo, seq, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                with_wpo_term: bool = False) -> SequenceLogProbs:
+                with_wpo_term: bool = False, packed: PackedLayout | None = None,
+                shared_tokens: torch.Tensor | None = None) -> SequenceLogProbs:
+        """Per-sequence sums: one per row, or with ``packed`` one per sequence of the packed row.
+
+        ``shared_tokens`` [sequences]: also sum each sequence's first that many label positions
+        (LD-DPO's S_k)."""
         if self.head_path == "auto":
-            self._verify_body_path(input_ids, attention_mask)
-        tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term)
-        batch = input_ids.shape[0]
-        num_tokens = mask.sum(dim=1)
+            self._verify_body_path(input_ids, attention_mask if packed is None else None)
+        tok, wpo, seq, mask = self._scores(input_ids, attention_mask, labels, self.head_path == "body", with_wpo_term,
+                                           packed)
+        batch = packed.num_sequences if packed is not None else input_ids.shape[0]
+        num_tokens = mask.sum(dim=1) if packed is None else torch.bincount(seq, minlength=batch)
         logps = tok.new_zeros(batch).index_add(0, seq, tok)
         wpo_term = None
         if with_wpo_term:
             wpo_term = tok.new_zeros(batch).index_add(0, seq, wpo) / num_tokens.clamp(min=1).to(tok.dtype)
-        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term)
+        shared = None
+        if shared_tokens is not None:
+            # Each label position's rank within its sequence: ``tok`` holds them in row order, sequence by sequence.
+            first = torch.cumsum(num_tokens, 0) - num_tokens
+            rank = torch.arange(len(seq), device=seq.device) - first[seq]
+            keep = rank < shared_tokens.to(rank.device)[seq]
+            shared = tok.new_zeros(batch).index_add(0, seq, torch.where(keep, tok, torch.zeros_like(tok)))
+        return SequenceLogProbs(logps=logps, num_tokens=num_tokens, wpo_term=wpo_term, shared_logps=shared)
 

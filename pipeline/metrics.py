@@ -1,7 +1,10 @@
 """Training metrics as named sums: added over micro-batches, reduced across ranks in one collective.
 
 Sums, not means, so micro-batches and ranks add up exactly; the logged row divides by the pair
-count only once everything is summed. The names are TRL's (``loss``, ``rewards/margins``, ...).
+count only once everything is summed. The names are TRL's (``loss``, ``rewards/margins``, ...),
+plus ``loss/NAME`` for each component of a combined loss. A loss's own per-example values
+(``PreferenceLoss.extras``, e.g. bco_pair's rewards for its running mean) are summed alongside
+under their names but not logged.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over ranks (identity in
 def batch_sums(out: PreferenceLoss, scores: PairScores) -> dict[str, torch.Tensor]:
     """The metric sums and counts of one scored micro-batch, by name."""
     values = dict(zip((*METRIC_NAMES, "pairs"), metric_sums(out, scores.chosen.logps, scores.rejected.logps)))
+    for name, losses in out.components.items():
+        values[component_metric(name)] = losses.detach().double().sum()
+    for name, extra in out.extras.items():
+        values[name] = extra.detach().double().sum()
     device = values["pairs"].device
     values["tokens"] = torch.tensor(float(scores.tokens), dtype=torch.float64, device=device)
     values["slots"] = torch.tensor(float(scores.slots), dtype=torch.float64, device=device)
@@ -33,18 +40,28 @@ def add(total: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor], we
     return {k: total[k] + v * weight for k, v in sums.items()}
 
 
+def component_metric(name: str) -> str:
+    return f"loss/{name}"
+
+
 def reduced(sums: dict[str, torch.Tensor], reduce: Reduce, device: torch.device) -> dict[str, float]:
-    """Every sum, summed over ranks in one collective, as floats."""
+    """Every sum, summed over ranks in one collective, as floats (in the order ``sums`` has them)."""
     names = sorted(sums)
-    total = reduce(torch.stack([sums[n].to(device) for n in names]))
-    return dict(zip(names, total.tolist()))
+    total = dict(zip(names, reduce(torch.stack([sums[n].to(device) for n in names])).tolist()))
+    return {name: total[name] for name in sums}
 
 
 def means(totals: dict[str, float]) -> dict[str, float]:
-    """The TRL-named metrics: each metric sum over the pair count."""
+    """The TRL-named metrics, each component's ``loss/NAME`` after ``loss``: each sum over the pair count."""
     if totals["pairs"] <= 0:
         raise ValueError("no examples to average metrics over")
-    return {name: totals[name] / totals["pairs"] for name in METRIC_NAMES}
+    names = [METRIC_NAMES[0], *(k for k in totals if k.startswith(component_metric(""))), *METRIC_NAMES[1:]]
+    return {name: totals[name] / totals["pairs"] for name in names}
+
+
+def means_of(row: dict[str, float]) -> dict[str, float]:
+    """The metrics of a logged row (``means``' keys, in its order), without the throughput and norm."""
+    return {k: v for k, v in row.items() if k in METRIC_NAMES or k.startswith(component_metric(""))}
 
 
 class Window:

@@ -91,6 +91,48 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     return model.eval()
 
 
+def model_vocab_size(path: str | os.PathLike) -> int:
+    """The vocabulary size of a model folder's config; for a PEFT adapter folder, of its base model's."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"model {path}: cannot read adapter_config.json: {exc}") from None
+        if not base:
+            raise UsageError(f"model {path}: adapter_config.json names no base_model_name_or_path")
+        path = Path(base)
+    _check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model {path}: cannot read its config: {exc}") from None
+    return config.get_text_config().vocab_size
+
+
+def check_vocab(model: str | os.PathLike, tokenized: str | os.PathLike, manifest: Any) -> None:
+    """Refuse a model whose vocabulary cannot hold the token ids of the tokenized artifact
+    (``manifest``, at ``tokenized``): an embedding lookup past the table is a crash on CPU and a
+    device-side assert on GPU, long after the job started. Every stage that feeds tokens to a model
+    calls this before it takes its output."""
+    info = manifest.stats.get("tokenizer_info") or {}
+    tokenizer_vocab = info.get("vocab_size")
+    if tokenizer_vocab is None:
+        return
+    vocab = model_vocab_size(model)
+    if tokenizer_vocab > vocab:
+        tokenizer = manifest.config.get("tokenizer")
+        raise UsageError(
+            f"model {model} has a vocabulary of {vocab} tokens, but {tokenized} was tokenized with "
+            f"{f'--tokenizer {tokenizer}, ' if tokenizer else ''}a tokenizer of {tokenizer_vocab} tokens "
+            f"(ids up to {tokenizer_vocab - 1}): this is not the model those tokens were made for. "
+            "Tokenize with the model's own tokenizer, or pass the model the tokens were made for"
+        )
+
+
 def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from ..artifacts.manifest import Manifest, read_manifest
@@ -23,6 +24,8 @@ from ..artifacts.errors import ArtifactError
 
 KIND = "ref-logps"
 COLUMNS = ("index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens")
+# Sums over each pair's first min(nc, nr) label tokens, for LD-DPO; caches from cache-ref version 1 lack them.
+SHARED_COLUMNS = ("chosen_shared_logps", "rejected_shared_logps")
 
 
 @dataclasses.dataclass
@@ -40,17 +43,17 @@ class ReferenceLogProbs:
     model: str  # the reference model's path when the cache was made
     reference_model_identity: dict[str, Any]  # pipeline.modeling.model_identity of that model
     dtype: str
+    chosen_shared_logps: torch.Tensor | None = None  # [N] float32, when loaded with shared=True
+    rejected_shared_logps: torch.Tensor | None = None
 
     def lookup(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The four reference values of the pairs ``index`` (on ``index``'s device)."""
+        """The reference values (four, or six with the shared-prefix sums) of the pairs ``index``, on its device."""
         cpu = index.detach().to("cpu", torch.long)
         if cpu.numel() and (int(cpu.min()) < 0 or int(cpu.max()) >= len(self.present) or not bool(self.present[cpu].all())):
             bad = [int(i) for i in cpu if i < 0 or i >= len(self.present) or not self.present[i]]
             raise ArtifactError(f"{self.directory}: has no reference log-probs for pair index {bad[:10]}")
-        return {
-            name: getattr(self, name)[cpu].to(index.device)
-            for name in ("chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens")
-        }
+        names = COLUMNS[1:] + (SHARED_COLUMNS if self.chosen_shared_logps is not None else ())
+        return {name: getattr(self, name)[cpu].to(index.device) for name in names}
 
 
 def _tokenized(tokenized_manifest: Manifest | str | os.PathLike) -> tuple[Manifest, str]:
@@ -60,10 +63,11 @@ def _tokenized(tokenized_manifest: Manifest | str | os.PathLike) -> tuple[Manife
 
 
 def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | str | os.PathLike,
-                   splits: Sequence[str], verify: bool = True) -> ReferenceLogProbs:
+                   splits: Sequence[str], shared: bool = False, verify: bool = True) -> ReferenceLogProbs:
     """Load the reference log-probs of ``splits``, refusing a cache of other tokens or with gaps.
 
-    ``tokenized_manifest`` is the tokenized artifact's Manifest or its directory.
+    ``tokenized_manifest`` is the tokenized artifact's Manifest or its directory. ``shared``: also
+    the shared-prefix sums LD-DPO needs (a cache made before they existed is refused).
     """
     tokenized, tok_name = _tokenized(tokenized_manifest)
     reader = ArtifactReader(ref_dir, kind=KIND, verify=verify)
@@ -77,7 +81,8 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
             "tokenized directory you train on"
         )
     total = sum(tokenized.rows(s) for s in tokenized.splits)
-    values = {name: np.full(total, np.nan, dtype=np.float32) for name in COLUMNS[1:]}
+    columns = COLUMNS + (SHARED_COLUMNS if shared else ())
+    values = {name: np.full(total, np.nan, dtype=np.float32) for name in columns[1:]}
     present = np.zeros(total, dtype=bool)
     for split in splits:
         if split not in tokenized.splits:
@@ -87,7 +92,9 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
                 f"{ref_dir}: has no reference log-probs for split {split!r} (it has {', '.join(reader.splits) or 'none'}); "
                 f"rerun `dpo cache-ref` with --split {split} or without --split"
             )
-        table = reader.read_split(split, columns=list(COLUMNS))
+        if shared:
+            _require_shared(reader, split, ref_dir)
+        table = reader.read_split(split, columns=list(columns))
         index = table.column("index").to_numpy()
         if len(index) and (index.min() < 0 or index.max() >= total):
             raise ArtifactError(
@@ -101,7 +108,7 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
                 f"{tokenized.rows(split)}: the cache is incomplete"
             )
         present[index] = True
-        for name in COLUMNS[1:]:
+        for name in columns[1:]:
             values[name][index] = table.column(name).to_numpy().astype(np.float32)
     return ReferenceLogProbs(
         **{name: torch.from_numpy(v) for name, v in values.items()},
@@ -113,6 +120,16 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
         reference_model_identity=dict(manifest.stats.get("model_identity", {})),
         dtype=str(manifest.config.get("dtype", "")),
     )
+
+
+def _require_shared(reader: ArtifactReader, split: str, ref_dir: str | os.PathLike) -> None:
+    for entry in reader.manifest.files_of(split):
+        if entry.path.endswith(".parquet") and not set(SHARED_COLUMNS) <= set(pq.read_schema(reader.root / entry.path).names):
+            raise ArtifactError(
+                f"{ref_dir}: this reference cache has no {' and '.join(SHARED_COLUMNS)} (the reference's log-probs of "
+                "the length both responses share), which --ld-alpha needs: it was made by an earlier dpo cache-ref. "
+                f"Recompute it with `dpo cache-ref --tokenized ... --model ... --out {ref_dir} --overwrite`"
+            )
 
 
 def reference_model_mismatch(reference: ReferenceLogProbs, model_path: str | os.PathLike) -> str | None:

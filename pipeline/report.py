@@ -39,7 +39,8 @@ def pair_metrics(pairs: Mapping[str, np.ndarray]) -> dict[str, float | int | Non
     ``pairs`` holds float arrays ``policy_chosen_logps``, ``policy_rejected_logps``,
     ``chosen_num_tokens``, ``rejected_num_tokens``; optionally ``ref_chosen_logps``,
     ``ref_rejected_logps`` (the reference cache) and ``rewards_chosen``, ``rewards_rejected``,
-    ``losses`` (the trained loss's implicit rewards and per-pair loss).
+    ``losses`` (the trained loss's implicit rewards and per-pair loss), and ``loss/NAME`` for each
+    component of a combined loss.
     """
     pc, pr = pairs["policy_chosen_logps"], pairs["policy_rejected_logps"]
     nc, nr = pairs["chosen_num_tokens"], pairs["rejected_num_tokens"]
@@ -47,6 +48,7 @@ def pair_metrics(pairs: Mapping[str, np.ndarray]) -> dict[str, float | int | Non
     if "rewards_chosen" in pairs:
         rc, rr = pairs["rewards_chosen"], pairs["rewards_rejected"]
         out["loss"] = _mean(pairs["losses"])
+        out.update({name: _mean(values) for name, values in pairs.items() if name.startswith("loss/")})
         out["rewards/chosen"] = _mean(rc)
         out["rewards/rejected"] = _mean(rr)
         out["rewards/accuracies"] = _mean((rc - rr > REWARD_TIE).astype(np.float64))
@@ -364,7 +366,7 @@ def comparison_table(before: Mapping[str, Any], after: Mapping[str, Any], before
 def model_card(info: Mapping[str, Any]) -> str:
     """README.md for an exported model folder (Hugging Face model card with YAML front matter)."""
     train_cfg: Mapping[str, Any] = info.get("train_config", {})
-    tags = dict.fromkeys(["dpo", str(train_cfg.get("loss_type", "dpo")), "preference-optimization"]
+    tags = dict.fromkeys(["dpo", *str(train_cfg.get("loss_type", "dpo")).split(","), "preference-optimization"]
                          + (["peft", "lora"] if info.get("adapter") else []))
     front = ["---", "library_name: " + ("peft" if info.get("adapter") else "transformers"),
              "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
@@ -400,8 +402,10 @@ def model_card(info: Mapping[str, Any]) -> str:
         lines.append("")
     if train_cfg:
         lines += ["## Training procedure", ""]
-        keys = [k for k in HYPERPARAMETERS if k in train_cfg]
-        lines.append(table(["hyperparameter", "value"], [[k, f"`{train_cfg[k]}`"] for k in keys]))
+        rows = [[k, f"`{train_cfg[k]}`"] for k in HYPERPARAMETERS if k in train_cfg]
+        # Loss options newer than a run are in its loss section only when the run set them.
+        rows += [[k, f"`{v}`"] for k, v in (train_cfg.get("loss") or {}).items() if k not in HYPERPARAMETERS]
+        lines.append(table(["hyperparameter", "value"], rows))
         lines.append("")
     final = info.get("final_metrics") or {}
     if final:

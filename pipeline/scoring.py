@@ -7,6 +7,11 @@ registered in FORWARDS; adding one (a packed layout, say) is one class here.
 
 - ``concatenated``: chosen rows then rejected rows in one ``[2B, T]`` batch: one forward.
 - ``separate``: two forwards, each side padded to its own longest row: less peak memory, same values.
+- ``packed``: every sequence of the batch in one row without padding, each attending only to itself
+  (``--packing``); its first batch is checked against ``concatenated`` before it is trusted.
+
+Asked ``with_shared``, scoring also sums each response's first ``k = min(nc, nr)`` label tokens
+(k counted per pair, as TRL's LD-DPO counts it), for the length-desensitised losses.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..artifacts.errors import UsageError
 from .batching import SIDES, as_table, pair_indices, padded_length, right_padded, side_tokens
 from .logprobs import SequenceLogProbs
+from .packing import layout
+from .profiling import NULL_TIMER
+from .tokenization import IGNORE_INDEX
 
-# (input_ids, attention_mask, labels, with_wpo_term=...) -> SequenceLogProbs: LabelLogProbs, or
-# the DDP / DeepSpeed wrapper around it that Accelerate returns.
+# (input_ids, attention_mask, labels, with_wpo_term=..., shared_tokens=...) -> SequenceLogProbs:
+# LabelLogProbs, or the DDP / DeepSpeed wrapper around it that Accelerate returns.
 Module = Callable[..., SequenceLogProbs]
 
 
@@ -38,9 +47,15 @@ class PairScores:
 def _split(both: SequenceLogProbs, n: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
     def part(sl: slice) -> SequenceLogProbs:
         return SequenceLogProbs(both.logps[sl], both.num_tokens[sl],
-                                None if both.wpo_term is None else both.wpo_term[sl])
+                                None if both.wpo_term is None else both.wpo_term[sl],
+                                None if both.shared_logps is None else both.shared_logps[sl])
 
     return part(slice(0, n)), part(slice(n, None))
+
+
+def _label_counts(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scored label tokens per row, counted as LabelLogProbs scores them (next-token labels)."""
+    return ((labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, 1:].bool()).sum(dim=1)
 
 
 def _counts(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -55,7 +70,8 @@ class ForwardMode:
     def collate(self, pairs: pa.Table, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool) -> PairScores:
+    def score(self, module: Module, batch: Mapping[str, torch.Tensor], with_wpo_term: bool,
+              with_shared: bool = False) -> PairScores:
         raise NotImplementedError
 
 
@@ -70,9 +86,15 @@ class Concatenated(ForwardMode):
         width = padded_length(int(lengths.max()), pad_to_multiple_of)
         return right_padded(np.concatenate([cids, rids]), np.concatenate([clab, rlab]), lengths, pad_token_id, width)
 
-    def score(self, module, batch, with_wpo_term):
-        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term)
-        chosen, rejected = _split(both, batch["input_ids"].shape[0] // 2)
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        n = batch["input_ids"].shape[0] // 2
+        shared = None
+        if with_shared:
+            counts = _label_counts(batch["labels"], batch["attention_mask"])
+            shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        both = module(batch["input_ids"], batch["attention_mask"], batch["labels"], with_wpo_term=with_wpo_term,
+                      shared_tokens=shared)
+        chosen, rejected = _split(both, n)
         return PairScores(chosen, rejected, *_counts([batch["attention_mask"]]))
 
 
@@ -89,16 +111,56 @@ class Separate(ForwardMode):
             batch.update({f"{side}_{k}": v for k, v in right_padded(ids, labels, lengths, pad_token_id, width).items()})
         return batch
 
-    def score(self, module, batch, with_wpo_term):
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        shared = None
+        if with_shared:
+            shared = torch.minimum(*(_label_counts(batch[f"{side}_labels"], batch[f"{side}_attention_mask"])
+                                     for side in SIDES))
         chosen, rejected = (
             module(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                   with_wpo_term=with_wpo_term)
+                   with_wpo_term=with_wpo_term, shared_tokens=shared)
             for side in SIDES
         )
         return PairScores(chosen, rejected, *_counts([batch[f"{side}_attention_mask"] for side in SIDES]))
 
 
-FORWARDS: dict[str, ForwardMode] = {mode.name: mode for mode in (Concatenated(), Separate())}
+class Packed(ForwardMode):
+    """One row of every chosen then every rejected sequence, no padding (pipeline/packing.py).
+
+    Each sequence's first token gets no label: in a row, the position before it is the end of the
+    previous sequence, which must not score it (unpacked, nothing precedes it)."""
+
+    name = "packed"
+
+    def collate(self, pairs, pad_token_id, pad_to_multiple_of=None):
+        (cids, clab, clen), (rids, rlab, rlen) = (side_tokens(pairs, side) for side in SIDES)
+        lengths = np.concatenate([clen, rlen])
+        labels = np.concatenate([clab, rlab])
+        labels[np.cumsum(lengths) - lengths] = IGNORE_INDEX
+        return {"input_ids": torch.from_numpy(np.concatenate([cids, rids])).unsqueeze(0),
+                "labels": torch.from_numpy(labels).unsqueeze(0), "packed": layout(lengths)}
+
+    def score(self, module, batch, with_wpo_term, with_shared=False):
+        packed = batch["packed"]
+        n = packed.num_sequences // 2
+        shared = None
+        if with_shared:
+            scored = batch["labels"][0, 1:] != IGNORE_INDEX
+            counts = torch.bincount(packed.sequence_ids[0, 1:][scored], minlength=packed.num_sequences)
+            shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        both = module(batch["input_ids"], None, batch["labels"], with_wpo_term=with_wpo_term, packed=packed,
+                      shared_tokens=shared)
+        chosen, rejected = _split(both, n)
+        tokens = batch["input_ids"].numel()
+        return PairScores(chosen, rejected, tokens, tokens)
+
+
+FORWARDS: dict[str, ForwardMode] = {mode.name: mode for mode in (Concatenated(), Separate(), Packed())}
+
+
+def forward_mode(forward: str, packing: bool) -> str:
+    """The forward mode a stage runs: ``--packing`` wins over ``--forward``."""
+    return Packed.name if packing else forward
 
 
 def collate_pairs(rows: pa.Table | Sequence[Mapping], pad_token_id: int, mode: str = "concatenated",
@@ -117,10 +179,17 @@ def collate_pairs(rows: pa.Table | Sequence[Mapping], pad_token_id: int, mode: s
 
 
 class PairScorer:
-    """Scores batches of pairs with ``module`` on ``device`` in one forward mode."""
+    """Scores batches of pairs with ``module`` on ``device`` in one forward mode.
+
+    ``agree``: where every rank scores its first batch at the same time (training), the collective
+    over which the packed layout's first-batch check is agreed, so that no rank goes on alone.
+    """
+
+    # A packed first batch may differ from the padded computation by float rounding only.
+    PACKING_TOLERANCE = 1e-4
 
     def __init__(self, module: Module, mode: str, pad_token_id: int, device: torch.device | str,
-                 with_wpo_term: bool = False):
+                 with_wpo_term: bool = False, agree=None, with_shared: bool = False):
         if mode not in FORWARDS:
             raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, not {mode!r}")
         self.module = module
@@ -128,8 +197,39 @@ class PairScorer:
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.with_wpo_term = with_wpo_term
+        self.agree = agree
+        self.with_shared = with_shared
+        self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
+        self._checked = mode != Packed.name
 
     def __call__(self, rows: pa.Table | Sequence[Mapping]) -> PairScores:
-        batch = collate_pairs(rows, self.pad_token_id, self.mode.name)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.mode.score(self.module, batch, self.with_wpo_term)
+        scores = self._score(rows, self.mode)
+        if not self._checked:
+            self._check_packing(rows, scores)
+        return scores
+
+    def _score(self, rows, mode: ForwardMode) -> PairScores:
+        with self.timer.phase("data"):
+            batch = collate_pairs(rows, self.pad_token_id, mode.name)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+        return mode.score(self.module, batch, self.with_wpo_term, self.with_shared)
+
+    @torch.no_grad()
+    def _check_packing(self, rows, packed: PairScores) -> None:
+        """The first packed batch against the padded computation of the same pairs."""
+        padded = self._score(rows, FORWARDS[Concatenated.name])
+        error = 0.0
+        for got, want in ((packed.chosen, padded.chosen), (packed.rejected, padded.rejected)):
+            scale = want.logps.detach().abs().clamp(min=1.0)
+            error = max(error, float(((got.logps.detach() - want.logps) / scale).abs().max()))
+            if not torch.equal(got.num_tokens, want.num_tokens):
+                error = float("inf")
+        failed = error > self.PACKING_TOLERANCE
+        if self.agree is not None:
+            failed = self.agree.any(failed)
+        if failed:
+            raise UsageError(
+                f"--packing: this model does not keep packed sequences apart (relative log-prob error {error:.3g} "
+                "against the padded computation on the first batch); run without --packing"
+            )
+        self._checked = True

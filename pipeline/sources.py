@@ -18,6 +18,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,31 +28,57 @@ from ..artifacts.errors import DataError, UsageError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 _AMOUNT = re.compile(r"^(?P<path>.+):(?P<amount>\d+|\d+\.\d*|\.\d+)$")
+# What follows the last colon when someone meant an amount but wrote one dpo does not take:
+# 1e3, -5, 50%, 1,000, 0.5.1, or nothing at all.
+_AMOUNT_ATTEMPT = re.compile(r"^$|^[-+]?[\d.,_]*\d[\d.,_eE+%-]*$")
+AMOUNT_SYNTAX = ("AMOUNT is a row count (a whole number, PATH:1000) or a fraction (with a decimal point, in (0, 1], "
+                 "PATH:0.5)")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One ``--data`` value: a path or hub name and how much of it to take (None: all)."""
+    """One ``--data`` (or ``--eval-data``) value: a path or hub name and how much of it to take (None: all).
+
+    ``PATH:AMOUNT`` is split at the last colon. A file whose name itself contains a colon is read
+    as named when no amount follows (``my:data.jsonl``); to take part of it, put the amount after
+    the whole name (``my:data.jsonl:0.5``). If both readings name existing files (``a.jsonl`` and
+    ``a.jsonl:100``), the amount reading wins; ``a.jsonl:100:1.0`` takes all of the file
+    ``a.jsonl:100``.
+    """
 
     spec: str
     path: str
     amount: int | float | None
+    flag: str = dataclasses.field(default="--data", compare=False)
+
+    @property
+    def named(self) -> str:
+        """How messages name this source: the flag and the value as the user gave it."""
+        return f"{self.flag} {self.spec}"
 
     @classmethod
-    def parse(cls, text: str) -> SourceSpec:
+    def parse(cls, text: str, flag: str = "--data") -> SourceSpec:
         match = _AMOUNT.match(text)
-        if match is None:
-            return cls(text, text, None)
+        if match is None or (not os.path.exists(match["path"]) and os.path.exists(text)):
+            head, colon, tail = text.rpartition(":")
+            if colon and not os.path.exists(text) and (
+                    os.path.exists(head) or head.endswith(FILE_SUFFIXES) or _AMOUNT_ATTEMPT.match(tail)):
+                raise UsageError(
+                    f"{flag} {text}: the amount {tail!r} after the last ':' is not one dpo takes; {AMOUNT_SYNTAX}. "
+                    f"A file whose name contains a colon is read as named when it exists; add the amount after its "
+                    f"whole name (NAME:0.5)"
+                )
+            return cls(text, text, None, flag)
         path, raw = match["path"], match["amount"]
         if "." in raw:
             fraction = float(raw)
             if not 0.0 < fraction <= 1.0:
-                raise UsageError(f"--data {text}: a fraction must be in (0, 1], got {raw}")
-            return cls(text, path, None if fraction == 1.0 else fraction)
+                raise UsageError(f"{flag} {text}: a fraction must be in (0, 1], got {raw}; {AMOUNT_SYNTAX}")
+            return cls(text, path, None if fraction == 1.0 else fraction, flag)
         count = int(raw)
         if count <= 0:
-            raise UsageError(f"--data {text}: a row count must be positive, got {raw}")
-        return cls(text, path, count)
+            raise UsageError(f"{flag} {text}: a row count must be positive, got {raw}; {AMOUNT_SYNTAX}")
+        return cls(text, path, count, flag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +101,8 @@ class Record:
     def parsed(self) -> dict[str, Any]:
         """The record as a mapping; a DataError (file and line, no field) if it is not one."""
         data = self.data
+        if isinstance(data, bytes):  # a JSON line that is not UTF-8 (see read_lines)
+            raise DataError(f"{self.where}: {not_utf8(data)}")
         if isinstance(data, str) and self.line is not None:
             try:
                 data = json.loads(data)
@@ -116,28 +145,30 @@ class Source:
         return records
 
 
-def resolve_source(text: str) -> Source:
-    """Parse a ``--data`` value and find its files; a UsageError if there is nothing to read."""
-    spec = SourceSpec.parse(text)
+def resolve_source(text: str, flag: str = "--data") -> Source:
+    """Parse a ``--data`` (or ``--eval-data``, as ``flag`` says) value and find its files; a
+    UsageError if there is nothing to read."""
+    spec = SourceSpec.parse(text, flag)
+    text = spec.named
     path = Path(spec.path)
     if path.is_file():
         if not path.name.endswith(FILE_SUFFIXES):
-            raise UsageError(f"--data {text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
+            raise UsageError(f"{text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
         return Source(spec, [path], "files")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
             raise UsageError(
-                f"--data {text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
+                f"{text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
             )
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             return Source(spec, sorted(p for p in path.rglob("*") if p.is_file()), "saved-dataset")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
         if not files:
-            raise UsageError(f"--data {text}: folder has no {', '.join(FILE_SUFFIXES)} files")
+            raise UsageError(f"{text}: folder has no {', '.join(FILE_SUFFIXES)} files")
         return Source(spec, files, "files")
     if path.name.endswith(FILE_SUFFIXES) or path.is_absolute() or spec.path.startswith("."):
-        raise UsageError(f"--data {text}: no such file or folder")
+        raise UsageError(f"{text}: no such file or folder")
     return Source(spec, [], "hub")
 
 
@@ -164,7 +195,9 @@ def _read_file(path: Path) -> list[Record]:
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path)
     if name.endswith(".json"):
-        text = path.read_text(encoding="utf-8")
+        # One JSON document: bytes that are not UTF-8 stay in its strings as lone surrogates, which
+        # normalise() reports as a bad record naming the row and field.
+        text = decode_text(path, path.read_bytes())
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -184,16 +217,64 @@ def _read_file(path: Path) -> list[Record]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    records = []
+    return [Record(str(path), number, None, line) for number, line in read_lines(path) if line.strip()]
+
+
+# ------------------------------------------------------------------------------ text encoding
+#
+# Data files are UTF-8. A UTF-8 byte-order mark at the very start of a file is an encoding marker
+# that many tools write (Excel, Notepad, PowerShell), not content: it is skipped. Anywhere else
+# U+FEFF is a character like any other (inside a JSON string it stays in the text; before a JSON
+# line that is not the first it makes that line invalid JSON, a bad record). A file that starts
+# with a UTF-16 or UTF-32 byte-order mark is in another encoding: refused as a whole. Bytes that are
+# not UTF-8 make only their own line a bad record (file and line), so --on-bad-record skip can
+# set it aside; they are carried as lone surrogates ("surrogateescape") until then.
+
+_OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+               b"\xfe\xff": "UTF-16"}
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _check_bom(path: Path, head: bytes) -> None:
+    for bom, encoding in _OTHER_BOMS.items():
+        if head.startswith(bom):
+            raise DataError(f"{path}: starts with a {encoding} byte-order mark, so it is {encoding} text; dpo reads "
+                            "UTF-8: convert it (e.g. iconv -f UTF-16 -t UTF-8)")
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """A whole file's bytes as text: a leading UTF-8 BOM skipped, bytes that are not UTF-8 kept as lone surrogates."""
+    _check_bom(path, data[:4])
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def not_utf8(line: bytes) -> str:
+    """What is wrong with a line that is not UTF-8, and where (a position in the line, not in the file)."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                "save the file as UTF-8")
+    return "not UTF-8 text"
+
+
+def read_lines(path: Path):
+    """``(line number, line)`` of a text file (gzip-compressed if it ends in .gz), 1-based, with
+    universal newlines; a line that is not UTF-8 comes as its raw bytes. A file that cannot be read
+    at all is a DataError naming it."""
+    compressed = path.name.endswith(".gz")
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as raw:
+            _check_bom(path, raw.read(4))
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(Record(str(path), number, None, line))
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if opener is gzip.open else ''}UTF-8 JSON lines ({exc})") from None
-    return records
+                if _ESCAPED.search(line):
+                    yield number, line.encode("utf-8", errors="surrogateescape")
+                else:
+                    yield number, line
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if compressed else ''}JSON lines ({exc})") from None
 
 
 def _rank(seed: int, key: str, position: int) -> bytes:
@@ -201,12 +282,15 @@ def _rank(seed: int, key: str, position: int) -> bytes:
 
 
 def sample_rows(count: int, amount: int | float | None, seed: int, key: str, what: str) -> list[int]:
-    """Positions of the rows a ``:AMOUNT`` takes, in their original order."""
+    """Positions of the rows a ``:AMOUNT`` takes, in their original order; ``what`` names the
+    source in messages (``--data PATH:AMOUNT``)."""
     if amount is None:
         return list(range(count))
     take = round(amount * count) if isinstance(amount, float) else amount
     if take > count:
-        raise UsageError(f"--data {what}: asks for {take} rows but the source has only {count}")
+        raise UsageError(f"{what}: asks for {take} rows but the source has only {count}")
+    if take == 0:
+        raise UsageError(f"{what}: takes no rows ({amount:g} of {count} rounds to 0); give a larger fraction or a row count")
     chosen = sorted(range(count), key=lambda i: _rank(seed, key, i))[:take]
     return sorted(chosen)
 

@@ -35,6 +35,12 @@ from .formats import Drop, Pair
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep-start", "drop")
+# Tokens of slack between the tokens a pair can keep of a text and where a huge text is cut before
+# tokenizing (see PairEncoder.bound).
+BOUND_MARGIN = 32
+# Texts up to this many characters are never cut: tokenizing them costs little (well under a
+# second), and an uncut text's drop reasons keep their exact token counts (rejects.jsonl).
+MIN_CUT_CHARS = 100_000
 # Files that define a tokenizer's behaviour (weights and model config excluded).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -51,6 +57,7 @@ class EncodeSettings:
     max_seq_length: int
     max_prompt_length: int | None
     truncation: str
+    chat_template_file: str | None = None  # where --chat-template's text came from, for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +133,10 @@ def read_template_file(path: str | None) -> str | None:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--chat-template {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise UsageError(f"--chat-template {path}, line {line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                         "save the template as UTF-8") from None
     if path.endswith(".json"):  # transformers' chat_template.json layout
         try:
             text = json.loads(text)["chat_template"]
@@ -134,6 +145,14 @@ def read_template_file(path: str | None) -> str | None:
     if not text.strip():
         raise UsageError(f"--chat-template {path}: is empty")
     return text
+
+
+def template_file(tokenizer: str) -> str:
+    """The file of a tokenizer folder that holds its chat template (transformers' order of preference)."""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (Path(tokenizer) / name).is_file():
+            return str(Path(tokenizer) / name)
+    return tokenizer
 
 
 class PairEncoder:
@@ -146,10 +165,55 @@ class PairEncoder:
         # Lengths are enforced by --max-seq-length below; silence transformers' per-call length warning.
         self.tokenizer.model_max_length = sys.maxsize
         self.template = effective_template(self.tokenizer, settings.chat_template)
+        self._compiled = False
         self.eos = self.tokenizer.eos_token_id
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         self.text_prefix = [bos] if bos is not None and probe[:1] == [bos] else []
+        # No token covers more characters than its own spelling has (byte-level tokens spell one
+        # character per byte; SentencePiece pieces spell their text): a text of this many
+        # characters has at least max_seq_length + 2 * BOUND_MARGIN tokens. None: never cut.
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self.max_chars: int | None = max((settings.max_seq_length + 2 * BOUND_MARGIN) * max(longest, 1), MIN_CUT_CHARS)
+
+    # ---------------------------------------------------------------- huge texts
+
+    def bound(self, pair: Pair) -> tuple[Pair, int]:
+        """``pair`` with every text field longer than ``max_chars`` cut to the part a pair can keep,
+        so that a single huge record (a 50 MB response) costs what a normal one does,
+        and the length of the longest text cut (0: none). Responses keep their head (keep-start
+        truncation keeps a response's first tokens), prompts their tail (a long prompt keeps its
+        latest tokens, or is dropped whatever its length). The tokens kept are the ones the whole
+        text gives: a cut text is used only if it has at least max_seq_length + BOUND_MARGIN tokens
+        and those nearest the kept end equal the ones of a cut twice as long (so the cut is far
+        from anything kept; a text whose tokens depend on text that far away is tokenized whole)."""
+        limit = self.max_chars
+        if limit is None:
+            return pair, 0
+        prompt_texts = [pair.prompt] if isinstance(pair.prompt, str) else [m["content"] for m in pair.prompt]
+        if max(len(pair.chosen), len(pair.rejected), *map(len, prompt_texts)) <= limit:
+            return pair, 0
+        longest = 0
+
+        def cut(text: str, keep_head: bool) -> str:
+            nonlocal longest
+            if len(text) <= limit:
+                return text
+            short, long = (text[:limit], text[: 2 * limit + 1]) if keep_head else (text[-limit:], text[-2 * limit - 1:])
+            a, b = (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast([short, long], add_special_tokens=False))
+            keep = self.settings.max_seq_length
+            stable = a[:keep] == b[:keep] if keep_head else a[-keep:] == b[-keep:]
+            if len(a) < keep + BOUND_MARGIN or not stable:
+                return text
+            longest = max(longest, len(text))
+            return short
+
+        if isinstance(pair.prompt, str):
+            prompt: str | tuple[dict[str, str], ...] = cut(pair.prompt, keep_head=False)
+        else:
+            prompt = tuple({**m, "content": cut(m["content"], keep_head=False)} for m in pair.prompt)
+        bounded = Pair(prompt, cut(pair.chosen, keep_head=True), cut(pair.rejected, keep_head=True))
+        return (bounded, longest) if longest else (pair, 0)
 
     def encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
         if not pairs:
@@ -157,7 +221,9 @@ class PairEncoder:
         texts: list[str] = []
         chat: list[bool] = []
         failed: dict[int, Drop] = {}
+        cuts: dict[int, int] = {}
         for i, pair in enumerate(pairs):
+            pair, cuts[i] = self.bound(pair)
             rendered = self._render(pair)
             if isinstance(rendered, Drop):
                 failed[i] = rendered
@@ -184,6 +250,8 @@ class PairEncoder:
                     retokenize.append((i, side))
                 else:
                     results[i] = self._mismatch(prompt, full, chat[i], side, texts[3 * i : 3 * i + 3])
+                    if cuts[i]:
+                        results[i] = dataclasses.replace(results[i], detail=results[i].detail + self._cut_note(cuts[i]))
                     break
         if retokenize:
             tails = [texts[3 * i + side][len(texts[3 * i]):] for i, side in retokenize]
@@ -192,7 +260,13 @@ class PairEncoder:
         for i in range(len(pairs)):
             if results[i] is None:
                 results[i] = self._split(prompts[i], responses[i, 1], responses[i, 2], chat[i])
+                if cuts[i] and isinstance(results[i], Drop):
+                    results[i] = dataclasses.replace(results[i], detail=results[i].detail + self._cut_note(cuts[i]))
         return results
+
+    def _cut_note(self, length: int) -> str:
+        # Counts in a drop's detail are of the cut text; the pair is dropped for the same reason either way.
+        return f" (counted after cutting a {length:,}-character text to {self.max_chars:,} characters before tokenizing)"
 
     @staticmethod
     def _mismatch(prompt: list[int], full: list[int], chat: bool, side: int, texts: list[str]) -> PrefixMismatch:
@@ -205,18 +279,63 @@ class PairEncoder:
             f"{texts[0][-60:]!r}, prompt+{name} renders {texts[side][len(texts[0]) - 60 : len(texts[0]) + 20]!r})",
         )
 
-    def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
-        if not pair.is_chat and not self.settings.apply_chat_template:
-            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
-        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+    # ---------------------------------------------------------------- the chat template as configuration
+
+    @property
+    def template_source(self) -> str:
+        """Where the template comes from, as a user would name it."""
+        if self.settings.chat_template is not None:
+            return f"--chat-template {self.settings.chat_template_file or '(text)'}"
+        return f"the chat template of --tokenizer {self.settings.tokenizer} ({template_file(self.settings.tokenizer)})"
+
+    def uses_template(self, pair: Pair) -> bool:
+        return pair.is_chat or self.settings.apply_chat_template
+
+    def check_template(self) -> None:
+        """A template that does not compile is a configuration error, found before any data is read
+        (otherwise every chat record would become a ``template_error`` drop)."""
+        if self.template is None or self._compiled:
+            return
         try:
-            return (
-                self._apply(prompt, add_generation_prompt=True),
-                self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
-                self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
-            )
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+        except ImportError:  # a transformers without it: the first render (check_renders) still catches it
+            return
+        try:
+            _compile_jinja_template(self.template)
+        except Exception as exc:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
+            raise UsageError(f"{self.template_source} does not compile: {_jinja_message(exc)}. Fix the template "
+                             "(or pass a working one with --chat-template FILE)") from None
+        self._compiled = True
+
+    def check_renders(self, pair: Pair, where: str) -> None:
+        """The first chat pair must render: a template that fails on it fails on the data as a whole,
+        which is a configuration error, not a reason to drop records. (A template that renders the
+        first conversation but refuses a later one, e.g. "roles must alternate", drops that record.)"""
+        self.check_template()
+        try:
+            self._render_text(pair)
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+            raise UsageError(
+                f"{self.template_source} fails on the first chat record ({where}): {_jinja_message(exc)}. A template "
+                "that cannot render the first conversation is a configuration error: fix the template (or pass a "
+                "working one with --chat-template FILE)"
+            ) from None
+
+    def _render(self, pair: Pair) -> tuple[str, str, str] | Drop:
+        try:
+            return self._render_text(pair)
         except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
             return Drop("template_error", f"the chat template refused this conversation: {type(exc).__name__}: {exc}")
+
+    def _render_text(self, pair: Pair) -> tuple[str, str, str]:
+        if not self.uses_template(pair):
+            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
+        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+        return (
+            self._apply(prompt, add_generation_prompt=True),
+            self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
+            self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
+        )
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -254,6 +373,13 @@ class PairEncoder:
         if bos is not None and prompt[0] == bos and limit > 1:
             return [bos] + prompt[len(prompt) - limit + 1 :]
         return prompt[len(prompt) - limit :]
+
+
+def _jinja_message(exc: Exception) -> str:
+    """A Jinja error as one line: its type, the template line when known, and its message."""
+    line = getattr(exc, "lineno", None)
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}{f' at template line {line}' if line else ''}: {message}"
 
 
 def tokenizer_with_template(candidates: list[str | Path | None], chat_template: str | None):

@@ -31,21 +31,26 @@ from ..artifacts.manifest import InputRef, Manifest
 from ..artifacts.runner import StageRun, on_main
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_lengths
-from ..pipeline.config import StageOptions, at_least, flatten, option, validate
+from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_lengths
+from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
 from ..pipeline.refcache import KIND
-from ..pipeline.scoring import FORWARDS, PairScorer
+from ..pipeline.packing import PackingConfig, enable_packing
+from ..pipeline.profiling import PhaseTimer, model_flops_per_token
+from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 
 STAGE = "cache-ref"
-VERSION = 1
-INPUT_COLUMNS = ["index"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
+# 2: the shared-prefix columns (LD-DPO) joined the layout; a version-1 cache serves every other loss.
+VERSION = 2
+INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),
     ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()),
+    # Sums over each pair's first min(chosen, rejected) label tokens: all LD-DPO needs, for any --ld-alpha.
+    ("chosen_shared_logps", pa.float32()), ("rejected_shared_logps", pa.float32()),
 ])
 OWNS = ("*/part-*.parquet",)  # what a (partial) run writes besides the manifest
 log = logging.getLogger(__name__)
@@ -54,23 +59,25 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheRefConfig(StageOptions):
     # Where things live and how fast they are computed is not what is computed: not semantic.
-    tokenized: str = option(semantic=False, help="Tokenized artifact (from `dpo tokenize`).")
+    tokenized: str = option(semantic=False, panel="Data", help="Tokenized artifact (from `dpo tokenize`).")
     # The model enters the fingerprint by its identity, not its path.
-    model: str = option(semantic=False, help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).")
-    out: str = option(semantic=False, help="Output folder for the ref-logps artifact.")
-    batch_size: int = option(8, semantic=False, check=at_least(1), help=(
+    model: str = option(semantic=False, panel="Data", help="Reference model: a Hugging Face model folder (for LoRA runs, the base model).")
+    out: str = option(semantic=False, panel="Data", help="Output folder for the ref-logps artifact.")
+    batch_size: int = option(8, semantic=False, check=at_least(1), panel="Batching", help=(
         "Pairs per forward; batches are formed from pairs of similar length."))
-    dtype: str = option("float32", choices=tuple(DTYPES), help=(
+    dtype: str = option("float32", choices=tuple(DTYPES), panel="Model", help=(
         "Weights dtype: float32, bfloat16 or float16 (log-softmax is always float32). Part of the fingerprint."))
-    forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), help=(
-        "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory. Same values."))
-    splits: tuple[str, ...] = option((), flag="--split", help=(
+    forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), panel="Batching", help=(
+        "concatenated: chosen and rejected in one forward; separate: two forwards, less peak memory; packed: see "
+        "--packing. Same values."))
+    batching: PackingConfig = group(PackingConfig)
+    splits: tuple[str, ...] = option((), flag="--split", panel="Data", help=(
         "Split to compute (repeatable); default: every split of --tokenized."))
     # Checks the full sha256; the sampled identity is what is fingerprinted.
-    verify_model: bool = option(False, semantic=False, help=(
+    verify_model: bool = option(False, semantic=False, panel="Model", help=(
         "Identify the model by the full sha256 of its weight files (reads them all) instead of a sampled identity; "
         "a finished cache is checked against it."))
-    rows_per_shard: int = option(2048, check=at_least(1), help=(
+    rows_per_shard: int = option(2048, check=at_least(1), panel="Data", help=(
         "Pairs per output shard: the unit of resumption and of work per process."))
 
 
@@ -99,7 +106,7 @@ def _run(config: CacheRefConfig) -> None:
     tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs)
     config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
-    _check_vocab(config, info)
+    check_vocab(config.model, config.tokenized, tokenized.manifest)
     collective = dist.COLLECTIVE
     identity = on_main(collective, lambda: model_identity(config.model, exact=config.verify_model))
     # The sampled identity is the key whether or not --verify-model hashed the weights in full, so
@@ -151,23 +158,6 @@ def _resolve_splits(config: CacheRefConfig, tokenized: ArtifactReader) -> tuple[
             f"--split {', '.join(unknown)}: {config.tokenized} has no such split (it has {', '.join(available)})"
         )
     return tuple(dict.fromkeys(config.splits))
-
-
-def _check_vocab(config: CacheRefConfig, info: dict) -> None:
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model {config.model}: cannot read its config: {exc}") from None
-    model_vocab = model_config.get_text_config().vocab_size
-    tokenizer_vocab = info.get("vocab_size")
-    if tokenizer_vocab is not None and tokenizer_vocab > model_vocab:
-        raise UsageError(
-            f"model {config.model} has a vocabulary of {model_vocab} tokens, but {config.tokenized} was tokenized "
-            f"with a tokenizer of {tokenizer_vocab} (ids up to {tokenizer_vocab - 1}): this is not the model those "
-            "tokens were made for. Tokenize with the model's own tokenizer"
-        )
 
 
 def _plan(tokenized: ArtifactReader, splits: tuple[str, ...], rows_per_shard: int) -> list[ShardTask]:
@@ -224,16 +214,23 @@ class _Reference:
         self.config = config
         self.pad_token_id = pad_token_id
         self.scorer: PairScorer | None = None
+        self.module: LabelLogProbs | None = None
         self.vocab = 0
         self.load_seconds = 0.0
+        self.timer = PhaseTimer(dist.device())
 
     def load(self) -> PairScorer:
         if self.scorer is None:
             t0 = time.perf_counter()
             device = dist.device()
-            module = LabelLogProbs(load_causal_lm(self.config.model, self.config.dtype, device=device))
-            self.vocab = module.vocab_size()
-            self.scorer = PairScorer(module, self.config.forward, self.pad_token_id, device)
+            model = load_causal_lm(self.config.model, self.config.dtype, device=device)
+            if self.config.batching.packing:
+                enable_packing(model)
+            self.module = LabelLogProbs(model)
+            self.vocab = self.module.vocab_size()
+            mode = forward_mode(self.config.forward, self.config.batching.packing)
+            self.scorer = PairScorer(self.module, mode, self.pad_token_id, device, with_shared=True)
+            self.scorer.timer = self.module.timer = self.timer
             self.load_seconds = time.perf_counter() - t0
         return self.scorer
 
@@ -249,11 +246,13 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
     out, world, rank = run.dir, dist.world_size(), dist.rank()
     reference = _Reference(config, pad_token_id({"tokenizer_info": info}))
     stats = {"shards_computed": 0, "shards_resumed": 0, "shards_committed": 0, "pairs": 0, "tokens": 0,
-             "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0}
+             "padded_tokens": 0, "label_tokens": 0, "compute_seconds": 0.0, "load_seconds": 0.0,
+             "read_seconds": 0.0, "write_seconds": 0.0, "model_flops": 0.0}
     mine = plan[rank::world]
     todo = [t for t in mine if committed_shard(out, t.path) is None]
     stats["shards_resumed"] = stats["shards_committed"] = len(mine) - len(todo)
-    bar = progress(sum(t.stop - t.start for t in todo), desc="cache-ref", unit="pairs", quiet=config.quiet)
+    desc = "cache-ref" if world == 1 else f"cache-ref (rank 0's shards of {world})"
+    bar = progress(sum(t.stop - t.start for t in todo), desc=desc, unit="pairs", quiet=config.quiet, logger=log)
     with bar:
         for round_ in range(math.ceil(len(plan) / world)):
             task = plan[round_ * world + rank] if round_ * world + rank < len(plan) else None
@@ -262,16 +261,18 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
             if run.stop_requested():
                 break
     stats["load_seconds"] = reference.load_seconds
-    return stats
+    return {**stats, "time_breakdown": reference.timer.breakdown()}
 
 
 def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: ShardTask, reference: _Reference,
                    stats: dict, run: StageRun, bar) -> None:
+    t0 = time.perf_counter()
     table = _read_rows(tokenized, task.split, task.start, task.stop)
+    stats["read_seconds"] += time.perf_counter() - t0
     scorer = reference.load()
     _check_ids(table, task, reference.vocab, tokenized.root)
     t0 = time.perf_counter()
-    scored = _score_table(scorer, table, config.batch_size, bar, run)
+    scored = _score_table(scorer, table, config, bar, run)
     if scored is None:
         return  # stopped mid-shard: nothing of it is committed, the rerun scores it again
     result, shard_stats = scored
@@ -280,27 +281,33 @@ def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: Shar
     stats["compute_seconds"] += time.perf_counter() - t0
     for key, value in shard_stats.items():
         stats[key] += value
+    flops = model_flops_per_token(reference.module.hf_model, *sequence_lengths(table), backward=False)
+    stats["model_flops"] += flops["model_flops_per_token"] * shard_stats["tokens"]
+    t0 = time.perf_counter()
     write_shard(run.dir, task.path, result)
+    stats["write_seconds"] += time.perf_counter() - t0
     stats["shards_computed"] += 1
     stats["shards_committed"] += 1
     log.debug("committed %s (%d pairs)", task.path, result.num_rows)
 
 
 @torch.no_grad()
-def _score_table(scorer: PairScorer, table: pa.Table, batch_size: int, bar,
+def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, bar,
                  run: StageRun) -> tuple[pa.Table, dict] | None:
     n = table.num_rows
     out = {name: np.zeros(n, dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in SCHEMA.names[1:]}
     padded = 0
-    lengths = pair_lengths(table)
-    for positions in length_grouped_batches(lengths, batch_size):
+    for positions in forward_batches(table, config.batch_size, config.batching.max_tokens_per_batch):
         if run.signalled:
             return None
-        scores = scorer(table.take(positions))
+        with scorer.timer.step():
+            scores = scorer(table.take(positions))
+            with scorer.timer.phase("results"):
+                for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
+                    out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
+                    out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
+                    out[f"{side}_shared_logps"][positions] = values.shared_logps.float().cpu().numpy()
         padded += scores.slots
-        for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
-            out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()
-            out[f"{side}_num_tokens"][positions] = values.num_tokens.cpu().numpy()
         bar.update(len(positions))
     result = pa.table({"index": table.column("index").combine_chunks().cast(pa.int64()), **out}, schema=SCHEMA)
     tokens = int(sum(pc.sum(table.column(f"{side}_length")).as_py() or 0 for side in SIDES))
@@ -326,7 +333,7 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
             "pairs": table.num_rows,
             **{f"mean_{name}": _mean(table.column(name)) for name in SCHEMA.names[1:]},
         }
-    total = {key: sum(r[key] for r in ranks) for key in ranks[0]}
+    total = {key: sum(r[key] for r in ranks) for key in ranks[0] if key != "time_breakdown"}
     compute = max(r["compute_seconds"] for r in ranks)
     stats = {
         "model_identity": identity,
@@ -341,7 +348,12 @@ def _manifest(config: CacheRefConfig, tokenized: ArtifactReader, fp: str, identi
         "tokens_per_second": total["tokens"] / compute if compute else None,
         "pairs_per_second": total["pairs"] / compute if compute else None,
         "seconds": {"load_model": max(r["load_seconds"] for r in ranks), "compute": compute,
+                    "read": max(r["read_seconds"] for r in ranks), "write": max(r["write_seconds"] for r in ranks),
                     "total": time.perf_counter() - started},
+        # Rank 0's batches: collate, body forward, output layer, results back to the host.
+        "time_breakdown": ranks[0]["time_breakdown"],
+        "model_flops_per_token": total["model_flops"] / total["tokens"] if total["tokens"] else None,
+        "model_flops_per_second": total["model_flops"] / compute if compute else None,
         "device": str(dist.device()),
     }
     return Manifest(

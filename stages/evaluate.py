@@ -29,14 +29,19 @@ from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest, wr
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry, write_shard
 from ..pipeline import report
-from ..pipeline.batching import SIDES, length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.batching import (
+    SIDES, forward_batches, length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens,
+)
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
+from ..pipeline.formats import FieldError, chat_messages, surrogate_problem
 from ..pipeline.logprobs import LabelLogProbs, SequenceLogProbs
 from ..pipeline.logs import progress
-from ..pipeline.losses import LossConfig, LossInputs
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity, torch_dtype
+from ..pipeline.losses import BatchContext, LossConfig, LossInputs, RewardShift
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity, torch_dtype
 from ..pipeline.refcache import load_reference
-from ..pipeline.scoring import PairScorer
+from ..pipeline.packing import PackingConfig, enable_packing
+from ..pipeline.scoring import PairScorer, forward_mode
+from ..pipeline.sources import not_utf8, read_lines
 from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 
 STAGE = "evaluate"
@@ -78,6 +83,7 @@ class EvaluateConfig(StageOptions):
     dtype: str = option("float32", choices=tuple(DTYPES), help=(
         "dtype to load the model in: float32, bfloat16 or float16."))
     batch_size: int = option(16, semantic=False, check=at_least(1), help="Pairs (or prompts) per forward pass.")
+    batching: PackingConfig = group(PackingConfig)
 
     def check(self) -> None:
         if self.prompts and not self.generate:
@@ -87,19 +93,46 @@ class EvaluateConfig(StageOptions):
 # ---------------------------------------------------------------------------------------- build
 
 
-def _objective(cfg: EvaluateConfig, train: Manifest | None) -> tuple[LossConfig, str]:
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The loss evaluate reports, and what it needs beyond the loss options to equal train's."""
+
+    loss: LossConfig
+    source: str
+    reward_shift: float = 0.0  # bco_pair's δ at the end of training
+    sort_size: int | None = None  # aot: pairs per sorted group, train's --per-device-batch-size
+
+    def fingerprinted(self) -> dict[str, Any]:
+        # "source": None keeps the fingerprints of earlier evaluations, whose objective carried the key.
+        extra = {"reward_shift": self.reward_shift} if self.loss.bco_reward_shift else {}
+        extra.update({"sort_size": self.sort_size} if self.loss.sorts_micro_batch else {})
+        return {**self.loss.to_json(), **extra, "source": None}
+
+
+def _objective(cfg: EvaluateConfig, train: Manifest | None) -> Objective:
     """The loss from the train artifact when given (what the model was trained with), else the flags;
     and where it came from."""
     if train is None:
-        return cfg.loss.resolved(), "--beta" if cfg.loss.beta is not None else "default"
-    trained = LossConfig.from_json(train.config.get("loss") or train.config)
-    defaults = LossConfig()
+        source = "--beta" if cfg.loss.beta is not None else "default"
+        if cfg.loss.bco_reward_shift:
+            log.warning("--bco-reward-shift without --train: δ is 0 (the running mean lives in the train artifact)")
+        return Objective(cfg.loss.resolved(), source, sort_size=cfg.batch_size)
+    section = train.config.get("loss") or train.config
+    if float(section.get("rpo_alpha") or 0.0):
+        log.warning("%s was trained with the earlier --rpo-alpha term (each pair's per-token NLL); it is evaluated "
+                    "as an sft term (the chosen tokens' mean NLL over the split)", cfg.train)
+    trained = LossConfig.from_json(section)
+    defaults, given = LossConfig(), cfg.loss.resolved()
     for f in dataclasses.fields(LossConfig):
-        given, used = getattr(cfg.loss, f.name), getattr(trained, f.name)
-        if given != getattr(defaults, f.name) and given != used:
+        flag, used = getattr(cfg.loss, f.name), getattr(trained, f.name)
+        if flag != getattr(defaults, f.name) and getattr(given, f.name) != used:
             log.warning("--%s %s ignored: %s was trained with %s %s, which the implicit reward uses",
-                        f.name.replace("_", "-"), given, cfg.train, f.name.replace("_", " "), used)
-    return trained, f"train {cfg.train}"
+                        f.name.replace("_", "-"), flag, cfg.train, f.name.replace("_", " "), used)
+    shift = RewardShift()
+    if "bco_reward_shift" in (train.stats.get("loss_state") or {}):
+        shift.load_state_dict(train.stats["loss_state"]["bco_reward_shift"])
+    return Objective(trained, f"train {cfg.train}", shift.value,
+                     int(train.config.get("per_device_batch_size") or cfg.batch_size))
 
 
 def _model_input(path: Path, verify: bool) -> InputRef:
@@ -140,6 +173,21 @@ def _tokenizer(model_dir: Path, tokenized: Manifest):
     return tokenizer_with_template([model_dir, tokenized.config.get("tokenizer")], tokenized.stats.get("chat_template"))
 
 
+def _check_baseline(cfg: EvaluateConfig, baseline: Manifest, tokenized_fingerprint: str) -> None:
+    """A before/after table compares like with like only if both evaluations scored the same pairs."""
+    theirs = next((ref for ref in baseline.inputs if ref.kind == "tokenized"), None)
+    split = baseline.config.get("split")
+    if theirs is not None and theirs.fingerprint == tokenized_fingerprint and split == cfg.split:
+        return
+    made_on = (f"split {split!r} of {theirs.path} (tokenized fingerprint {theirs.fingerprint})" if theirs is not None
+               else "pairs it does not name")
+    raise UsageError(
+        f"--baseline {cfg.baseline} evaluated {made_on}, but this run evaluates split {cfg.split!r} of {cfg.tokenized} "
+        f"(tokenized fingerprint {tokenized_fingerprint}): a before/after comparison needs the same pairs. Evaluate the "
+        f"baseline with --tokenized {cfg.tokenized} --split {cfg.split}, or leave out --baseline"
+    )
+
+
 def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
     if split not in reader.splits:
         raise UsageError(
@@ -163,11 +211,14 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     baseline_reader = ArtifactReader(cfg.baseline, kind=KIND, verify=verify) if cfg.baseline else None
     train = train_reader.manifest if train_reader else None
     baseline = baseline_reader.manifest if baseline_reader else None
+    if baseline is not None:
+        _check_baseline(cfg, baseline, tokenized.fingerprint)
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
-    objective, source = _objective(cfg, train)
+    objective = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
+    check_vocab(model_dir, cfg.tokenized, tokenized.manifest)
     inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):
@@ -177,8 +228,9 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if not Path(cfg.prompts).is_file():
             raise UsageError(f"--prompts {cfg.prompts}: no such file")
         inputs.append(InputRef("prompts", cfg.prompts, sha256_file(cfg.prompts)[:16]))
-    # "source": None keeps the fingerprints of earlier evaluations, whose objective carried the key.
-    semantic = {**semantic_config(cfg), "objective": {**objective.to_json(), "source": None}}
+    tokenizer = _tokenizer(model_dir, tokenized.manifest) if cfg.generate else None
+    prompts = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else None
+    semantic = {**semantic_config(cfg), "objective": objective.fingerprinted()}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
 
     input_paths = [("--model", cfg.model), ("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache),
@@ -192,25 +244,30 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = _load_model(model_dir, cfg.dtype).to(device)
-        pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective, cfg, stage_run)
+        if cfg.batching.packing:
+            enable_packing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective.loss, cfg, stage_run)
         if reference is not None:
-            _add_reference(pairs, rows, cfg, tokenized.manifest, reference)
+            _add_reference(pairs, rows, cfg, tokenized.manifest, objective.loss.needs_shared_logps)
         if not objective.loss.needs_reference or "ref_chosen_logps" in pairs:
-            _add_rewards(pairs, objective)
+            _add_rewards(pairs, rows, objective)
         else:
             log.warning("no --ref-cache: implicit rewards (β·log-ratio to the reference) are not reported")
         generations = []
         if cfg.generate:
-            generations = _generate(model, _tokenizer(model_dir, tokenized.manifest), rows, cfg, stage_run)
-        metrics = _metrics(cfg, pairs, rows, generations, objective, source, baseline_reader, started)
-        files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective)
+            generations = _generate(model, tokenizer, rows, cfg, stage_run, prompts)
+        metrics = _metrics(cfg, pairs, rows, generations, objective.loss, objective.source, baseline_reader, started)
+        files = _write_outputs(stage_run.dir, cfg, pairs, rows, metrics, generations, train_reader, objective.loss)
         stage_run.commit(Manifest(
-            kind=KIND, fingerprint=fp, config={**flatten(cfg), "objective": {**objective.to_json(), "source": source}},
+            kind=KIND, fingerprint=fp,
+            config={**flatten(cfg), "objective": {**objective.fingerprinted(), "source": objective.source}},
             inputs=inputs, files=files, stats={k: v for k, v in metrics.items() if k != "by_source"}))
-    log.info("evaluated %d pairs of split %r in %.1fs: %s", rows.num_rows, cfg.split, time.perf_counter() - started,
+    # The folder, not "report: PATH": `dpo run` prints that once, as its result, for the last evaluation.
+    log.info("evaluated %d pairs of split %r in %.1fs: %s; report.md and plots in %s", rows.num_rows, cfg.split,
+             time.perf_counter() - started,
              ", ".join(f"{k} {report.fmt(metrics.get(k))}" for k in ("rewards/accuracies", "rewards/margins",
-                                                                      "logp_accuracies/summed") if k in metrics))
-    log.info("report: %s", Path(cfg.out) / "report.md")
+                                                                      "logp_accuracies/summed") if k in metrics),
+             cfg.out)
     return read_manifest(cfg.out, KIND)
 
 
@@ -221,16 +278,19 @@ def _stop_point(stage_run: StageRun) -> None:
 
 def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: EvaluateConfig,
            stage_run: StageRun) -> dict[str, np.ndarray]:
-    """The model's summed label log-probs (and WPO terms when the loss needs them) of every pair."""
-    want_wpo = objective.loss.needs_wpo_term
-    scorer = PairScorer(LabelLogProbs(model), "concatenated", pad_id, next(model.parameters()).device, want_wpo)
+    """The model's summed label log-probs (and WPO terms, shared-prefix sums when the loss needs them) of every pair."""
+    want_wpo, want_shared = objective.needs_wpo_term, objective.needs_shared_logps
+    mode = forward_mode("concatenated", cfg.batching.packing)
+    scorer = PairScorer(LabelLogProbs(model), mode, pad_id, next(model.parameters()).device, want_wpo,
+                        with_shared=want_shared)
     n = rows.num_rows
     names = ["policy_chosen_logps", "policy_rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]
     names += ["chosen_wpo_term", "rejected_wpo_term"] if want_wpo else []
+    names += ["policy_chosen_shared_logps", "policy_rejected_shared_logps"] if want_shared else []
     out = {name: np.zeros(n, dtype=np.float64) for name in names}
-    bar = progress(n, "evaluate", unit="pair", quiet=cfg.quiet)
+    bar = progress(n, "evaluate", unit="pairs", quiet=cfg.quiet, logger=log)
     with torch.no_grad(), bar:
-        for positions in length_grouped_batches(pair_lengths(rows), cfg.batch_size):
+        for positions in forward_batches(rows, cfg.batch_size, cfg.batching.max_tokens_per_batch):
             _stop_point(stage_run)
             scores = scorer(rows.take(positions))
             for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
@@ -238,13 +298,16 @@ def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: Evalu
                 out[f"{side}_num_tokens"][positions] = values.num_tokens.double().cpu().numpy()
                 if want_wpo:
                     out[f"{side}_wpo_term"][positions] = values.wpo_term.double().cpu().numpy()
+                if want_shared:
+                    out[f"policy_{side}_shared_logps"][positions] = values.shared_logps.double().cpu().numpy()
             bar.update(len(positions))
     return out
 
 
 def _add_reference(pairs: dict[str, np.ndarray], rows: pa.Table, cfg: EvaluateConfig, tokenized: Manifest,
-                   reader: ArtifactReader) -> None:
-    ref = load_reference(cfg.ref_cache, tokenized, [cfg.split], verify=False)  # ``reader`` has checked its files
+                   shared: bool) -> None:
+    # The cache's files were checked when evaluate opened it (--no-verify aside).
+    ref = load_reference(cfg.ref_cache, tokenized, [cfg.split], shared=shared, verify=False)
     indices = pair_indices(rows)
     values = ref.lookup(torch.from_numpy(indices))
     for side in SIDES:
@@ -257,20 +320,47 @@ def _add_reference(pairs: dict[str, np.ndarray], rows: pa.Table, cfg: EvaluateCo
                 "not belong to these tokens"
             )
         pairs[f"ref_{side}_logps"] = values[f"{side}_logps"].double().numpy()
+        if shared:
+            pairs[f"ref_{side}_shared_logps"] = values[f"{side}_shared_logps"].double().numpy()
 
 
-def _add_rewards(pairs: dict[str, np.ndarray], objective: LossConfig) -> None:
-    """Implicit rewards and per-pair loss exactly as training computes them (pipeline/losses.py)."""
+def _add_rewards(pairs: dict[str, np.ndarray], rows: pa.Table, objective: Objective) -> None:
+    """Implicit rewards and per-pair loss exactly as training computes them (pipeline/losses.py).
+
+    The split is the batch the loss is averaged over (sft's token count), with bco_pair's δ as
+    training left it; aot sorts within groups of train's per-device batch size, formed by
+    length as train's micro-batches are.
+    """
     t = {k: torch.from_numpy(v) for k, v in pairs.items()}
 
     def side(name: str) -> SequenceLogProbs:
-        return SequenceLogProbs(t[f"policy_{name}_logps"], t[f"{name}_num_tokens"], t.get(f"{name}_wpo_term"))
+        return SequenceLogProbs(t[f"policy_{name}_logps"], t[f"{name}_num_tokens"], t.get(f"{name}_wpo_term"),
+                                t.get(f"policy_{name}_shared_logps"))
 
-    reference = {f"{s}_logps": t[f"ref_{s}_logps"] for s in SIDES if f"ref_{s}_logps" in t}
-    result = objective(LossInputs.of(side("chosen"), side("rejected"), reference))
-    pairs["rewards_chosen"] = result.chosen_rewards.double().numpy()
-    pairs["rewards_rejected"] = result.rejected_rewards.double().numpy()
-    pairs["losses"] = result.losses.detach().double().numpy()
+    reference = {f"{s}_{kind}": t[f"ref_{s}_{kind}"] for s in SIDES for kind in ("logps", "shared_logps")
+                 if f"ref_{s}_{kind}" in t}
+    inputs = LossInputs.of(side("chosen"), side("rejected"), reference)
+    chosen_tokens = float(scored_label_tokens(rows.select(["chosen_labels"]), "chosen").sum())
+    context = BatchContext(float(rows.num_rows), chosen_tokens, objective.reward_shift)
+    groups = [list(range(rows.num_rows))]
+    if objective.loss.sorts_micro_batch:
+        groups = length_grouped_batches(pair_lengths(rows), objective.sort_size)
+    names = ("losses", "rewards_chosen", "rewards_rejected", *(f"loss/{n}" for n in objective.loss.terms()[0]))
+    out = {name: np.zeros(rows.num_rows) for name in names}
+    for members in groups:
+        index = torch.tensor(members, dtype=torch.long)
+        part = inputs if len(groups) == 1 else LossInputs(**{
+            f.name: None if getattr(inputs, f.name) is None else getattr(inputs, f.name)[index]
+            for f in dataclasses.fields(inputs)})
+        result = objective.loss(part, context)
+        out["losses"][members] = result.losses.detach().double().numpy()
+        out["rewards_chosen"][members] = result.chosen_rewards.double().numpy()
+        out["rewards_rejected"][members] = result.rejected_rewards.double().numpy()
+        for name, values in result.components.items():
+            out[f"loss/{name}"][members] = values.detach().double().numpy()
+    if len(objective.loss.terms()[0]) == 1:
+        out.pop(f"loss/{objective.loss.loss_type}")
+    pairs.update(out)
 
 
 def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, generations: list[dict],
@@ -296,38 +386,50 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
 def _read_prompts(path: str, tokenizer, limit: int) -> list[dict[str, Any]]:
     """Prompts from a JSONL file: {"prompt": text} or {"messages": [...]} (or a bare JSON string) per line.
 
-    Text prompts become one user turn through the chat template when the tokenizer has one.
+    Text prompts become one user turn through the chat template when the tokenizer has one. Read
+    before anything is scored, so a bad line stops the run at once (exit 2 naming file and line).
     """
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON: {exc}") from None
-            if isinstance(record, str):
-                record = {"prompt": record}
-            if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-                raise DataError(f"{path}, line {number}: expected a string or an object with 'prompt' or 'messages'")
-            messages = record.get("messages")
+    for number, line in read_lines(Path(path)):
+        where = f"{path}, line {number}"
+        if isinstance(line, bytes):
+            raise DataError(f"{where}: {not_utf8(line)}")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON: {exc}") from None
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+            raise DataError(f"{where}: expected a string or an object with 'prompt' or 'messages'")
+        messages = record.get("messages")
+        try:
             if messages is None:
                 if not isinstance(record["prompt"], str):
-                    raise DataError(f"{path}, line {number}, field 'prompt': expected a string")
+                    raise FieldError("prompt", "expected a string")
+                problem = surrogate_problem(record["prompt"])
+                if problem:
+                    raise FieldError("prompt", problem)
                 if tokenizer.chat_template:
                     messages = [{"role": "user", "content": record["prompt"]}]
-            if messages is not None:
-                if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                             for m in messages):
-                    raise DataError(f"{path}, line {number}, field 'messages': expected a list of {{role, content}}")
+            else:
+                messages = list(chat_messages(messages, "messages"))
+        except FieldError as exc:
+            raise DataError(f"{where}, {exc}") from None
+        if messages is not None:
+            try:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
-            else:
-                ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-            prompts.append({"line": number, "prompt_ids": list(ids)})
-            if len(prompts) == limit:
-                break
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+                raise DataError(f"{where}: the chat template cannot render these messages: "
+                                f"{type(exc).__name__}: {exc}") from None
+        else:
+            ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        prompts.append({"line": number, "prompt_ids": list(ids)})
+        if len(prompts) == limit:
+            break
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -356,16 +458,17 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun) -> list[dict[str, Any]]:
+def _generate(model, tokenizer, rows: pa.Table, cfg: EvaluateConfig, stage_run: StageRun,
+              prompts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Greedy (temperature 0) or sampled completions, left-padded in batches, with token counts."""
-    items = _read_prompts(cfg.prompts, tokenizer, cfg.generate) if cfg.prompts else _held_out_prompts(rows, cfg.generate)
+    items = prompts if prompts is not None else _held_out_prompts(rows, cfg.generate)
     stop = _stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     limit = getattr(model.config, "max_position_embeddings", None)
     generator_seed = cfg.seed
     results = []
-    bar = progress(len(items), "generate", unit="prompt", quiet=cfg.quiet)
+    bar = progress(len(items), "generate", unit="prompts", quiet=cfg.quiet, logger=log)
     for start in range(0, len(items), cfg.batch_size):
         _stop_point(stage_run)
         chunk = items[start: start + cfg.batch_size]

@@ -57,16 +57,16 @@ def _checkpoint_spec(value: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig(StageOptions):
-    train: str = option(semantic=False, help="Train artifact (from `dpo train`).")  # enters the fingerprint through its own
-    out: str = option(semantic=False, help="Output folder: a Hugging Face model folder with README.md and manifest.json.")
-    checkpoint: str = option("final", check=_checkpoint_spec, help=(
+    train: str = option(semantic=False, panel="Data", help="Train artifact (from `dpo train`).")  # enters the fingerprint through its own
+    out: str = option(semantic=False, panel="Data", help="Output folder: a Hugging Face model folder with README.md and manifest.json.")
+    checkpoint: str = option("final", check=_checkpoint_spec, panel="Data", help=(
         "final (the finished run), latest (the newest complete checkpoint, or final) or step-N."))
-    dtype: str | None = option(None, choices=tuple(DTYPES), help=(
+    dtype: str | None = option(None, choices=tuple(DTYPES), panel="Model", help=(
         "float32, bfloat16 or float16 for the saved weights (default: the dtype it trained in)."))
-    merge: bool = option(True, help="For a LoRA run, merge the adapter into the base model (--no-merge exports the adapter).")
-    push_to_hub: str | None = option(None, semantic=False, help=(
+    merge: bool = option(True, panel="Model", help="For a LoRA run, merge the adapter into the base model (--no-merge exports the adapter).")
+    push_to_hub: str | None = option(None, semantic=False, panel="Hugging Face Hub", help=(
         "Upload the finished folder to this Hugging Face Hub repo id (after the local export)."))
-    private: bool = option(False, semantic=False, help="Create the Hub repo as private (with --push-to-hub).")
+    private: bool = option(False, semantic=False, panel="Hugging Face Hub", help="Create the Hub repo as private (with --push-to-hub).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,12 @@ Inputs chain by default: each step reads the outputs of the steps before it (a k
 section always wins). ``evaluate-base`` evaluates the untrained base model on the same pairs, and
 ``evaluate`` then reports the trained model's numbers next to it ("before" and "after").
 
+Relative paths in the run file are taken from the run file's folder (``run_dir``, ``out`` and the
+inputs always; ``model``, ``tokenizer`` and ``data`` when they exist there, else they may be Hub
+ids), so the file works from any directory. ``--set SECTION.OPTION=VALUE`` (or ``run_dir=...``,
+``model=...``) overrides one value, parsed as YAML, after that: a sweep is one run file and a
+``--set`` per run (paths given with --set are relative to the current folder, like any flag).
+
 Each step's section is read against that stage's config exactly as ``dpo <stage> --config`` reads
 it (pipeline/config.py), and the stage runs in this process. A step whose output is already complete with the same
 fingerprint is a no-op and the log says "skipped": re-submitting a failed or pre-empted job
@@ -37,7 +43,7 @@ import yaml
 
 from ..artifacts.errors import DpoError, Preempted, UsageError
 from ..artifacts.manifest import MANIFEST
-from ..pipeline.config import from_mapping, leaves, load_run_file, section_values
+from ..pipeline.config import coerce, from_mapping, leaves, load_run_file, resolve_paths, run_file_folder, section_values
 from ..pipeline.losses import LossConfig
 from ..pipeline.distributed import rank
 from . import STAGES
@@ -64,6 +70,7 @@ class RunConfig:
     config: Path
     steps: tuple[str, ...] = ()  # empty: every step the run file has a section for
     quiet: bool = False
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE, applied in order
 
 
 def _key(section: dict[str, Any], name: str) -> str | None:
@@ -86,9 +93,46 @@ def _get(section: dict[str, Any] | None, name: str) -> Any:
     return section[key] if key is not None else None
 
 
-def resolve(path: Path) -> dict[str, Any]:
-    """The run file with every chained default filled in; unknown top-level keys are errors."""
+def _override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``--set SECTION.OPTION=VALUE`` (or ``run_dir=VALUE``, ``model=VALUE``) to ``data``."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set {item!r}: expected SECTION.OPTION=VALUE (e.g. train.beta=0.05) or run_dir=PATH")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    # A path typed on the command line is from the current folder, as for any flag; made absolute so
+    # that <run_dir>/run.yaml means the same from anywhere.
+    value = resolve_paths({key.rsplit(".", 1)[-1]: value}, Path.cwd())[key.rsplit(".", 1)[-1]]
+    if "." not in key:
+        if key not in TOP_LEVEL:
+            raise UsageError(f"--set {item!r}: {key!r} is not a top-level key ({', '.join(TOP_LEVEL)}); "
+                             "options go as SECTION.OPTION, e.g. train.beta=0.05")
+        data[key] = value
+        return
+    section, option = key.split(".", 1)
+    if section not in STEP_NAMES:
+        raise UsageError(f"--set {item!r}: no step {section!r}; the steps are {', '.join(STEP_NAMES)}")
+    if section not in data:
+        raise UsageError(f"--set {item!r}: the run file has no {section!r} section to set {option!r} in")
+    target = data[section] if isinstance(data[section], dict) else {}
+    for spelling in (option, option.replace("_", "-"), option.replace("-", "_")):
+        target.pop(spelling, None)  # the value given here replaces the file's, however the file spells it
+    target[option] = value
+    data[section] = target
+
+
+def resolve(path: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The run file with its relative paths taken from its folder, ``overrides`` applied and every
+    chained default filled in; unknown top-level keys are errors."""
     data = load_run_file(path)
+    base = run_file_folder(path)
+    data = {k: resolve_paths(v, base) if k in STEP_NAMES and isinstance(v, dict) else v for k, v in data.items()}
+    data.update(resolve_paths({k: data[k] for k in TOP_LEVEL if k in data}, base))
+    for item in overrides:
+        _override(data, item)
     unknown = [k for k in data if k not in STEP_NAMES and k not in TOP_LEVEL]
     if unknown:
         raise UsageError(
@@ -98,6 +142,12 @@ def resolve(path: Path) -> dict[str, Any]:
     present = [name for name in STEP_NAMES if name in data]
     if not present:
         raise UsageError(f"{path}: no step sections; expected some of {', '.join(STEP_NAMES)}")
+    for key in TOP_LEVEL:
+        if data.get(key) is not None:
+            try:
+                data[key] = coerce(data[key], str)
+            except ValueError as exc:
+                raise UsageError(f"{path}: top-level key {key!r}: {exc} (a folder path)") from None
     run_dir = data.get("run_dir")
     if not run_dir:
         raise UsageError(f"{path}: needs a top-level run_dir (the folder the steps write under)")
@@ -150,9 +200,9 @@ def resolve(path: Path) -> dict[str, Any]:
     return resolved
 
 
-def steps_of(path: Path) -> list[str]:
+def steps_of(path: Path, overrides: tuple[str, ...] = ()) -> list[str]:
     """The steps a run file has sections for, in the order `dpo run` runs them."""
-    resolved = resolve(path)
+    resolved = resolve(path, overrides)
     return [name for name in STEP_NAMES if name in resolved]
 
 
@@ -164,9 +214,10 @@ def _manifest_identity(out: Path) -> tuple[str, str] | None:
         return None
 
 
-def _resolved_text(resolved: dict[str, Any], source: Path) -> str:
-    header = (f"{HEADER.decode()}{source}`: the run file with every chained default filled in.\n"
-              f"# Each section is what `dpo <stage> --config <this file>` reads.\n")
+def _resolved_text(resolved: dict[str, Any], source: Path, overrides: tuple[str, ...] = ()) -> str:
+    command = f"{HEADER.decode()}{source}" + "".join(f" --set {item}" for item in overrides)
+    header = (f"{command}`: the run file with its paths absolute, the --set values applied and\n"
+              f"# every chained default filled in. Each section is what `dpo <stage> --config <this file>` reads.\n")
     return header + yaml.safe_dump(resolved, sort_keys=False)
 
 
@@ -233,7 +284,7 @@ def _written_by_dpo(path: Path) -> bool:
 
 def run(config: RunConfig) -> tuple[int, Path | None]:
     """Run the steps in order; return 0 or the exit code of the first step that failed, and the report."""
-    resolved = resolve(config.config)
+    resolved = resolve(config.config, config.overrides)
     wanted = config.steps or tuple(n for n in STEP_NAMES if n in resolved)
     for name in wanted:
         if name not in STEP_NAMES:
@@ -241,7 +292,7 @@ def run(config: RunConfig) -> tuple[int, Path | None]:
         if name not in resolved:
             raise UsageError(f"--step {name}: {config.config} has no {name!r} section")
     _check_run_dir(resolved)
-    _write_resolved(resolved, _resolved_text(resolved, config.config), config.config)
+    _write_resolved(resolved, _resolved_text(resolved, config.config, config.overrides), config.config)
     for name, command, _ in STEPS:
         if name in wanted:
             code = _run_step(config, name, command, resolved[name])
@@ -272,15 +323,15 @@ def _run_step(config: RunConfig, name: str, command: str, section: dict[str, Any
     started = time.monotonic()
     try:
         run_stage(stage_config)
+    except Preempted as exc:
+        log.warning("step %s was pre-empted after %.1fs (%s); rerun `dpo run --config %s` to resume (completed "
+                    "steps are skipped)", name, time.monotonic() - started, exc, config.config)
+        return exc.exit_code
     except DpoError as exc:
         seconds = time.monotonic() - started
         log.error("dpo %s: error: %s", command, exc)
-        if isinstance(exc, Preempted):
-            log.warning("step %s was pre-empted after %.1fs and saved its progress; rerun `dpo run --config %s` "
-                        "to resume (completed steps are skipped)", name, seconds, config.config)
-        else:
-            log.error("step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
-                      "completed steps are skipped", name, exc.exit_code, seconds, config.config)
+        log.error("step %s failed with exit code %d after %.1fs; fix the cause and rerun `dpo run --config %s`: "
+                  "completed steps are skipped", name, exc.exit_code, seconds, config.config)
         return exc.exit_code
     after = _manifest_identity(out)
     if after is None:

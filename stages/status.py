@@ -45,8 +45,9 @@ def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:
         out["pairs"] = {split: manifest.rows(split) for split in manifest.splits}
         out["model"] = manifest.config.get("model")
     elif manifest.kind == "train":
-        for key in ("steps", "pairs", "tokens", "train_seconds", "tokens_per_second", "world_size",
-                    "global_batch_size", "trainable_parameters"):
+        if "steps" in s:
+            out["trained"] = _trained(s, root)
+        for key in ("tokens", "train_seconds", "tokens_per_second", "world_size", "trainable_parameters"):
             if key in s:
                 out[key] = s[key]
         for key in ("peak_cpu_rss_bytes", "peak_gpu_allocated_bytes"):
@@ -66,6 +67,17 @@ def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:
             if s.get(key) is not None:
                 out[key] = s[key]
         out["report"] = str(root / "report.md")
+    return out
+
+
+def _trained(stats: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Steps x global batch = pairs seen (counting repeats over epochs), and the epochs that makes."""
+    out = {"steps": stats["steps"], "global_batch": stats.get("global_batch_size"), "pairs": stats.get("pairs")}
+    path = root / "metrics.jsonl"
+    if path.is_file():
+        last = last_row_with(read_metrics_jsonl(path), "epoch")
+        if last is not None:
+            out["epochs"] = last["epoch"]
     return out
 
 
@@ -91,7 +103,11 @@ def _input_state(ref) -> str:
     if ref.kind not in KIND_STEPS:
         return "external"
     if not (path / MANIFEST).is_file():
-        return "missing" if not path.exists() else "incomplete"
+        if not path.exists():
+            return "missing"
+        # A model folder dpo did not make (the base model of evaluate-base) is not a dpo artifact.
+        external = ref.kind == "model" and any((path / f).is_file() for f in ("config.json", "adapter_config.json"))
+        return "external" if external else "incomplete"
     try:
         current = read_manifest(path).fingerprint
     except ArtifactError:
@@ -211,6 +227,9 @@ def status(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, dict) and all(value.get(k) is not None for k in ("steps", "global_batch", "pairs")):
+        text = f"{value['steps']:,} steps x {value['global_batch']} pairs = {value['pairs']:,} pairs"
+        return text + (f" ({value['epochs']:.2f} epochs)" if value.get("epochs") is not None else "")
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):

@@ -85,6 +85,11 @@ class TokenizeConfig(StageOptions):
         "Sources for the eval split (repeatable, same syntax as --data)."))
     eval_fraction: float = option(0.0, check=fraction(), panel="Data", help=(
         "Hold out this fraction of the --data records (seeded, before filtering) as the eval split."))
+    # Not semantic: it changes nothing when no --eval-data pair is also a train pair, and when some
+    # are, the run without it refuses (it makes no artifact), so no two artifacts ever differ by it.
+    # It is a permission, like --overwrite, not part of what is computed.
+    allow_overlap: bool = option(False, semantic=False, panel="Data", help=(
+        "Allow --eval-data pairs that are also train pairs (same prompt, chosen and rejected); refused by default."))
     max_seq_length: int = option(1024, check=at_least(2), panel="Tokenization", help=(
         "Most tokens in prompt+response, per side."))
     max_prompt_length: int | None = option(None, check=at_least(1), panel="Tokenization", help=(
@@ -131,14 +136,17 @@ class Item:
 
 def run(cfg: TokenizeConfig) -> Manifest | None:
     validate(cfg)
-    train_sources = [resolve_source(s) for s in cfg.data]
-    eval_sources = [resolve_source(s) for s in cfg.eval_data]
+    train_sources = [resolve_source(s, "--data") for s in cfg.data]
+    eval_sources = [resolve_source(s, "--eval-data") for s in cfg.eval_data]
     template_override = read_template_file(cfg.chat_template)
     settings = EncodeSettings(
         tokenizer=cfg.tokenizer, chat_template=template_override, apply_chat_template=cfg.apply_chat_template,
         max_seq_length=cfg.max_seq_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+        chat_template_file=cfg.chat_template,
     )
     encoder = PairEncoder(settings)
+    if template_override is not None or cfg.apply_chat_template or cfg.format in CHAT_FORMATS:
+        encoder.check_template()  # a template that will be used: before any data is read
     if encoder.context < cfg.max_seq_length:
         log.warning("--max-seq-length %d is longer than the tokenizer's model_max_length %d: check the model's context",
                     cfg.max_seq_length, encoder.context)
@@ -184,43 +192,93 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
         for source in sources:
             records = source.read()
             # Keyed by content, not path: the same data and seed give the same sample wherever it lives.
-            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.spec)
+            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.named)
             records = [records[i] for i in keep]
             fmt = _source_format(cfg, source, records, columns, encoder)
             items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]
             (train if split == "train" else evals).extend(items)
             stats.append({"data": source.spec.spec, "split": split, "format": fmt, "records": len(records)})
+    first_chat = next((item for item in train + evals if isinstance(item.pair, Pair) and encoder.uses_template(item.pair)),
+                      None)
+    if first_chat is not None:
+        encoder.check_renders(first_chat.pair, first_chat.record.where)
+    from_eval_data = evals
     if cfg.eval_fraction > 0:
         held_out = pick_fraction(len(train), cfg.eval_fraction, cfg.seed, "eval-fraction")
+        if not held_out or len(held_out) == len(train):
+            raise UsageError(
+                f"--eval-fraction {cfg.eval_fraction:g} holds out {len(held_out)} of the {len(train)} --data records, "
+                + ("so there would be no eval split: raise it, or give eval pairs with --eval-data" if not held_out
+                   else "leaving none to train on: lower it")
+            )
         evals = [item for i, item in enumerate(train) if i in held_out] + evals
         train = [item for i, item in enumerate(train) if i not in held_out]
+    if eval_sources:
+        _check_overlap(cfg, train, from_eval_data)
     splits = {"train": train}
     if evals:
         splits["eval"] = evals
     return splits, stats
 
 
+def _pair_key(pair: Pair) -> tuple:
+    prompt = pair.prompt if isinstance(pair.prompt, str) else tuple((m["role"], m["content"]) for m in pair.prompt)
+    return prompt, pair.chosen, pair.rejected
+
+
+def _check_overlap(cfg: TokenizeConfig, train: list[Item], evals: list[Item]) -> None:
+    """--eval-data pairs that are also train pairs (the same normalised prompt, chosen and rejected)
+    would be scored as held out while the model trained on them: refused unless --allow-overlap."""
+    seen = {}
+    for item in train:
+        if isinstance(item.pair, Pair):
+            seen.setdefault(_pair_key(item.pair), item)
+    shared = [(item, seen[key]) for item in evals if isinstance(item.pair, Pair) and (key := _pair_key(item.pair)) in seen]
+    if not shared:
+        return
+    item, twin = shared[0]
+    what = (f"{len(shared)} of the {len(evals)} --eval-data records are also train pairs (the same prompt, chosen and "
+            f"rejected), e.g. {item.record.where} is {twin.record.where}")
+    if not cfg.allow_overlap:
+        raise UsageError(f"{what}: the eval split would score pairs the model trains on. Remove them from one side, "
+                         "or pass --allow-overlap to keep them")
+    log.warning("%s; kept, as --allow-overlap asks", what)
+
+
 def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str],
                    encoder: PairEncoder) -> str:
     fmt = cfg.format
+    if not records:
+        raise DataError(f"{source.spec.named}: has no records" + (" (an eval split was asked for with it)"
+                                                                   if source.spec.flag == "--eval-data" else ""))
     if fmt == "auto":
-        if not records:
-            raise DataError(f"--data {source.spec.spec}: has no records")
-        try:
-            fmt = detect_format(apply_columns(records[0].parsed(), columns))
-        except FieldError as exc:
-            raise DataError(f"{records[0].where}: {exc}") from None
-        except UsageError as exc:
-            raise UsageError(f"--data {source.spec.spec} ({records[0].where}): {exc}") from None
+        fmt = _detect(cfg, source, records, columns)
         log.info("%s: %d records, format %s", source.spec.spec, len(records), fmt)
     if (fmt in CHAT_FORMATS or cfg.apply_chat_template) and encoder.template is None:
         raise UsageError(
-            f"--data {source.spec.spec} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
+            f"{source.spec.named} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
             "template; pass one with --chat-template FILE"
             if fmt in CHAT_FORMATS
             else f"--apply-chat-template: tokenizer {cfg.tokenizer} has no chat template; pass one with --chat-template FILE"
         )
     return fmt
+
+
+def _detect(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str]) -> str:
+    """The source's format, judged from its first record; under --on-bad-record skip, from its first
+    record that can be judged (a malformed first line is set aside like any other)."""
+    first: DpoError | None = None
+    for record in records if cfg.on_bad_record == "skip" else records[:1]:
+        try:
+            return detect_format(apply_columns(record.parsed(), columns))
+        except FieldError as exc:
+            error: DpoError = DataError(f"{record.where}: {exc}")
+        except DataError as exc:
+            error = exc
+        except UsageError as exc:
+            error = UsageError(f"{source.spec.named} ({record.where}): {exc}")
+        first = first or error
+    raise first
 
 
 def _normalise(cfg: TokenizeConfig, record: Record, fmt: str, columns: dict[str, str]) -> Pair | Drop:
@@ -246,7 +304,7 @@ def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]],
 
     processed = {"pairs": 0, "tokens": 0, "shards": 0}
     pending_keys = {(split, number) for split, number, *_ in pending}
-    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pair", quiet=cfg.quiet)
+    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pairs", quiet=cfg.quiet, logger=log)
     with _Workers(cfg.num_proc, settings, encoder) as workers:
         results = workers.map(_chunks(pending))
         first_index = 0  # indices run on across shards and from train into eval
@@ -463,6 +521,22 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     total_pairs = sum(n for per_source in pairs.values() for n in per_source.values())
     if total_pairs == 0 or not pairs.get("train"):
         raise DataError(f"no training pairs are left after filtering (dropped: {dict(dropped)}); see {out / REJECTS}")
+    if "eval" in splits and not pairs.get("eval"):
+        asked = " and ".join(flag for flag, given in (("--eval-fraction", cfg.eval_fraction > 0),
+                                                      ("--eval-data", bool(cfg.eval_data))) if given)
+        eval_dropped = dict(Counter(r["reason"] for r in reject_rows if r["split"] == "eval"))
+        raise DataError(f"the eval split asked for with {asked} has no pairs left after filtering: all "
+                        f"{len(splits['eval'])} of its records were dropped ({eval_dropped}); see {out / REJECTS}")
+    for source in train_sources + eval_sources:
+        # A source that makes no pair at all is lost to a configuration mistake (its format, --columns,
+        # the chat template, the lengths), not to bad records; beside other sources it would go unnoticed.
+        if not any(per_source.get(source.name) for per_source in pairs.values()):
+            lost = Counter(r["reason"] for r in reject_rows if r["source"] == source.name)
+            raise DataError(
+                f"{source.spec.named}: none of its {sum(lost.values())} records made a pair (dropped: {dict(lost)}): "
+                f"a whole source lost points at its format, --columns, the chat template or the lengths; see "
+                f"{out / REJECTS}"
+            )
     total_tokens = int(all_lengths["chosen_length"].sum() + all_lengths["rejected_length"].sum())
     stats = {
         "pairs": {split: sum(per_source.values()) for split, per_source in pairs.items()},

@@ -28,25 +28,29 @@ import torch
 
 from ..artifacts.errors import UsageError
 from ..artifacts.fingerprint import fingerprint, semantic_config
-from ..artifacts.manifest import InputRef, Manifest
+from ..artifacts.manifest import InputRef, Manifest, read_manifest
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
 from ..pipeline import metrics
 from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw
-from ..pipeline.batching import length_grouped_batches, pad_token_id, pair_indices, pair_lengths
+from ..pipeline.batching import (
+    length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens, sequence_lengths,
+)
 from ..pipeline.checkpoint import CheckpointManager, save_model
 from ..pipeline.config import (
     StageOptions, at_least, flatten, fraction, group, non_negative, option, positive, validate,
 )
 from ..pipeline.data_order import BatchOrder, Cursor, micro_batches
 from ..pipeline.logprobs import LabelLogProbs
-from ..pipeline.logs import progress
+from ..pipeline.logs import Progress, duration, progress
 from ..pipeline.lora import LoraConfig, apply_lora, count_parameters
-from ..pipeline.losses import LossConfig, LossInputs
-from ..pipeline.modeling import DTYPES, load_causal_lm, model_identity
+from ..pipeline.losses import BCO_REWARD, BatchContext, LossConfig, LossInputs, RewardShift
+from ..pipeline.modeling import DTYPES, check_vocab, load_causal_lm, model_identity
 from ..pipeline.refcache import ReferenceLogProbs, load_reference, reference_model_mismatch
-from ..pipeline.scoring import FORWARDS, PairScorer
+from ..pipeline.packing import PACKING_HELP, enable_packing
+from ..pipeline.profiling import PhaseTimer, model_flops_per_token
+from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 from ..pipeline.tokenization import tokenizer_with_template
 from ..pipeline.tracking import Tracker, TrackingConfig
 
@@ -54,7 +58,7 @@ STAGE = "train"
 VERSION = 1
 KIND = "train"
 FINAL = "final"
-OWNS = ("checkpoints/", "wandb/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
+OWNS = ("checkpoints/", "wandb/", "tensorboard/", "metrics.jsonl", FINAL + "/")  # what a (partial) run writes besides the manifest
 SCHEDULERS = ("linear", "cosine", "constant")
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ class TrainConfig(StageOptions):
     out: str = option(semantic=False, panel="Data", help=(
         "Output folder: checkpoints/, metrics.jsonl, final/, manifest.json."))
     ref_cache: str | None = option(None, semantic=False, panel="Data", help=(
-        "Reference log-probs (from `dpo cache-ref` on the same tokenized artifact); not needed for simpo."))
+        "Reference log-probs (from `dpo cache-ref` on the same tokenized artifact); not needed for simpo or sft."))
     loss: LossConfig = group(LossConfig)
     learning_rate: float = option(1e-6, check=positive, panel="Optimisation", help="Peak learning rate of AdamW.")
     weight_decay: float = option(0.0, check=non_negative, panel="Optimisation", help=(
@@ -95,6 +99,9 @@ class TrainConfig(StageOptions):
     # Same result either way (tested), so switching them on a resumed run is allowed.
     forward: str = option("concatenated", semantic=False, choices=tuple(FORWARDS), panel="Model", help=(
         "concatenated: one pass over chosen+rejected; separate: two passes, less peak memory. Same loss."))
+    packing: bool = option(False, semantic=False, panel="Model", help=(
+        PACKING_HELP + " A micro-batch stays --per-device-batch-size pairs, so the global batch, the loss and "
+        "resume are those of the unpacked run."))
     gradient_checkpointing: bool = option(False, semantic=False, panel="Model", help=(
         "Recompute activations in backward to save memory."))
     keep_dropout: bool = option(False, panel="Model", help=(
@@ -120,10 +127,11 @@ class TrainConfig(StageOptions):
     def check(self) -> None:
         if not self.save_every_epoch and not (self.save_every.isdigit() and int(self.save_every) >= 1):
             raise UsageError(f"--save-every must be a number of steps (>= 1) or 'epoch', got {self.save_every!r}")
-        if self.loss.loss.needs_reference and not self.ref_cache:
+        if self.loss.needs_reference and not self.ref_cache:
+            needing = [loss.name for loss in self.loss.losses if loss.needs_reference]
             raise UsageError(
-                f"--loss-type {self.loss.loss_type} compares the policy with a reference: pass --ref-cache DIR "
-                "(made by `dpo cache-ref` from the same tokenized artifact)"
+                f"--loss-type {self.loss.loss_type}: {', '.join(needing)} compares the policy with a reference: pass "
+                "--ref-cache DIR (made by `dpo cache-ref` from the same tokenized artifact)"
             )
 
 
@@ -137,10 +145,12 @@ class TrainState:
     pairs: float = 0.0
     train_seconds: float = 0.0
     wandb_run_id: str | None = None
+    loss_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. bco_pair's RewardShift
 
     def state_dict(self, global_batch: int) -> dict[str, Any]:
-        return {"step": self.step, "global_batch": global_batch, "wandb_run_id": self.wandb_run_id,
-                "train_seconds": self.train_seconds, "tokens": self.tokens, "pairs": self.pairs}
+        state = {"step": self.step, "global_batch": global_batch, "wandb_run_id": self.wandb_run_id,
+                 "train_seconds": self.train_seconds, "tokens": self.tokens, "pairs": self.pairs}
+        return {**state, "loss_state": self.loss_state} if self.loss_state else state
 
     def data_cursor(self, global_batch: int) -> dict[str, int]:
         # In pairs, so DDP resumed on another number of processes continues at the same place in the data.
@@ -152,7 +162,8 @@ class TrainState:
         return cls(step=int(saved.get("step", 0)),
                    cursor=Cursor(int(cursor["epoch"]), int(cursor["samples_done"]) // global_batch),
                    tokens=float(saved.get("tokens", 0)), pairs=float(saved.get("pairs", 0)),
-                   train_seconds=float(saved.get("train_seconds", 0.0)), wandb_run_id=saved.get("wandb_run_id"))
+                   train_seconds=float(saved.get("train_seconds", 0.0)), wandb_run_id=saved.get("wandb_run_id"),
+                   loss_state=dict(saved.get("loss_state") or {}))
 
 
 @dataclasses.dataclass
@@ -174,6 +185,9 @@ def run(cfg: TrainConfig) -> None:
     inputs = _inputs(cfg)
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * accelerator.num_processes
     semantic = {**semantic_config(cfg), "global_batch": global_batch}
+    if cfg.loss.sorts_micro_batch:
+        # aot sorts within a micro-batch, so which pairs share one (set by this size) changes the loss.
+        semantic["per_device_batch_size"] = cfg.per_device_batch_size
     fp = fingerprint(STAGE, VERSION, semantic, [r.fingerprint for r in inputs.refs] + [model_identity(cfg.model)["digest"]])
     def checkpoints_in(folder: Path) -> CheckpointManager:
         return CheckpointManager(folder / "checkpoints", accelerator=accelerator, fingerprint=fp, config=semantic,
@@ -207,11 +221,13 @@ def _inputs(cfg: TrainConfig) -> Inputs:
     if cfg.eval_steps and "eval" not in tokenized.splits:
         raise UsageError(f"--eval-steps {cfg.eval_steps}: {cfg.tokenized} has no eval split "
                          "(make one with `dpo tokenize --eval-fraction` or --eval-data)")
+    check_vocab(cfg.model, cfg.tokenized, tokenized.manifest)
     splits = ["train"] + (["eval"] if cfg.eval_steps else [])
     refs = [InputRef("tokenized", str(cfg.tokenized), tokenized.fingerprint)]
     reference = None
-    if cfg.loss.loss.needs_reference:
-        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits, verify=cfg.verify_inputs)
+    if cfg.loss.needs_reference:
+        reference = load_reference(cfg.ref_cache, tokenized.manifest, splits, shared=cfg.loss.needs_shared_logps,
+                                   verify=cfg.verify_inputs)
         mismatch = reference_model_mismatch(reference, cfg.model)
         if mismatch:
             # Allowed on purpose: continuing from a DPO checkpoint with the SFT model as reference.
@@ -241,11 +257,18 @@ class Trainer:
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
         saved = checkpoints.load_latest(self.policy, self.optimizer, self.scheduler)
         self.state = TrainState.from_state_dict(saved, self.global_batch) if saved else TrainState()
-        self.scorer = PairScorer(self.policy, cfg.forward, pad_token_id(inputs.tokenized.manifest.stats),
-                                 accelerator.device, with_wpo_term=cfg.loss.loss.needs_wpo_term)
+        self.reward_shift = RewardShift() if cfg.loss.bco_reward_shift else None
+        if self.reward_shift is not None and "bco_reward_shift" in self.state.loss_state:
+            self.reward_shift.load_state_dict(self.state.loss_state["bco_reward_shift"])
+        self.scorer = PairScorer(self.policy, forward_mode(cfg.forward, cfg.packing),
+                                 pad_token_id(inputs.tokenized.manifest.stats), accelerator.device,
+                                 with_wpo_term=cfg.loss.needs_wpo_term, agree=dist.COLLECTIVE,
+                                 with_shared=cfg.loss.needs_shared_logps)
+        self.timer = PhaseTimer(accelerator.device)
+        self.scorer.timer = accelerator.unwrap_model(self.policy).timer = self.timer
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
-                               config={**flatten(cfg), "fingerprint": fingerprint, "world_size": self.world})
+                               config=self._tracker_config() if accelerator.is_main_process else {})
         self.state.wandb_run_id = self.tracker.run_id
         if self.state.step:
             log.info("resuming from step %d (epoch %d, batch %d of %d)", self.state.step, self.state.cursor.epoch,
@@ -254,6 +277,25 @@ class Trainer:
                  "x %d processes), loss %s beta %g", f"{self.n_trainable:,}", f"{self.n_total:,}",
                  self.train_rows.num_rows, self.total_steps, self.global_batch, cfg.per_device_batch_size,
                  cfg.grad_accum, self.world, cfg.loss.loss_type, cfg.loss.beta)
+
+    def _tracker_config(self) -> dict[str, Any]:
+        """The run's whole lineage for W&B's config (and TensorBoard's "config" text): train's options at
+        the top level, as TRL's config, then what made its inputs: tokenize's and cache-ref's settings,
+        the data sources with their content hashes, and every fingerprint."""
+        cfg, tokenized = self.cfg, self.inputs.tokenized.manifest
+        config: dict[str, Any] = {
+            **flatten(cfg), "loss": cfg.loss.to_json(), "fingerprint": self.fingerprint, "world_size": self.world,
+            "global_batch_size": self.global_batch, "total_steps": self.total_steps,
+            "train_pairs": self.train_rows.num_rows, "model_identity": model_identity(cfg.model)["digest"],
+            "data": [{"source": i.path, "sha256": i.fingerprint} for i in tokenized.inputs if i.kind == "data"],
+            "tokenize": {"path": str(cfg.tokenized), "fingerprint": tokenized.fingerprint, **_settings(tokenized.config),
+                         "pairs": {s: tokenized.rows(s) for s in tokenized.splits}},
+        }
+        if self.inputs.reference is not None:
+            ref = read_manifest(cfg.ref_cache, "ref-logps")
+            config["cache_ref"] = {"path": str(cfg.ref_cache), "fingerprint": ref.fingerprint, **_settings(ref.config),
+                                   "model_identity": (ref.stats.get("model_identity") or {}).get("sampled_digest")}
+        return config
 
     def _read_data(self):
         tokenized, cfg = self.inputs.tokenized, self.cfg
@@ -273,6 +315,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, keep_dropout=cfg.keep_dropout)
+        if cfg.packing:
+            enable_packing(model)
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it also works for frozen LoRA bases.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -289,7 +333,8 @@ class Trainer:
 
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
-        bar = progress(total=self.total_steps, desc="train", unit="step", quiet=cfg.quiet, initial=state.step)
+        bar = progress(total=self.total_steps, desc="train", unit="steps", quiet=cfg.quiet, initial=state.step,
+                       log_every=None, logger=log)
         window = metrics.Window()
         self.session_start = time.perf_counter()
         self.policy.train()
@@ -307,7 +352,7 @@ class Trainer:
                 if state.step in (1, self.total_steps) or state.step % cfg.tracking.logging_steps == 0 or save:
                     self._log(window, learning_rate, bar)
                 if cfg.eval_steps and (state.step % cfg.eval_steps == 0 or state.step == self.total_steps):
-                    self.tracker.log({"step": state.step, "epoch": self._epoch(), **self.evaluate()})
+                    self._log_eval()
                 bar.update(1)
                 if save:
                     self.save()
@@ -317,30 +362,55 @@ class Trainer:
 
     def train_step(self, batch: list[int]) -> dict[str, torch.Tensor]:
         """One optimizer step over this rank's micro-batches of the global batch; the metric sums."""
-        sums, self.grad_norm = None, None
-        for micro in micro_batches(batch, self.lengths, self.cfg.per_device_batch_size, self.cfg.grad_accum,
-                                   self.world, self.accelerator.process_index):
-            with self.accelerator.accumulate(self.policy):
-                loss, micro_sums = self._loss_and_sums(self.train_rows.take(micro))
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    # 0 turns clipping off; an infinite bound still measures the norm.
-                    self.grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable,
-                                                                            self.cfg.max_grad_norm or math.inf))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            sums = metrics.add(sums, micro_sums)
+        sums, self.grad_norm, timer = None, None, self.timer
+        context = self._context(self.train_rows, batch)
+        with timer.step():
+            for micro in micro_batches(batch, self.lengths, self.cfg.per_device_batch_size, self.cfg.grad_accum,
+                                       self.world, self.accelerator.process_index):
+                with self.accelerator.accumulate(self.policy):
+                    with timer.phase("data"):
+                        pairs = self.train_rows.take(micro)
+                    loss, micro_sums = self._loss_and_sums(pairs, context)
+                    with timer.phase("backward"):
+                        self.accelerator.backward(loss)
+                    with timer.phase("optimizer"):
+                        if self.accelerator.sync_gradients:
+                            # 0 turns clipping off; an infinite bound still measures the norm.
+                            self.grad_norm = float(self.accelerator.clip_grad_norm_(
+                                self.trainable, self.cfg.max_grad_norm or math.inf))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                sums = metrics.add(sums, micro_sums)
+        if self.reward_shift is not None:
+            # After the step, from every rank's pairs: the next step's δ, the same for any split.
+            moved = metrics.reduced({k: sums[k] for k in (BCO_REWARD, "pairs")}, self._sum_over_ranks,
+                                    self.accelerator.device)
+            self.reward_shift.update(moved[BCO_REWARD], moved["pairs"])
         return sums
 
-    def _loss_and_sums(self, pairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _context(self, rows, positions: list[int] | None = None) -> BatchContext:
+        """The batch the loss is averaged over (a global batch, or the eval split), counted before any forward.
+
+        Every rank counts the same pairs, so every micro-batch of every rank gets the same context.
+        """
+        chosen_tokens = 0.0
+        if self.cfg.loss.needs_token_count:
+            labels = rows.select(["chosen_labels"])
+            chosen_tokens = float(scored_label_tokens(labels if positions is None else labels.take(positions),
+                                                      "chosen").sum())
+        shift = self.reward_shift.value if self.reward_shift is not None else 0.0
+        return BatchContext(float(rows.num_rows if positions is None else len(positions)), chosen_tokens, shift)
+
+    def _loss_and_sums(self, pairs, context: BatchContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's mean loss (to backpropagate) and its metric sums (to log)."""
         scores = self.scorer(pairs)
-        reference = None
-        if self.inputs.reference is not None:
-            index = torch.from_numpy(pair_indices(pairs)).to(self.accelerator.device)
-            reference = self.inputs.reference.lookup(index)
-        out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference))
-        return out.losses.mean(), metrics.batch_sums(out, scores)
+        with self.timer.phase("loss"):
+            reference = None
+            if self.inputs.reference is not None:
+                index = torch.from_numpy(pair_indices(pairs)).to(self.accelerator.device)
+                reference = self.inputs.reference.lookup(index)
+            out = self.cfg.loss(LossInputs.of(scores.chosen, scores.rejected, reference), context)
+            return out.losses.mean(), metrics.batch_sums(out, scores)
 
     def _save_due(self) -> bool:
         step, cfg = self.state.step, self.cfg
@@ -351,14 +421,38 @@ class Trainer:
     def _epoch(self) -> float:
         return self.order.epoch_progress(self.state.cursor)
 
-    def _log(self, window: metrics.Window, learning_rate: float, bar) -> None:
+    def _log(self, window: metrics.Window, learning_rate: float, bar: Progress) -> None:
         row, counts = window.flush(self._sum_over_ranks, self.accelerator.device)
         self.state.tokens += counts["tokens"]
         self.state.pairs += counts["pairs"]
-        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **{k: row[k] for k in metrics.METRIC_NAMES},
-                          "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
-                          "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]})
-        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        row = {"step": self.state.step, "epoch": self._epoch(), **metrics.means_of(row),
+               "learning_rate": learning_rate, "grad_norm": row["grad_norm"],
+               "tokens_per_second": row["tokens_per_second"], "padding_fraction": row["padding_fraction"]}
+        self.tracker.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.line(self._progress_line(row, bar))
+
+    def _progress_line(self, row: dict[str, Any], bar: Progress) -> str:
+        """What a log file shows every logging step, in place of the bar: the row's headline numbers,
+        throughput, the training time so far (all sessions) and this session's ETA."""
+        step, total = row["step"], self.total_steps
+        eta = bar.eta(done=step)  # the bar counts this step after the row is logged
+        return " | ".join([
+            f"step {step}/{total} ({100 * step / total:.0f}%)", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
+            f"rewards/accuracies {row['rewards/accuracies']:.3f}", f"rewards/margins {row['rewards/margins']:.4f}",
+            f"lr {row['learning_rate']:.3g}", f"{row['tokens_per_second']:,.0f} tokens/s",
+            f"elapsed {duration(self._train_seconds())}", f"ETA {duration(eta) if eta is not None else '?'}",
+        ])
+
+    def _log_eval(self) -> None:
+        """Eval metrics to metrics.jsonl and the trackers, and always to the log (above the bar on a terminal)."""
+        started = time.perf_counter()
+        values = self.evaluate()
+        self.tracker.log({"step": self.state.step, "epoch": self._epoch(), **values})
+        log.info("eval at step %d/%d: %s (%d pairs, %.1fs)", self.state.step, self.total_steps, " | ".join(
+            f"{k} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                                             "eval/logps/chosen", "eval/logps/rejected") if k in values),
+            self.eval_rows.num_rows, time.perf_counter() - started)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum")
@@ -373,19 +467,23 @@ class Trainer:
         self.policy.eval()
         batches = length_grouped_batches(pair_lengths(self.eval_rows), self.cfg.per_device_batch_size)
         rank = self.accelerator.process_index
+        context = self._context(self.eval_rows)
         total = None
         for r in range(math.ceil(len(batches) / self.world)):
             j = r * self.world + rank
-            _, sums = self._loss_and_sums(self.eval_rows.take(batches[min(j, len(batches) - 1)]))
+            _, sums = self._loss_and_sums(self.eval_rows.take(batches[min(j, len(batches) - 1)]), context)
             total = metrics.add(total, sums, weight=1.0 if j < len(batches) else 0.0)
         self.policy.train()
         means = metrics.means(metrics.reduced(total, self._sum_over_ranks, self.accelerator.device))
         return {f"eval/{k}": v for k, v in means.items()}
 
     def save(self) -> None:
-        state = dataclasses.replace(self.state, train_seconds=self._train_seconds())
+        state = dataclasses.replace(self.state, train_seconds=self._train_seconds(), loss_state=self._loss_state())
         self.checkpoints.save(state.step, self.policy, self.optimizer, self.scheduler,
                               state.state_dict(self.global_batch), data_cursor=state.data_cursor(self.global_batch))
+
+    def _loss_state(self) -> dict[str, Any]:
+        return {"bco_reward_shift": self.reward_shift.state_dict()} if self.reward_shift is not None else {}
 
     def _train_seconds(self) -> float:
         return self.state.train_seconds + time.perf_counter() - self.session_start
@@ -430,10 +528,22 @@ class Trainer:
             "peak_cpu_rss_bytes": int(peaks[0]), "peak_gpu_allocated_bytes": int(peaks[1]),
             "world_size": self.world, "global_batch_size": self.global_batch,
             "trainable_parameters": self.n_trainable, "parameters": self.n_total, "beta": self.cfg.loss.beta,
-            "wandb_run_id": self.tracker.run_id if self.cfg.tracking.wandb_project else None,
+            "wandb_run_id": self.tracker.run_id if "wandb" in self.cfg.tracking.destinations else None,
+            "time_breakdown": self.timer.breakdown(),
         }
+        flops = model_flops_per_token(self.accelerator.unwrap_model(self.policy).hf_model,
+                                      *sequence_lengths(self.train_rows), backward=True)
+        stats.update(flops, model_flops_per_second=flops["model_flops_per_token"] * stats["tokens_per_second"])
+        if self._loss_state():
+            stats["loss_state"] = self._loss_state()  # what evaluate needs to compute the same objective
         self.tracker.summary(stats)
         return stats
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's recorded options without the ones that say only how it was run."""
+    return {k: v for k, v in config.items()
+            if k not in ("overwrite", "lock_timeout", "quiet", "verify_inputs", "out", "num_proc")}
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

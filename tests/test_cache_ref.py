@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,8 @@ from dpo.stages import cache_ref as stage
 
 from conftest import DEMO_MODEL, DPO, HH_DATA, REPO, dpo_env, free_port, run_dpo
 
-COLUMNS = ["index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"]
+COLUMNS = ["index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens",
+           "chosen_shared_logps", "rejected_shared_logps"]
 
 
 def tokenize(out: Path, *extra: str) -> Path:
@@ -60,9 +62,9 @@ def read_values(out: Path) -> dict[str, np.ndarray]:
     return {name: table[name] for name in COLUMNS}
 
 
-def textbook(tokenized: Path) -> dict[int, tuple[float, int, float, int]]:
+def textbook(tokenized: Path) -> dict[int, tuple[float, int, float, int, float, float]]:
     """Per pair: model(input_ids).logits, float32 log_softmax, gather at shifted labels, sum; one
-    unpadded sequence at a time."""
+    unpadded sequence at a time. Then each side's sum over its first min(nc, nr) label tokens."""
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
     manifest = read_manifest(tokenized, "tokenized")
     result = {}
@@ -70,15 +72,17 @@ def textbook(tokenized: Path) -> dict[int, tuple[float, int, float, int]]:
         if not entry.path.endswith(".parquet"):
             continue
         for row in pq.read_table(tokenized / entry.path).to_pylist():
-            values = []
+            values, picked = [], []
             for side in ("chosen", "rejected"):
                 ids = torch.tensor([row[f"{side}_input_ids"]])
                 labels = torch.tensor(row[f"{side}_labels"][1:])
                 with torch.no_grad():
                     logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
                 keep = labels != -100
-                values += [logp[keep].gather(-1, labels[keep, None]).sum().item(), int(keep.sum())]
-            result[row["index"]] = tuple(values)
+                picked.append(logp[keep].gather(-1, labels[keep, None]).squeeze(-1))
+                values += [picked[-1].sum().item(), int(keep.sum())]
+            k = min(len(p) for p in picked)
+            result[row["index"]] = tuple(values) + tuple(p[:k].sum().item() for p in picked)
     return result
 
 
@@ -96,9 +100,11 @@ def test_values_equal_the_textbook_computation_at_batch_sizes_1_and_8(tokenized,
     assert eight["index"].tolist() == sorted(want)  # dense ids of both splits, none missing
     for got in (one, eight):
         for i, index in enumerate(got["index"]):
-            chosen, n_chosen, rejected, n_rejected = want[int(index)]
+            chosen, n_chosen, rejected, n_rejected, chosen_shared, rejected_shared = want[int(index)]
             assert abs(got["chosen_logps"][i] - chosen) <= 1e-5 * abs(chosen)
             assert abs(got["rejected_logps"][i] - rejected) <= 1e-5 * abs(rejected)
+            assert abs(got["chosen_shared_logps"][i] - chosen_shared) <= 1e-5 * abs(chosen_shared)
+            assert abs(got["rejected_shared_logps"][i] - rejected_shared) <= 1e-5 * abs(rejected_shared)
             assert (got["chosen_num_tokens"][i], got["rejected_num_tokens"][i]) == (n_chosen, n_rejected)
     assert read_manifest(tmp_path / "bs1").fingerprint == read_manifest(reference).fingerprint
 
@@ -131,7 +137,8 @@ def test_fingerprint_is_pinned_and_blind_to_plumbing():
     config = stage.CacheRefConfig(tokenized="a", model="m", out="o", splits=("train",))
     semantic = {"dtype": "float32", "splits": ("train",), "rows_per_shard": 2048, "model_identity": "0" * 32}
     fp = fingerprint(stage.STAGE, stage.VERSION, {**stage.semantic_config(config), "model_identity": "0" * 32}, ["t"])
-    assert fp == fingerprint(stage.STAGE, stage.VERSION, semantic, ["t"]) == "c5fb9d26051ea1cb"
+    # Version 2 (the shared-prefix columns of LD-DPO); version 1 pinned "c5fb9d26051ea1cb".
+    assert fp == fingerprint(stage.STAGE, stage.VERSION, semantic, ["t"]) == "4cfc81be2f1148b8"
     other = stage.CacheRefConfig(tokenized="b", model="n", out="p", splits=("train",), batch_size=1,
                                  forward="separate", quiet=True, lock_timeout=1)
     assert stage.semantic_config(other) == stage.semantic_config(config)
@@ -174,6 +181,29 @@ def test_load_reference_indexes_by_pair_id(tokenized, reference):
     got = ref.lookup(torch.tensor([3, 0]))
     assert got["rejected_num_tokens"].tolist() == [values["rejected_num_tokens"][3], values["rejected_num_tokens"][0]]
     assert reference_model_mismatch(ref, DEMO_MODEL) is None
+
+
+def test_a_cache_without_shared_prefix_columns_serves_all_but_ld_dpo(tokenized, reference, tmp_path):
+    """A version-1 cache (no chosen/rejected_shared_logps) loads as before; asked for LD-DPO's sums it
+    is refused with the command that recomputes it."""
+    from dpo.artifacts.manifest import write_manifest
+    from dpo.artifacts.shards import write_shard
+
+    old = tmp_path / "v1"
+    shutil.copytree(reference, old)
+    manifest = read_manifest(old)
+    files = [write_shard(old, f.path, pq.read_table(old / f.path).drop_columns(["chosen_shared_logps",
+                                                                                 "rejected_shared_logps"]))
+             for f in manifest.files]
+    write_manifest(old, dataclasses.replace(manifest, files=files))
+    plain = load_reference(old, tokenized, ["train"])
+    assert set(plain.lookup(torch.tensor([0]))) == {"chosen_logps", "rejected_logps", "chosen_num_tokens",
+                                                    "rejected_num_tokens"}
+    with pytest.raises(ArtifactError, match=r"no chosen_shared_logps.*--ld-alpha.*dpo cache-ref .*--overwrite"):
+        load_reference(old, tokenized, ["train"], shared=True)
+    shared = load_reference(reference, tokenized, ["train"], shared=True).lookup(torch.tensor([0, 1]))
+    values = read_values(reference)
+    assert shared["rejected_shared_logps"].tolist() == values["rejected_shared_logps"][:2].tolist()
 
 
 def test_load_reference_refuses_other_tokens_and_gaps(tokenized, reference, tmp_path):

@@ -50,6 +50,21 @@ def test_every_stage_command_documents_every_option():
                 assert param.opts[0] in result.output, (name, param.opts[0])
 
 
+def test_train_help_groups_options_in_panels_and_flags_take_no_value():
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in result.output.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Data", "Loss", "Optimisation", "Model", "LoRA", "Distributed", "Checkpoints and eval",
+                      "Logging", "Output and run control"]
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ --")}
+    for flag in ("--lora", "--packing", "--overwrite", "--gradient-checkpointing", "--help", "--verbose"):
+        assert "<bool>" not in lines[flag], lines[flag]
+    assert "<float>" in lines["--learning-rate"] and "<int>" in lines["--logging-steps"]
+    for name in ("cache-ref", "export"):
+        output = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        assert "╭─ Data " in output and "<bool>" not in output
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToyConfig(StageOptions):
     data: tuple[str, ...] = option((), help="Sources.")

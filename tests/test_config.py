@@ -57,6 +57,24 @@ def test_semantic_fields_and_groups():
     assert semantic_config(config) == {"mode": "a", "beta": None, "names": ("x",)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Grown:
+    beta: float = option(0.1, help="b")
+    tau: float = option(0.05, omit_if_default=True, help="an option added after runs existed")
+    names: tuple[str, ...] = option((), omit_if_default=True, help="n")
+    scale: float = option(1.0, omit_if_default=True, help="s")
+
+
+def test_options_omitted_at_their_default_keep_old_fingerprints():
+    """An omit_if_default option enters the fingerprint only once set: runs that leave it alone keep
+    the fingerprint they had before it existed (1 and 1.0 count as the same value)."""
+    before = {"beta": 0.1}
+    assert semantic_config(Grown()) == before and semantic_config(Grown(tau=0.05, names=(), scale=1)) == before
+    assert semantic_config(Grown(tau=0.5)) == {"beta": 0.1, "tau": 0.5}
+    assert semantic_config(Grown(names=("a",))) == {"beta": 0.1, "names": ("a",)}
+    assert flatten(Grown()) == {"beta": 0.1, "tau": 0.05, "names": [], "scale": 1.0}  # manifests record every value
+
+
 def test_validate_field_checks_then_group_then_stage_checks():
     with pytest.raises(UsageError, match=r"--mode 'c' is not one of: a, b"):
         validate(from_mapping(Outer, {"path": "p", "mode": "c"}))
@@ -99,6 +117,19 @@ def test_section_values_name_file_section_and_key(tmp_path):
         section_values(tmp_path / "folder", "stage", Outer)
 
 
+def test_run_files_may_list_the_losses_of_a_combination(tmp_path):
+    """--loss-type dpo,sft --loss-weights 1,0.5 on the command line; a YAML list or the same string in a run file."""
+    config_cls, _ = STAGES["train"].load()
+    run_file = tmp_path / "run.yaml"
+    for text in ("train:\n  loss_type: [sigmoid, sft]\n  loss_weights: [1, 0.5]\n",
+                 "train:\n  loss_type: sigmoid,sft\n  loss_weights: 1,0.5\n"):
+        run_file.write_text(text)
+        values = section_values(run_file, "train", config_cls)
+        assert values == {"loss_type": "sigmoid,sft", "loss_weights": "1,0.5"}
+        loss = from_mapping(config_cls, {"tokenized": "t", "model": "m", "out": "o", **values}).loss.resolved()
+        assert (loss.loss_type, loss.loss_weights) == ("dpo,sft", "1.0,0.5")
+
+
 def test_every_stage_option_has_help_and_a_unique_name():
     for stage in STAGES.values():
         config_cls, _ = stage.load()
@@ -116,3 +147,24 @@ def test_train_fingerprints_the_same_options_as_before_the_redesign():
         "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "max_grad_norm", "seed", "dtype", "mixed_precision",
         "keep_dropout", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
     }
+
+
+@pytest.mark.parametrize("options, before, same", [
+    ({}, "35bdd6d161237f48", True),
+    ({"loss_type": "simpo"}, "113c01e0494a68d2", True),
+    ({"label_smoothing": 0.1, "beta": 0.2}, "b22f952248a78559", True),
+    ({"loss_type": "ipo"}, "e6146a7a09ff0f7c", True),
+    ({"loss_type": "sigmoid_norm"}, "fb09c0686092855b", True),  # TRL's name for dpo_norm: the same run
+    ({"rpo_alpha": 0.5}, "1bdf8620b429cb03", False),  # now dpo,sft: a checkpoint of the old term is refused
+])
+def test_train_fingerprints_of_existing_runs(options, before, same):
+    """Train fingerprints (fixed inputs, global batch 8) as the code before the loss combinations
+    computed them: kept for every run that sets no new option, changed where --rpo-alpha's numbers
+    changed."""
+    from dpo.artifacts.fingerprint import fingerprint
+    from dpo.stages import train
+
+    config = from_mapping(train.TrainConfig, {"tokenized": "t", "model": "m", "out": "o", **options})
+    config = dataclasses.replace(config, loss=config.loss.resolved())  # as train.run does
+    fp = fingerprint(train.STAGE, train.VERSION, {**semantic_config(config), "global_batch": 8}, ["a" * 16, "b" * 16])
+    assert (fp == before) == same, fp

@@ -13,7 +13,6 @@ depend on its total length). Against it:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -185,3 +184,21 @@ def test_sigterm_saves_exits_75_and_rerun_resumes(inputs, reference, tmp_path):
     curve = losses(out)
     assert sorted(curve) == list(range(1, 101))
     assert_curves_match(curve, reference, EXACT_TOL)  # constant LR: the first steps of any run length agree
+
+
+def test_combined_loss_with_batch_level_terms_matches_across_processes(inputs, tmp_path):
+    """MPO with bco_pair's running mean: sft's token mean is over the global batch on every rank, and
+    the reward shift is reduced across ranks after each step, so 2 processes x 2 pairs give the
+    single process's curve, component by component, from step 3 on with δ != 0."""
+    options = ("--loss-type", "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1", "--bco-reward-shift",
+               "--max-steps", STEPS)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(inputs, one, "--per-device-batch-size", "4", *options)
+    train(inputs, two, "--per-device-batch-size", "2", *options, procs=2)
+    rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "loss/dpo", "loss/bco_pair", "loss/sft"):
+            assert abs(a[key] - b[key]) <= MULTI_TOL, (a["step"], key, a[key], b[key])
+    states = [json.loads((out / "manifest.json").read_text())["stats"]["loss_state"] for out in (one, two)]
+    assert states[0]["bco_reward_shift"]["pairs"] == states[1]["bco_reward_shift"]["pairs"] == 4 * STEPS
+    assert abs(states[0]["bco_reward_shift"]["reward_sum"] - states[1]["bco_reward_shift"]["reward_sum"]) < 1e-4

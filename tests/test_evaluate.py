@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import HH_DATA, build_tiny_llama, run_dpo
+from refusals import assert_refused, dpo_in_process
 
 BETA = 0.1
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +162,41 @@ def test_unknown_split_lists_the_splits(pipeline, tmp_path):
     assert not (tmp_path / "e" / "manifest.json").exists()
 
 
+def test_baseline_of_other_pairs_is_refused_naming_both(pipeline, tmp_path):
+    """A before/after table of two evaluations on different pairs would compare nothing."""
+    on_train = tmp_path / "base-train"
+    done = dpo_in_process("evaluate", "--model", pipeline["base"], "--tokenized", pipeline["tokenized"], "--split", "train",
+                          "--out", on_train, "--quiet")
+    assert done.exit_code == 0, done.output
+    fingerprint = json.loads((pipeline["tokenized"] / "manifest.json").read_text())["fingerprint"]
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"]
+    assert_refused(args + ["--baseline", on_train],
+                   f"--baseline {on_train} evaluated split 'train' of {pipeline['tokenized']} (tokenized fingerprint "
+                   f"{fingerprint}), but this run evaluates split 'eval' of {pipeline['tokenized']} (tokenized "
+                   f"fingerprint {fingerprint})", out=tmp_path / "e", inputs=[on_train, pipeline["tokenized"]])
+    # the same split of another tokenized artifact
+    other = tmp_path / "tok-other"
+    done = dpo_in_process("tokenize", "--data", f"{HH_DATA}:20", "--tokenizer", pipeline["base"], "--out", other,
+                          "--eval-fraction", "0.5", "--max-seq-length", "96", "--quiet")
+    assert done.exit_code == 0, done.output
+    other_fp = json.loads((other / "manifest.json").read_text())["fingerprint"]
+    assert_refused(["evaluate", "--model", pipeline["trained"], "--tokenized", other, "--out", tmp_path / "e",
+                    "--baseline", on_train], f"of {pipeline['tokenized']} (tokenized fingerprint {fingerprint}), but "
+                   f"this run evaluates split 'eval' of {other} (tokenized fingerprint {other_fp})",
+                   out=tmp_path / "e", inputs=[on_train, other])
+
+
+def test_model_with_a_smaller_vocabulary_is_refused(pipeline, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    assert_refused(["evaluate", "--model", small, "--tokenized", pipeline["tokenized"], "--out", tmp_path / "e"],
+                   f"model {small} has a vocabulary of 100 tokens", f"--tokenizer {pipeline['base']}, a tokenizer of 512 tokens",
+                   out=tmp_path / "e", inputs=[small, pipeline["tokenized"]])
+
+
 def test_prompts_file(pipeline, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Tell me a story."}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
@@ -176,3 +212,69 @@ def test_prompts_file(pipeline, tmp_path):
                    "--out", tmp_path / "bad", "--generate", "2", "--prompts", prompts)
     assert proc.returncode == 2
     assert f"{prompts}, line 2, field 'prompt'" in proc.stderr
+
+    # read before anything is scored: bytes that are not UTF-8, a lone surrogate, an unknown role
+    args = ["evaluate", "--model", pipeline["trained"], "--tokenized", pipeline["tokenized"], "--out", tmp_path / "bad",
+            "--generate", "2", "--prompts", prompts]
+    for line, expected in [(b'{"prompt": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at byte 16 of the line)"),
+                           (b'{"prompt": "a\\udc00"}', "line 2, field 'prompt': holds U+DC00 at character 1"),
+                           (b'{"messages": [{"role": "bot", "content": "x"}]}',
+                            "line 2, field 'messages[0].role': unknown role 'bot'")]:
+        prompts.write_bytes(b'{"prompt": "ok"}\n' + line + b"\n")
+        assert_refused(args, f"{prompts}, {expected}", out=tmp_path / "bad", inputs=[prompts])
+
+# Global batches of 8 (4 x 2): this split's first three are full. A shuffled epoch may hold one short
+# batch, which batching.length_grouped_batches drops only when it comes last.
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1", bco_reward_shift=True, ld_alpha=0.5),
+    dict(loss_type="aot_unpaired", label_smoothing=0.1),
+], ids=["mpo-ld-shift", "aot"])
+def test_evaluate_computes_the_objective_train_did(pipeline, tmp_path, options):
+    """evaluate reads the loss from train's manifest (with bco_pair's final δ, sft's token count over the
+    split, aot's groups of train's per-device batch): its loss and components equal train's own eval
+    of the same final model on the same split."""
+    from dpo.pipeline.config import from_mapping
+    from dpo.stages import evaluate, train
+
+    out = tmp_path / "train"
+    train.run(from_mapping(train.TrainConfig, dict(
+        tokenized=str(pipeline["tokenized"]), ref_cache=str(pipeline["ref"]), model=str(pipeline["base"]), out=str(out),
+        max_steps=3, eval_steps=3, learning_rate=5e-3, warmup_ratio=0.0, quiet=True,
+        per_device_batch_size=4, grad_accum=2, **options)))
+    trained = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    evaluate.run(from_mapping(evaluate.EvaluateConfig, dict(
+        model=str(out / "final"), tokenized=str(pipeline["tokenized"]), ref_cache=str(pipeline["ref"]),
+        train=str(out), out=str(tmp_path / "eval"), batch_size=3, quiet=True)))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    keys = [k[len("eval/"):] for k in trained if k.startswith("eval/")]
+    assert ("loss/sft" in keys) == ("sft" in options["loss_type"])
+    for key in keys:
+        assert metrics[key] == pytest.approx(trained[f"eval/{key}"], rel=1e-5, abs=1e-7), key
+    assert abs(metrics["loss"] - 0.693) > 1e-3  # the model moved: a real comparison
+    objective = json.loads((tmp_path / "eval" / "manifest.json").read_text())["config"]["objective"]
+    assert objective["loss_type"] == train.LossConfig(loss_type=options["loss_type"], label_smoothing=0.1
+                                                      if "label_smoothing" in options else 0.0).resolved().loss_type
+
+
+def test_every_loss_round_trips_through_the_train_manifest():
+    """What train records (its manifest's loss section, flat config, final trainer state) rebuilds the
+    same resolved LossConfig in evaluate, for every loss and the new options."""
+    from dpo.artifacts.manifest import Manifest
+    from dpo.pipeline.config import from_mapping
+    from dpo.pipeline.losses import LOSS_TYPES, LossConfig
+    from dpo.stages import evaluate
+
+    cfg = from_mapping(evaluate.EvaluateConfig, {"model": "m", "tokenized": "t", "out": "o", "train": "tr"})
+    variants = [dict(loss_type=n, label_smoothing=1e-3 if n == "exo_pair" else 0.0) for n in LOSS_TYPES]
+    variants += [dict(loss_type="dpo,bco_pair,sft", loss_weights="0.8,0.2,1", bco_reward_shift=True, ld_alpha=0.3),
+                 dict(loss_type="discopop", discopop_tau=0.2, f_divergence="alpha_divergence",
+                      f_alpha_divergence_coef=0.3),
+                 dict(loss_type="dpo", rpo_alpha=0.5)]
+    for options in variants:
+        loss = LossConfig(**options).resolved()
+        manifest = Manifest(kind="train", fingerprint="0" * 16, config={"loss": loss.to_json(), "per_device_batch_size": 6},
+                            stats={"loss_state": {"bco_reward_shift": {"reward_sum": -3.0, "pairs": 12.0}}})
+        objective = evaluate._objective(cfg, manifest)
+        assert objective.loss == loss, options
+        assert objective.sort_size == 6
+        assert objective.reward_shift == -0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -102,6 +103,22 @@ def test_sharegpt_unknown_speaker_names_the_field():
     assert err.value.field == "conversations[0].from"
 
 
+def test_chat_roles_and_text_tokenizers_cannot_take_name_the_field():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(FieldError, match=r"'prompt\[0\].role': unknown role 'User' \(known: system, developer, user"):
+        normalise({"prompt": [{"role": "User", "content": "hi"}], "chosen": "a", "rejected": "b"}, "chat-prompt")
+    lone = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "o\udcffk"}]
+    with pytest.raises(FieldError, match=r"'rejected\[1\].content': holds U\+DCFF at character 1, a lone surrogate"):
+        normalise({"chosen": turns, "rejected": lone}, "chat")
+    with pytest.raises(FieldError, match=r"'chosen': holds U\+D83D at character 10"):
+        normalise({"chosen": "\n\nHuman: h\ud83d\n\nAssistant: a", "rejected": "\n\nHuman: h\ud83d\n\nAssistant: b"}, "hh")
+    with pytest.raises(FieldError, match=r"'system': holds U\+DC00"):
+        normalise({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+                   "rejected": {"from": "gpt", "value": "b"}, "system": "s\udc00"}, "sharegpt")
+    # a surrogate pair from JSON escapes is one character, not a problem
+    assert normalise(json.loads('{"prompt": "\\ud83d\\ude00", "chosen": "a", "rejected": "b"}'), "text").prompt == "\U0001F600"
+
+
 def test_columns_mapping():
     assert parse_columns("prompt=question, chosen=good,rejected=bad") == {
         "prompt": "question", "chosen": "good", "rejected": "bad"}
@@ -160,6 +177,40 @@ def test_source_spec_amounts():
             SourceSpec.parse(bad)
 
 
+def test_bad_amount_is_named_as_the_amount(tmp_path):
+    """Today's "no such file" for data.jsonl:abc hid the real mistake: the amount."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    for amount in ("abc", "-5", "1e3", "50%", "1,000", "", "0.5.1"):
+        with pytest.raises(UsageError, match=f"the amount '{re.escape(amount)}' after the last ':' is not one dpo takes; "
+                                             "AMOUNT is a row count"):
+            SourceSpec.parse(f"{data}:{amount}")
+    # the amount is judged even when the file is missing, if the name says it is a data file
+    with pytest.raises(UsageError, match="the amount 'x'"):
+        SourceSpec.parse(str(tmp_path / "missing.jsonl:x"))
+    with pytest.raises(UsageError, match=r"--eval-data .*: a fraction must be in \(0, 1\], got 1.5"):
+        SourceSpec.parse(f"{data}:1.5", "--eval-data")
+
+
+def test_file_names_with_colons(tmp_path):
+    odd = tmp_path / "run:2024-01-01.jsonl"
+    odd.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    assert SourceSpec.parse(str(odd)) == SourceSpec(str(odd), str(odd), None)
+    assert SourceSpec.parse(f"{odd}:0.5") == SourceSpec(f"{odd}:0.5", str(odd), 0.5)
+    assert SourceSpec.parse(f"{odd}:7").amount == 7
+    # a name that ends in ':DIGITS' is read whole when only that file exists ...
+    numbered = tmp_path / "pairs:100"
+    numbered.write_text("")
+    assert SourceSpec.parse(str(numbered)).path == str(numbered)
+    # ... and the amount reading wins when both exist; ':1.0' then takes the whole of the odd one
+    (tmp_path / "pairs").write_text("")
+    assert SourceSpec.parse(str(numbered)) == SourceSpec(str(numbered), str(tmp_path / "pairs"), 100)
+    assert SourceSpec.parse(f"{numbered}:1.0") == SourceSpec(f"{numbered}:1.0", str(numbered), None)
+    # a hub name or a missing file without an amount-like tail is still just a name
+    assert SourceSpec.parse("org/name").amount is None
+    assert SourceSpec.parse("notes:v2").path == "notes:v2"
+
+
 def test_sampling_is_seeded_ordered_and_exact():
     a = sample_rows(1000, 0.25, seed=1, key="src", what="src:0.25")
     assert len(a) == 250 and a == sorted(a)
@@ -170,6 +221,8 @@ def test_sampling_is_seeded_ordered_and_exact():
     assert sample_rows(10, 3, seed=42, key="k", what="k:3") == [3, 4, 7]
     with pytest.raises(UsageError, match="only 10"):
         sample_rows(10, 11, seed=1, key="src", what="src:11")
+    with pytest.raises(UsageError, match=r"--data src:0.01: takes no rows \(0.01 of 10 rounds to 0\)"):
+        sample_rows(10, 0.01, seed=1, key="src", what="--data src:0.01")
     assert len(pick_fraction(100, 0.1, 0, "eval")) == 10
 
 

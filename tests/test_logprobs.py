@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-from dpo.pipeline.scoring import collate_pairs
+import pytest
+
+from dpo.pipeline.scoring import PairScorer, collate_pairs
 from dpo.pipeline.logprobs import LabelLogProbs
 
 from conftest import DEMO_MODEL
@@ -86,6 +88,34 @@ def test_matches_textbook_at_batch_sizes_1_and_8_with_padding():
                 assert abs(logp - want) <= 1e-5 * abs(want), (batch_size, row["index"], side, logp, want)
                 assert abs(w - wpo) <= 1e-5 * max(1.0, abs(wpo))
     assert wrapper.head_path == "body"
+
+
+def label_logps(model, ids: list[int], labels: list[int]) -> torch.Tensor:
+    """Each label token's log-prob, in order, of one unpadded sequence."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    targets = torch.tensor(labels[1:])
+    keep = targets != -100
+    return logp[keep].gather(-1, targets[keep, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("mode", ["concatenated", "separate"])
+def test_shared_prefix_sums_match_textbook(mode):
+    """LD-DPO's S_k: each response's first k = min(nc, nr) label log-probs summed, k per pair; the
+    shorter response's is its whole sum. Gradients flow through it."""
+    model = demo_model()
+    rows = random_pairs(5, model.config.vocab_size, seed=4)
+    scores = PairScorer(LabelLogProbs(model), mode, pad_token_id=0, device="cpu", with_shared=True)(rows)
+    for i, row in enumerate(rows):
+        chosen, rejected = (label_logps(model, row[f"{s}_input_ids"], row[f"{s}_labels"]) for s in ("chosen", "rejected"))
+        k = min(len(chosen), len(rejected))
+        for got, want in ((scores.chosen, chosen), (scores.rejected, rejected)):
+            assert abs(got.shared_logps[i].item() - want[:k].sum().item()) <= 1e-5 * abs(want[:k].sum().item())
+    assert (scores.chosen.num_tokens != scores.rejected.num_tokens).all()  # every pair has a tail to leave out
+    shorter = torch.minimum(scores.chosen.num_tokens, scores.rejected.num_tokens) == scores.chosen.num_tokens
+    torch.testing.assert_close(scores.chosen.shared_logps[shorter], scores.chosen.logps[shorter])
+    scores.chosen.shared_logps.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_concatenated_and_separate_agree():

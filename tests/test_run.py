@@ -77,11 +77,67 @@ def test_resolve_without_reference_for_simpo(tmp_path):
     assert run_stage.steps_of(run_file) == ["tokenize", "train", "export", "evaluate"]
 
 
+def test_relative_paths_are_taken_from_the_run_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "sweeps"
+    (folder / "models" / "base").mkdir(parents=True)
+    (folder / "data.jsonl").write_text("{}\n")
+    run_file = folder / "run.yaml"
+    run_file.write_text(yaml.safe_dump({
+        "run_dir": "../runs/a", "model": "models/base",
+        "tokenize": {"data": ["data.jsonl:0.5", "org/hub-dataset", str(HH_DATA)], "tokenizer": "models/base",
+                     "chat-template": "template.jinja"},
+        "train": {"model": "meta-llama/Llama-3.1-8B", "deepspeed_config": "zero3.json"},
+    }))
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
+    resolved = run_stage.resolve(Path("sweeps/run.yaml"))
+    runs = tmp_path / "runs" / "a"
+    assert resolved["run_dir"] == str(runs) and resolved["model"] == str(folder / "models" / "base")
+    tok = resolved["tokenize"]
+    # A data spec keeps its :AMOUNT; a Hub name that is no folder here stays a Hub name.
+    assert tok["data"] == [f"{folder}/data.jsonl:0.5", "org/hub-dataset", str(HH_DATA)]
+    assert tok["tokenizer"] == str(folder / "models" / "base") and tok["out"] == str(runs / "tokenized")
+    assert tok["chat-template"] == str(folder / "template.jinja")  # a file option: resolved even before it exists
+    train = resolved["train"]
+    assert train["model"] == "meta-llama/Llama-3.1-8B" and train["deepspeed_config"] == str(folder / "zero3.json")
+    assert train["tokenized"] == str(runs / "tokenized")
+    # `dpo train --config sweeps/run.yaml` reads its section the same way.
+    from dpo.pipeline.config import section_values
+    from dpo.stages.train import TrainConfig
+
+    values = section_values(Path("sweeps/run.yaml"), "train", TrainConfig)
+    assert values["deepspeed_config"] == str(folder / "zero3.json") and values["model"] == "meta-llama/Llama-3.1-8B"
+
+
+def test_set_overrides_values_of_the_run_file(tmp_path, monkeypatch):
+    run_file = tiny_run_file(tmp_path / "run.yaml", tmp_path / "r", Path("base"),
+                             train={"max-steps": 3, "beta": 0.1})
+    monkeypatch.chdir(tmp_path)
+    resolved = run_stage.resolve(run_file, ("train.beta=0.05", "train.max_steps=7", "run_dir=runs/b05",
+                                            "cache-ref.batch_size=2", "tokenize.data=[a.jsonl:10, b.jsonl]"))
+    train = resolved["train"]
+    assert train["beta"] == 0.05 and train["max_steps"] == 7 and "max-steps" not in train
+    assert resolved["run_dir"] == str(tmp_path / "runs" / "b05")  # from the current folder, as a flag
+    assert train["out"] == str(tmp_path / "runs" / "b05" / "train")
+    assert resolved["cache-ref"]["batch_size"] == 2
+    assert resolved["tokenize"]["data"] == ["a.jsonl:10", "b.jsonl"]
+    # The evaluate-base step is judged with the overridden loss too.
+    assert resolved["evaluate-base"]["beta"] == 0.05
+    for item, message in (("train.beta", "expected SECTION.OPTION=VALUE"), ("trian.beta=1", "no step 'trian'"),
+                          ("beta=1", "'beta' is not a top-level key"), ("train.beta=[1", "not valid YAML")):
+        with pytest.raises(UsageError, match=message):
+            run_stage.resolve(run_file, (item,))
+    no_eval = tiny_run_file(tmp_path / "no-eval.yaml", tmp_path / "r", Path("base"), evaluate=None)
+    with pytest.raises(UsageError, match="has no 'evaluate' section"):
+        run_stage.resolve(no_eval, ("evaluate.generate=4",))
+
+
 @pytest.mark.parametrize("text, message", [
     ("run_dir: r\nmodel: m\ntrian: {}\n", "unknown top-level key(s) 'trian'"),
     ("model: m\ntokenize: {}\n", "needs a top-level run_dir"),
     ("run_dir: r\n", "no step sections"),
     ("run_dir: r\ntrain: [1, 2]\n", "section 'train' must be a mapping"),
+    ("run_dir: r\nmodel: [m]\ntrain: {}\n", "top-level key 'model': expected a single value"),
+    ("run_dir: {a: 1}\ntrain: {}\n", "top-level key 'run_dir': expected a single value"),
 ])
 def test_resolve_rejects_bad_run_files(tmp_path, text, message):
     path = tmp_path / "run.yaml"
@@ -114,6 +170,7 @@ def test_run_whole_pipeline_then_skip_everything(tmp_path, model):
 
     proc = run_dpo("run", "--config", run_file, check=True)
     assert f"report: {run_dir / 'eval' / 'report.md'}" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("report: ") == 1  # the path once, as the run's result
     assert "step tokenize: skipped" in proc.stderr
     for step in ("cache-ref", "train", "export", "evaluate-base", "evaluate"):
         assert f"step {step}: done" in proc.stderr, proc.stderr
@@ -141,14 +198,20 @@ def test_run_whole_pipeline_then_skip_everything(tmp_path, model):
     train_entry = next(e for e in listing["artifacts"] if e["step"] == "train")
     assert {i["kind"] for i in train_entry["inputs"]} == {"tokenized", "ref-logps"}
     assert all(i["state"] == "ok" for i in train_entry["inputs"])
+    trained = train_entry["stats"]["trained"]
+    assert trained["pairs"] == trained["steps"] * trained["global_batch"] == 3 * 4
+    assert f"trained: 3 steps x 4 pairs = 12 pairs ({trained['epochs']:.2f} epochs)" in proc.stdout
+    # The base model evaluate-base read is a model folder dpo did not make: external, not "incomplete".
+    base_entry = next(e for e in listing["artifacts"] if e["step"] == "evaluate-base")
+    assert {i["kind"]: i["state"] for i in base_entry["inputs"]}["model"] == "external"
+    assert "incomplete" not in proc.stdout
 
     # One artifact on its own: its next stage.
     proc = run_dpo("status", run_dir / "train", check=True)
     assert "next: nothing for train (complete); the next stage is export" in proc.stdout
 
-    # A changed config refuses instead of silently mixing runs.
-    tiny_run_file(run_file, run_dir, model, train={"learning_rate": 5e-4})
-    proc = run_dpo("run", "--config", run_file)
+    # A changed config (here from --set) refuses instead of silently mixing runs.
+    proc = run_dpo("run", "--config", run_file, "--set", "train.learning_rate=5e-4")
     assert proc.returncode == 3, proc.stderr
     assert "step train failed with exit code 3" in proc.stderr and "--overwrite" in proc.stderr
 

@@ -115,6 +115,20 @@ def test_out_that_is_or_lies_under_a_file_is_a_usage_error(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path):
+    """A dangling symbolic link (a purged scratch folder), a name too long for the file system: exit 2
+    naming --out, not a FileExistsError or OSError traceback."""
+    (tmp_path / "scratch").symlink_to(tmp_path / "purged" / "run")
+    for out, message in ((tmp_path / "scratch", "is a symbolic link to .*purged/run, which does not exist"),
+                         (tmp_path / "scratch" / "tok", "lies under .*scratch, a symbolic link to .*purged/run"),
+                         (tmp_path / ("x" * 300), "cannot create it \\(File name too long")):
+        with pytest.raises(UsageError, match=message) as error:
+            with StageRun("test", out, "eval", FP):
+                pass
+        assert error.value.exit_code == 2
+    assert not (tmp_path / "purged").exists()
+
+
 def test_overwrite_refuses_a_folder_with_foreign_files_naming_one(tmp_path):
     out = tmp_path / "out"
     commit(out)

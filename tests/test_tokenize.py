@@ -24,6 +24,7 @@ from dpo.artifacts.lock import ArtifactLock
 from dpo.artifacts.shards import ArtifactReader
 from dpo.artifacts.errors import ArtifactError, DataError, UsageError
 from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
+from refusals import assert_refused, dpo_in_process
 
 HH = str(HH_DATA)
 SHAREGPT = str(SHAREGPT_DATA)
@@ -229,9 +230,73 @@ def test_template_whose_prompt_is_not_a_token_prefix_is_reported(tmp_path):
     with pytest.raises(DataError, match=r"json, row \[\d+\]: the chat template's rendering of the prompt is not a prefix"):
         tokenize(tmp_path / "out", f"{SHAREGPT}:3", chat_template=str(template))
     assert not (tmp_path / "out" / "manifest.json").exists()
-    manifest = tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
-    assert manifest.stats["dropped"] == {"prompt_not_token_prefix": 3}
-    assert manifest.stats["pairs_per_source"]["train"] == {HH: 5}
+    # set aside one by one, but a source that loses every record beside another source is not left out silently
+    with pytest.raises(DataError, match=r"--data .*json:3: none of its 3 records made a pair \(dropped: "
+                                        r"\{'prompt_not_token_prefix': 3\}\): a whole source lost"):
+        tokenize(tmp_path / "skip", f"{SHAREGPT}:3", f"{HH}:5", chat_template=str(template), on_bad_record="skip")
+    assert not (tmp_path / "skip" / "manifest.json").exists()
+
+
+CHAT = [{"chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "no"}]} for i in range(3)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_chat_template_that_does_not_compile_is_a_configuration_error(tmp_path):
+    """Today every chat record became a template_error drop, silently so beside plain-text data."""
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }\n{% endfor %}")
+    args = ["tokenize", "--data", data, "--data", f"{HH}:5", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+    assert_refused(args + ["--chat-template", template], f"--chat-template {template} does not compile: "
+                   "TemplateSyntaxError at template line 1: unexpected '}'", out=tmp_path / "out",
+                   inputs=[data, template])
+    # the tokenizer folder's own template, named by the file that holds it
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        folder.joinpath(name).write_bytes((DEMO_MODEL / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    args[args.index("--tokenizer") + 1] = folder
+    assert_refused(args, f"the chat template of --tokenizer {folder} ({folder / 'tokenizer_config.json'}) does not "
+                   "compile: TemplateSyntaxError", out=tmp_path / "out", inputs=[data, folder])
+    # a template nobody uses is nobody's problem: plain-text data tokenizes as before
+    assert tokenize(tmp_path / "plain", f"{HH}:5", tokenizer=folder).stats["pairs"]["train"] == 5
+
+
+def test_chat_template_that_fails_on_the_first_record_is_a_configuration_error(tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'user' %}{{ raise_exception('no user turns here') }}"
+                        "{% endif %}{{ m.content }}{% endfor %}")
+    assert_refused(["tokenize", "--data", f"{HH}:5", "--data", data, "--tokenizer", DEMO_MODEL, "--out",
+                    tmp_path / "out", "--chat-template", template, "--on-bad-record", "skip"],
+                   f"--chat-template {template} fails on the first chat record ({data}, line 1): TemplateError: "
+                   "no user turns here", out=tmp_path / "out", inputs=[data, template])
+
+
+def test_chat_template_that_refuses_a_later_record_drops_that_record(tmp_path):
+    """The first conversation renders, a later one breaks the template's rule: a per-record drop, as before."""
+    odd = {"chosen": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "no"}]}
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT[:2] + [odd])
+    template = tmp_path / "alternate.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.role + ': ' + m.content }}"
+        "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    manifest = tokenize(tmp_path / "out", str(data), chat_template=str(template))
+    assert manifest.stats["pairs"]["train"] == 2
+    assert manifest.stats["dropped"] == {"template_error": 1}
 
 
 # --------------------------------------------------------------------------------- truncation
@@ -259,6 +324,85 @@ def test_truncation_keep_start_and_drop(tmp_path):
     assert drop.stats["pairs"]["train"] < keep.stats["pairs"]["train"]
     rejects = [json.loads(line) for line in (tmp_path / "drop" / "rejects.jsonl").read_text().splitlines()]
     assert sum(r["reason"] == "too_long" for r in rejects) == drop.stats["dropped"]["too_long"]
+
+
+def _huge_pairs(size: int) -> list:
+    """Pairs with texts far over the cut: prose with multi-byte characters, emoji and newlines, runs
+    without whitespace, huge prompts (plain and chat, early and late turns) and huge responses."""
+    import random
+
+    from dpo.pipeline.formats import Pair
+
+    rng = random.Random(0)
+    words = "the cat sat héllo wörld 日本語 テスト 🙂🙃 42 3.14 , . ! ? \n\n - -- ### aaaa Assistant: </s>".split(" ")
+
+    def prose(n: int) -> str:
+        out, length = [], 0
+        while length < n:
+            out.append(rng.choice(words))
+            length += len(out[-1]) + 1
+        return " ".join(out)
+
+    user = {"role": "user", "content": "hi"}
+    return [
+        Pair("Q: " + prose(40), " " + prose(size), " " + prose(size)),
+        Pair(prose(size), " yes", " no"),
+        Pair(prose(size), " " + prose(size), " " + prose(size)),
+        Pair(" " + "a" * size, " " + "b" * size, " " + "c" * size),
+        Pair(({"role": "system", "content": prose(size)}, user), prose(size), "no"),
+        Pair(({"role": "user", "content": prose(size)},), "yes " + prose(size), "no"),
+        Pair((user,), prose(size) + "</s>" + prose(size), "no"),
+    ]
+
+
+@pytest.mark.parametrize("tokenizer", [DEMO_MODEL, GPT2_TOKENIZER], ids=["llama-sp", "gpt2"])
+def test_huge_texts_are_cut_before_tokenizing_and_keep_the_same_tokens(tokenizer, tmp_path, monkeypatch):
+    """The cut (a text longer than (max_seq_length + margin) x the longest token's characters keeps its
+    head as a response, its tail as a prompt) changes no token a pair keeps, nor why a pair is dropped.
+    (Texts under 100,000 characters are never cut; here the floor is lowered to test the cut on small texts.)"""
+    from dpo.pipeline import tokenization
+    from dpo.pipeline.tokenization import EncodeSettings, PairEncoder
+
+    monkeypatch.setattr(tokenization, "MIN_CUT_CHARS", 0)
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+                        "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    pairs = _huge_pairs(18_000)
+    kept = 0
+    for max_seq_length, max_prompt_length, truncation in [(64, None, "keep-start"), (64, 16, "keep-start"),
+                                                          (64, None, "drop"), (72, 40, "keep-start")]:
+        encoder = PairEncoder(EncodeSettings(str(tokenizer), template.read_text(), False, max_seq_length,
+                                             max_prompt_length, truncation))
+        assert all(encoder.bound(pair)[1] for pair in pairs)  # every one of them is cut
+        bounded = encoder.encode(pairs)
+        encoder.max_chars = None
+        whole = encoder.encode(pairs)
+        for got, expected in zip(bounded, whole):
+            assert type(got) is type(expected)
+            assert got == expected if not hasattr(got, "reason") else got.reason == expected.reason
+        kept += sum(hasattr(r, "prompt") and r.truncated for r in whole)
+    assert kept >= 10  # the comparison covers kept tokens, not only drops
+
+
+def test_huge_text_cut_changes_no_byte_of_real_data(tmp_path, monkeypatch):
+    """HH-RLHF at --max-seq-length 64 with the demo tokenizer, the 100,000-character floor lowered so
+    that most dialogues are cut (at 896 characters): the shards are byte-identical to those made
+    without the cut, and so are the drops. With the floor, no record of the shipped data is cut."""
+    from dpo.pipeline import tokenization
+    from dpo.pipeline.tokenization import PairEncoder
+
+    options = dict(max_seq_length=64, max_prompt_length=24, rows_per_shard=200)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenization, "MIN_CUT_CHARS", 0)
+        cut = tokenize(tmp_path / "cut", f"{HH}:400", **options)
+    monkeypatch.setattr(PairEncoder, "bound", lambda self, pair: (pair, 0))
+    whole = tokenize(tmp_path / "whole", f"{HH}:400", **options)
+    assert cut.fingerprint == whole.fingerprint
+    assert {k: v for k, v in shard_bytes(tmp_path / "cut").items() if k.endswith(".parquet")} == \
+        {k: v for k, v in shard_bytes(tmp_path / "whole").items() if k.endswith(".parquet")}
+    assert cut.stats["dropped"] == whole.stats["dropped"] and cut.stats["truncated"] == whole.stats["truncated"] > 300
+    assert max(len(r["chosen"]) for r in hh_lines()) < tokenization.MIN_CUT_CHARS
 
 
 def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path):
@@ -299,6 +443,49 @@ def test_eval_data_source(tmp_path):
     m = tokenize(tmp_path / "out", f"{HH}:100", eval_data=(f"{SHAREGPT}:10",), max_seq_length=16384)
     assert m.stats["pairs_per_source"]["eval"] == {SHAREGPT: 10}
     assert rows(tmp_path / "out", "eval")[0]["index"] == m.stats["pairs"]["train"]
+
+
+def test_eval_split_asked_for_and_empty_is_refused_saying_why(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(20)])
+    out = tmp_path / "out"
+    base = ["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", out]
+    assert_refused(base + ["--eval-fraction", "0.01"], "--eval-fraction 0.01 holds out 0 of the 20 --data records, "
+                   "so there would be no eval split", out=out, inputs=[data])
+    assert_refused(base + ["--eval-fraction", "0.99"], "holds out 20 of the 20 --data records, leaving none to train on",
+                   out=out, inputs=[data])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_refused(base + ["--eval-data", empty, "--format", "text"], f"--eval-data {empty}: has no records",
+                   out=out, inputs=[data, empty])
+    # every eval record dropped by the filters: refused after tokenizing, before anything is committed
+    dropped = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "x", "chosen": "same", "rejected": "same"}] * 3)
+    assert_refused(base + ["--eval-data", dropped], "the eval split asked for with --eval-data has no pairs left after "
+                   "filtering: all 3 of its records were dropped ({'chosen_equals_rejected': 3})",
+                   out=out, inputs=[data, dropped])
+
+
+def test_eval_data_that_overlaps_the_train_data_needs_allow_overlap(tmp_path):
+    records = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    # lines 2 and 3 repeat train pairs (key order does not matter: the normalised pair is compared)
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"chosen": "a", "rejected": "c", "prompt": "q1"},
+                                                  {"rejected": "b", "chosen": "a", "prompt": "q4"}, records[7]])
+    args = ["tokenize", "--data", data, "--eval-data", evals, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+    assert_refused(args, f"2 of the 3 --eval-data records are also train pairs (the same prompt, chosen and rejected), "
+                   f"e.g. {evals}, line 2 is {data}, line 5", "--allow-overlap", out=tmp_path / "out", inputs=[data, evals])
+    allowed = dpo_in_process(*args, "--allow-overlap", "--quiet")
+    assert allowed.exit_code == 0, allowed.output
+    assert "2 of the 3 --eval-data records are also train pairs" in allowed.output
+    assert len(rows(tmp_path / "out", "eval")) == 3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["allow_overlap"] is True
+    # a permission, not a setting: without an overlap it changes nothing, not even the fingerprint
+    apart = write_jsonl(tmp_path / "apart.jsonl", [{"prompt": "new", "chosen": "a", "rejected": "b"}])
+    strict = tokenize(tmp_path / "strict", str(data), eval_data=(str(apart),))
+    lenient = tokenize(tmp_path / "lenient", str(data), eval_data=(str(apart),), allow_overlap=True)
+    assert strict.fingerprint == lenient.fingerprint
+    assert shard_bytes(tmp_path / "strict") == shard_bytes(tmp_path / "lenient")
+    # pairs held out by --eval-fraction are the train data's own records: not an overlap
+    assert tokenize(tmp_path / "fraction", str(data), eval_fraction=0.2).stats["pairs"] == {"train": 8, "eval": 2}
 
 
 # ------------------------------------------------------------------------ rejects, malformed data
@@ -350,11 +537,97 @@ def test_malformed_records_skipped_into_rejects(tmp_path):
     assert m.stats["pairs"]["train"] == 2 and m.stats["dropped"] == {"malformed": 3}
 
 
+def test_text_tokenizers_cannot_take_is_a_bad_record_at_its_line(tmp_path):
+    """Bytes that are not UTF-8 (was: the whole file refused at a byte offset) and lone surrogates
+    from JSON escapes (was: a crash inside the Rust tokenizer): bad records naming file and line."""
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode()
+    lines = [good, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', b'{"prompt": "q", "chosen": "a\\ud800",'
+             b' "rejected": "b"}', good]
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    packed = tmp_path / "pairs.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for data in (plain, packed):
+        args = ["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"]
+        assert_refused(args, f"{data}, line 2: not UTF-8 text (byte 0xe9 at byte 16 of the line)",
+                       "--on-bad-record skip", out=tmp_path / "out", inputs=[data])
+        m = tokenize(tmp_path / f"skip-{data.name}", str(data), on_bad_record="skip")
+        rejects = [json.loads(line) for line in (tmp_path / f"skip-{data.name}" / "rejects.jsonl").read_text().splitlines()]
+        assert [(r["line"], r["reason"]) for r in rejects] == [(2, "malformed"), (3, "malformed")]
+        assert "field 'chosen': holds U+D800 at character 1, a lone surrogate" in rejects[1]["detail"]
+        assert m.stats["pairs"]["train"] == 2
+    # the surrogate alone, in error mode: its line and field
+    (tmp_path / "surrogate.jsonl").write_bytes(lines[2] + b"\n")
+    assert_refused(["tokenize", "--data", tmp_path / "surrogate.jsonl", "--tokenizer", DEMO_MODEL, "--out",
+                    tmp_path / "out"], "surrogate.jsonl, line 1: field 'chosen': holds U+D800",
+                   out=tmp_path / "out", inputs=[tmp_path / "surrogate.jsonl"])
+    # a JSON list is one document: a byte that is not UTF-8 inside a string is a bad record at its row and field
+    listed = tmp_path / "pairs.json"
+    listed.write_bytes(b"[" + good + b", " + lines[1] + b"]")
+    with pytest.raises(DataError, match=r"pairs\.json, row \[1\]: field 'prompt': holds U\+DCE9 at character 3"):
+        tokenize(tmp_path / "out", str(listed))
+    assert tokenize(tmp_path / "skip-list", str(listed), on_bad_record="skip").stats["dropped"] == {"malformed": 1}
+
+
+def test_byte_order_marks(tmp_path):
+    """A UTF-8 BOM at the start of a file is an encoding marker: skipped, the output is the file's without it.
+    Anywhere else U+FEFF is a character; a UTF-16 file is refused as a whole."""
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "\ufeffq2", "chosen": "a", "rejected": "b"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    (tmp_path / "plain.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "marked.jsonl").write_text(text, encoding="utf-8-sig")
+    plain = tokenize(tmp_path / "a", str(tmp_path / "plain.jsonl"))
+    marked = tokenize(tmp_path / "b", str(tmp_path / "marked.jsonl"))
+    assert plain.stats["pairs"]["train"] == marked.stats["pairs"]["train"] == 2
+    assert [r["chosen_input_ids"] for r in rows(tmp_path / "a")] == [r["chosen_input_ids"] for r in rows(tmp_path / "b")]
+    first, second = rows(tmp_path / "a")
+    assert second["prompt_length"] > first["prompt_length"]  # the U+FEFF inside a string is kept as text
+    listed = tmp_path / "marked.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert tokenize(tmp_path / "c", str(listed)).stats["pairs"]["train"] == 2
+    # a BOM before a later line (files concatenated with cat) is not JSON: a bad record at that line
+    (tmp_path / "joined.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode() + b"\xef\xbb\xbf" + text.encode())
+    assert_refused(["tokenize", "--data", tmp_path / "joined.jsonl", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   "joined.jsonl, line 3: not valid JSON (Unexpected UTF-8 BOM", out=tmp_path / "out",
+                   inputs=[tmp_path / "joined.jsonl"])
+    (tmp_path / "wide.jsonl").write_text(text, encoding="utf-16")
+    assert_refused(["tokenize", "--data", tmp_path / "wide.jsonl", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   "wide.jsonl: starts with a UTF-16 byte-order mark", out=tmp_path / "out", inputs=[tmp_path / "wide.jsonl"])
+
+
+def test_chat_message_with_an_unknown_role_is_a_bad_record(tmp_path):
+    bad = {"chosen": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "no"}]}
+    data = write_jsonl(tmp_path / "chat.jsonl", [bad] + CHAT)
+    assert_refused(["tokenize", "--data", data, "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   f"{data}, line 1: field 'chosen[0].role': unknown role 'human' (known: system, developer, user",
+                   out=tmp_path / "out", inputs=[data])
+    # skipped, even as the first record: the format is judged from the first record that can be judged
+    m = tokenize(tmp_path / "skip", str(data), on_bad_record="skip")
+    assert m.stats["dropped"] == {"malformed": 1} and m.stats["pairs"]["train"] == 3
+    first_bad = tmp_path / "first.jsonl"
+    first_bad.write_text("not json\n" + "".join(json.dumps(r) + "\n" for r in CHAT))
+    assert tokenize(tmp_path / "skip2", str(first_bad), on_bad_record="skip").stats["dropped"] == {"malformed": 1}
+
+
 def test_malformed_json_list_names_the_element(tmp_path):
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": 1, "rejected": "b"}]))
     with pytest.raises(DataError, match=r"pairs\.json, row \[1\]: field 'chosen': expected a string, got int"):
         tokenize(tmp_path / "out", str(data))
+
+
+def test_bad_amount_is_refused_as_an_amount_and_colon_names_work(tmp_path):
+    data = tmp_path / "run:2024.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
+    assert_refused(["tokenize", "--data", f"{data}:1e3", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "out"],
+                   f"--data {data}:1e3: the amount '1e3' after the last ':' is not one dpo takes",
+                   out=tmp_path / "out", inputs=[data])
+    assert_refused(["tokenize", "--data", f"{HH}:10", "--eval-data", f"{data}:0.1", "--tokenizer", DEMO_MODEL,
+                    "--out", tmp_path / "out"],
+                   f"--eval-data {data}:0.1: takes no rows (0.1 of 4 rounds to 0)", out=tmp_path / "out", inputs=[data])
+    assert tokenize(tmp_path / "whole", str(data)).stats["pairs"]["train"] == 4
+    assert tokenize(tmp_path / "half", f"{data}:0.5").stats["pairs"]["train"] == 2
 
 
 def test_hub_name_fails_clearly_offline(tmp_path):

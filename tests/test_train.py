@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import signal
 import subprocess
 import time
@@ -69,7 +69,8 @@ def basic_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("basic") / "run"
     wandb_dir = tmp_path_factory.mktemp("wandb")
     proc = train(data, out, "--max-steps", "4", "--eval-steps", "2", "--save-every", "2",
-                 "--wandb-project", "dpo-tests", env=dpo_env(WANDB_DIR=str(wandb_dir)))
+                 "--wandb-project", "dpo-tests", "--report-to", "wandb,tensorboard", "--wandb-group", "tests",
+                 env=dpo_env(WANDB_DIR=str(wandb_dir)))
     return out, proc, wandb_dir
 
 
@@ -100,6 +101,24 @@ def test_metrics_rows_and_eval(basic_run):
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(evals[0])
 
 
+def test_batch_log_has_a_line_per_logging_step_and_the_eval_metrics(basic_run):
+    """stderr is a pipe here, as in a Slurm job: one progress line per logged step, eval when computed."""
+    out, proc, _ = basic_run
+    lines = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if " INFO dpo.stages.train: " in line]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" ", 2)[1] for line in steps] == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    pattern = (r"step \d/4 \(\d+%\) \| epoch [\d.]+ \| loss [\d.]+ \| rewards/accuracies [\d.]+ \| "
+               r"rewards/margins -?[\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tokens/s \| elapsed \d+:\d\d \| ETA \d+:\d\d$")
+    assert all(re.match(pattern, line) for line in steps), steps
+    first = rows(out)[0]
+    assert f"loss {first['loss']:.4f}" in steps[0] and "lr 0.001" in steps[0]
+    evals = [line for line in lines if line.startswith("eval at step")]
+    assert [line.split(":")[0] for line in evals] == ["eval at step 2/4", "eval at step 4/4"]
+    eval_row = rows(out, eval_rows=True)[0]
+    assert f"eval/loss {eval_row['eval/loss']:.4g}" in evals[0] and "eval/rewards/accuracies" in evals[0]
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
+
+
 def test_final_model_manifest_and_wandb(basic_run, data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,6 +140,27 @@ def test_final_model_manifest_and_wandb(basic_run, data):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     run_ids = [p.name.rsplit("-", 1)[-1] for p in (wandb_dir / "wandb").glob("offline-run-*")]
     assert run_ids == [stats["wandb_run_id"]]
+
+
+def test_tensorboard_has_trl_names_and_the_whole_lineage(basic_run, data):
+    """--report-to wandb,tensorboard: the event files read back with TRL's keys; the config that W&B and
+    TensorBoard get holds train's options, tokenize's and cache-ref's settings, the data and fingerprints."""
+    from test_tracking import read_tensorboard
+
+    out, _, _ = basic_run
+    scalars, text = read_tensorboard(out / "tensorboard")
+    train_rows = rows(out)
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_rows]
+    assert [v for _, v in scalars["train/rewards/margins"]] == pytest.approx([r["rewards/margins"] for r in train_rows])
+    assert [s for s, _ in scalars["eval/rewards/accuracies"]] == [2, 4]
+    config = json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    tok = json.loads((data["tok"] / "manifest.json").read_text())
+    ref = json.loads((data["ref"] / "manifest.json").read_text())
+    assert config["beta"] == 0.1 and config["fingerprint"] == json.loads((out / "manifest.json").read_text())["fingerprint"]
+    assert config["tokenize"]["fingerprint"] == tok["fingerprint"] and config["tokenize"]["max_seq_length"] == 192
+    assert config["cache_ref"]["fingerprint"] == ref["fingerprint"] and config["cache_ref"]["dtype"] == "float32"
+    assert config["data"] == [{"source": f"{HH_DATA}:400", "sha256": tok["inputs"][0]["fingerprint"]}]
+    assert "overwrite" not in config["tokenize"] and config["global_batch_size"] == 4
 
 
 def test_rerun_after_completion_is_noop(basic_run, data):
@@ -241,6 +281,26 @@ def test_cache_of_another_model_warns_and_trains(data, tmp_path, tiny_llama):
     assert (tmp_path / "run" / "manifest.json").is_file()
 
 
+def test_model_with_a_smaller_vocabulary_is_refused(data, tmp_path):
+    """Token ids past the model's embedding table: exit 2 naming both sizes, before anything runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from refusals import file_hashes
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    before = file_hashes(data["tok"], data["ref"], small)
+    proc = run_dpo("train", "--tokenized", data["tok"], "--ref-cache", data["ref"], "--model", small,
+                   "--out", tmp_path / "run", "--max-steps", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert f"model {small} has a vocabulary of 100 tokens" in proc.stderr
+    assert f"--tokenizer {DEMO_MODEL}, a tokenizer of 512 tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert file_hashes(data["tok"], data["ref"], small) == before
+
+
 def test_bad_options_exit_2(data, tmp_path):
     proc = train(data, tmp_path / "r", "--loss-type", "robust", "--label-smoothing", "0.5", check=False)
     assert proc.returncode == 2 and "label-smoothing" in proc.stderr
@@ -309,6 +369,8 @@ def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]
+    # A pause, not a failure: worded as such.
+    assert "dpo train: pre-empted: stopped by SIGTERM after step" in stderr and "error" not in stderr, stderr[-2000:]
     saved = sorted((out / "checkpoints").iterdir())
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
     stopped_at = int(saved[0].name.split("-")[1])
@@ -327,3 +389,229 @@ def test_sigterm_checkpoints_exits_75_and_refuses_other_config(data, tmp_path):
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert run_ids == {json.loads((out / "manifest.json").read_text())["stats"]["wandb_run_id"]}
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses of issue #12 through the trainer: values, micro-batch semantics, state, fingerprints.
+
+
+@pytest.fixture(scope="module")
+def moved_policy(tmp_path_factory) -> Path:
+    """The demo model with every weight nudged by 2% of its tensor's spread: a policy that differs
+    from the reference the cache was made with (summed log-ratios of a few nats)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("moved") / "model"
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(out)
+    return out
+
+
+def train_in_process(data, out: Path, model: Path, *, ref: bool = True, **options):
+    from dpo.pipeline.config import from_mapping
+    from dpo.stages import train as stage
+
+    settings = dict(tokenized=str(data["tok"]), model=str(model), out=str(out), ref_cache=str(data["ref"]) if ref else None,
+                    max_steps=3, per_device_batch_size=4, logging_steps=1, learning_rate=1e-6, warmup_ratio=0.0,
+                    quiet=True)
+    stage.run(from_mapping(stage.TrainConfig, {**settings, **options}))
+    return rows(out)
+
+
+def step_one_scores(data, model: Path, per_device: int, grad_accum: int) -> list[dict[str, np.ndarray]]:
+    """Per micro-batch of step 1: the policy's summed (and shared-length) log-probs, scored as the
+    trainer scores them, and the reference cache's values, as float64 arrays."""
+    from dpo.artifacts.shards import ArtifactReader
+    from dpo.pipeline.batching import pad_token_id
+    from dpo.pipeline.data_order import BatchOrder, Cursor, micro_batches
+    from dpo.pipeline.logprobs import LabelLogProbs
+    from dpo.pipeline.modeling import load_causal_lm
+    from dpo.pipeline.refcache import load_reference
+    from dpo.pipeline.scoring import PairScorer
+    from dpo.pipeline.batching import pair_indices, pair_lengths
+
+    reader = ArtifactReader(data["tok"], kind="tokenized")
+    table = reader.read_split("train")
+    lengths = pair_lengths(table)
+    batch = BatchOrder(lengths, per_device * grad_accum, seed=42).batch(Cursor())
+    scorer = PairScorer(LabelLogProbs(load_causal_lm(model)), "concatenated", pad_token_id(reader.manifest.stats),
+                        "cpu", with_shared=True)
+    reference = load_reference(data["ref"], data["tok"], ["train"], shared=True)
+    out = []
+    for micro in micro_batches(batch, lengths, per_device, grad_accum, 1, 0):
+        pairs = table.take(micro)
+        with torch.no_grad():
+            scores = scorer(pairs)
+        ref = reference.lookup(torch.from_numpy(pair_indices(pairs)))
+        f = lambda x: x.double().numpy()  # noqa: E731
+        out.append({"pc": f(scores.chosen.logps), "pr": f(scores.rejected.logps), "nc": f(scores.chosen.num_tokens),
+                    "nr": f(scores.rejected.num_tokens), "pc_k": f(scores.chosen.shared_logps),
+                    "pr_k": f(scores.rejected.shared_logps), "rc": f(ref["chosen_logps"]), "rr": f(ref["rejected_logps"]),
+                    "rc_k": f(ref["chosen_shared_logps"]), "rr_k": f(ref["rejected_shared_logps"])})
+    return out
+
+
+def softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def sigma(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def formula(name: str, v: dict, batch_nll: float, beta: float = 0.1, eps: float = 0.0, tau: float = 0.05,
+            ld_alpha: float | None = None, phi=lambda x: x) -> np.ndarray:
+    """One component's per-example loss on a micro-batch, written from the papers (not losses.py)."""
+    if ld_alpha is not None:
+        v = {**v, **{k: v[f"{k}_k"] + ld_alpha * (v[k] - v[f"{k}_k"]) for k in ("pc", "pr", "rc", "rr")}}
+    lc, lr = v["pc"] - v["rc"], v["pr"] - v["rr"]
+    d = phi(lc) - phi(lr)
+    cdpo = lambda x: (1 - eps) * softplus(-x) + eps * softplus(x)  # noqa: E731
+    if name == "dpo":
+        return cdpo(beta * d)
+    if name == "dpo_norm":
+        return cdpo(beta * (phi(lc) / v["nc"] - phi(lr) / v["nr"]))
+    if name == "exo_pair":
+        q = sigma(beta * d)
+        return q * (np.log(q) - np.log1p(-eps)) + (1 - q) * (np.log(1 - q) - np.log(eps))
+    if name == "nca_pair":
+        return softplus(-beta * lc) + 0.5 * softplus(beta * lc) + 0.5 * softplus(beta * lr)
+    if name == "bco_pair":
+        return softplus(-beta * lc) + softplus(beta * lr)
+    if name == "sppo_hard":
+        return (lc - 0.5 / beta) ** 2 + (lr + 0.5 / beta) ** 2
+    if name == "aot":
+        return cdpo(beta * (np.sort(v["pc"] - v["pr"]) - np.sort(v["rc"] - v["rr"])))
+    if name == "aot_unpaired":
+        return cdpo(beta * (np.sort(lc) - np.sort(lr)))
+    if name == "apo_zero":
+        return 1 - sigma(beta * lc) + sigma(beta * lr)
+    if name == "apo_down":
+        return sigma(beta * lc) + 1 - sigma(beta * (lc - lr))
+    if name == "discopop":
+        m = sigma(beta * d / tau)
+        return (1 - m) * softplus(-beta * d) + m * np.exp(-beta * d)
+    if name == "sft":
+        return np.full(len(lc), batch_nll)
+    raise AssertionError(name)
+
+
+# (options, components with weights, per-device batch, accumulation); the global batch is 4 pairs.
+NEW_LOSS_RUNS = {
+    "exo_pair": (dict(loss_type="exo_pair", label_smoothing=1e-3), {"exo_pair": 1.0}, 4, 1),
+    "nca_pair": (dict(loss_type="nca_pair"), {"nca_pair": 1.0}, 4, 1),
+    "bco_pair": (dict(loss_type="bco_pair"), {"bco_pair": 1.0}, 4, 1),
+    "sppo_hard": (dict(loss_type="sppo_hard"), {"sppo_hard": 1.0}, 4, 1),
+    "aot": (dict(loss_type="aot"), {"aot": 1.0}, 2, 2),  # sorted within each of two micro-batches
+    "aot_unpaired": (dict(loss_type="aot_unpaired", label_smoothing=0.1), {"aot_unpaired": 1.0}, 2, 2),
+    "apo_zero": (dict(loss_type="apo_zero"), {"apo_zero": 1.0}, 4, 1),
+    "apo_down": (dict(loss_type="apo_down"), {"apo_down": 1.0}, 4, 1),
+    "discopop": (dict(loss_type="discopop", discopop_tau=0.5), {"discopop": 1.0}, 4, 1),
+    "sft": (dict(loss_type="sft"), {"sft": 1.0}, 2, 2),  # reference-free
+    "mpo": (dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1", bco_reward_shift=True),
+            {"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, 2, 2),
+    "ld": (dict(loss_type="sigmoid_norm", ld_alpha=0.5, beta=0.1), {"dpo_norm": 1.0}, 4, 1),
+    "js": (dict(loss_type="dpo", f_divergence="js_divergence"), {"dpo": 1.0}, 4, 1),
+}
+
+
+def test_new_losses_first_step_equals_their_formula(data, moved_policy, tmp_path):
+    """Every new loss trains 3 steps through `dpo train` (in one process: 13 runs), from a policy that
+    is not the reference, and its first logged loss (and each component's) is the paper's formula on
+    step 1's pairs: the mean over the global batch of each micro-batch's per-example losses."""
+    from safetensors.torch import load_file
+
+    start = load_file(moved_policy / "model.safetensors")
+    for name, (options, weights, per_device, accum) in NEW_LOSS_RUNS.items():
+        out = tmp_path / name
+        logged = train_in_process(data, out, moved_policy, ref=name != "sft", per_device_batch_size=per_device,
+                                  grad_accum=accum, **options)
+        assert [r["step"] for r in logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logged), name
+        micros = step_one_scores(data, moved_policy, per_device, accum)
+        batch_nll = -sum(v["pc"].sum() for v in micros) / sum(v["nc"].sum() for v in micros)
+        kwargs = dict(eps=options.get("label_smoothing", 0.0), tau=options.get("discopop_tau", 0.05),
+                      ld_alpha=options.get("ld_alpha"),
+                      phi=(lambda x: math.log(2) - softplus(-x)) if "f_divergence" in options else (lambda x: x))
+        expected = {k: np.mean([formula(k, v, batch_nll, **kwargs).mean() for v in micros]) for k in weights}
+        first = logged[0]
+        assert first["loss"] == pytest.approx(sum(w * expected[k] for k, w in weights.items()), rel=1e-5), name
+        if len(weights) > 1:
+            assert [k for k in first if k.startswith("loss/")] == [f"loss/{k}" for k in weights]
+            for k in weights:
+                assert first[f"loss/{k}"] == pytest.approx(expected[k], rel=1e-5), (name, k)
+        lc = np.concatenate([v["pc"] - v["rc"] for v in micros])
+        assert np.abs(lc).max() > 0.5, "the policy must differ from the reference for the check to mean anything"
+        if name == "ld":  # dpo_norm's rewards: β·lc/nc of the length-desensitised sums
+            alpha = options["ld_alpha"]
+            lc = np.concatenate([(v["pc_k"] - v["rc_k"] + alpha * (v["pc"] - v["pc_k"] - v["rc"] + v["rc_k"])) / v["nc"]
+                                 for v in micros])
+        if name != "sft":
+            assert first["rewards/chosen"] == pytest.approx(0.1 * lc.mean(), rel=1e-5, abs=1e-7), name
+        # it trained: a tiny learning rate, not zero (zero is refused)
+        final = load_file(out / "final" / "model.safetensors")
+        assert any(not torch.equal(final[k], start[k]) for k in start), name
+
+
+def test_aot_fingerprints_the_micro_batch_and_reference_free_losses(data, tmp_path):
+    """aot's value depends on which pairs share a micro-batch: the same global batch split another way
+    is another run. dpo's is not (only the global batch is fingerprinted). A combination that needs the
+    reference refuses to run without it, naming the loss."""
+    from dpo.artifacts.errors import ArtifactError, UsageError
+
+    train_in_process(data, tmp_path / "aot", DEMO_MODEL, loss_type="aot", max_steps=1)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        train_in_process(data, tmp_path / "aot", DEMO_MODEL, loss_type="aot", max_steps=1, per_device_batch_size=2,
+                         grad_accum=2)
+    train_in_process(data, tmp_path / "dpo", DEMO_MODEL, max_steps=1)
+    train_in_process(data, tmp_path / "dpo", DEMO_MODEL, max_steps=1, per_device_batch_size=2, grad_accum=2)
+    with pytest.raises(UsageError, match="--loss-type sft,apo_zero: apo_zero compares the policy with a reference"):
+        train_in_process(data, tmp_path / "x", DEMO_MODEL, ref=False, loss_type="sft,apo_zero", max_steps=1)
+
+
+def test_batch_level_sft_is_the_same_for_any_micro_batch_split(data, tmp_path):
+    """sft is the token-weighted NLL of the global batch: with the global batch's token count in every
+    micro-batch, 4 micro-batches of 2 give the loss and gradient of one batch of 8 (TRL's per-device
+    token mean would not)."""
+    options = dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1", learning_rate=1e-3, eval_steps=3)
+    big = train_in_process(data, tmp_path / "big", DEMO_MODEL, per_device_batch_size=8, **options)
+    acc = train_in_process(data, tmp_path / "acc", DEMO_MODEL, per_device_batch_size=2, grad_accum=4, **options)
+    for a, b in zip(big, acc):
+        for key in ("loss", "loss/dpo", "loss/bco_pair", "loss/sft", "rewards/margins", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)
+    evals = rows(tmp_path / "big", eval_rows=True)
+    assert {"eval/loss/dpo", "eval/loss/bco_pair", "eval/loss/sft"} <= set(evals[0])
+
+
+def test_bco_reward_shift_is_checkpointed_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """bco_pair's running mean is trainer state: a run stopped after step 2 and resumed logs the same
+    losses as an uninterrupted one. Step 3 is the first whose δ is not 0 (the step-1 policy is the
+    reference), and it differs from a run without the shift, so a resume that lost δ would too."""
+    from dpo.artifacts.errors import Preempted
+    from dpo.artifacts.runner import StageRun
+
+    options = dict(loss_type="bco_pair", bco_reward_shift=True, max_steps=3, learning_rate=1e-3, save_every="100")
+    whole = train_in_process(data, tmp_path / "whole", DEMO_MODEL, **options)
+    calls = []
+
+    def stop_after_step_2(self):
+        calls.append(1)
+        return len(calls) == 2
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageRun, "stop_requested", stop_after_step_2)
+        with pytest.raises(Preempted):
+            train_in_process(data, tmp_path / "resumed", DEMO_MODEL, **options)
+    saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000002" / "manifest.json").read_text())
+    assert saved["trainer_state"]["loss_state"]["bco_reward_shift"]["pairs"] == 8
+    resumed = train_in_process(data, tmp_path / "resumed", DEMO_MODEL, **options)
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in whole], rtol=0, atol=1e-6)
+    plain = train_in_process(data, tmp_path / "plain", DEMO_MODEL, **{**options, "bco_reward_shift": False})
+    assert [r["loss"] for r in plain[:2]] == pytest.approx([r["loss"] for r in whole[:2]], abs=1e-7)
+    assert abs(plain[2]["loss"] - whole[2]["loss"]) > 1e-4
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert manifest["stats"]["loss_state"]["bco_reward_shift"]["pairs"] == 12  # what evaluate reads
