@@ -8,8 +8,10 @@ byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +110,15 @@ class ArtifactReader:
         if not any(f.path == relative for f in self.manifest.files):
             raise ArtifactError(f"{self.root}: lists no file {relative!r}")
         return resolve_inside(self.root, relative)
+
+    def read_json(self, relative: str) -> Any:
+        """A listed JSON file's content; one that is not UTF-8 JSON is a damaged artifact (under --no-verify
+        nothing else has looked inside it)."""
+        path = self.path(relative)
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: not readable UTF-8 JSON ({exc}); rerun the stage that made it") from None
 
     def read_file(self, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
         """One listed Parquet file, checked against the manifest's row count."""

@@ -213,13 +213,15 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     baseline = baseline_reader.manifest if baseline_reader else None
     if baseline is not None:
         _check_baseline(cfg, baseline, tokenized.fingerprint)
+        baseline_reader.read_json("metrics.json")  # a damaged one stops the run before anything is scored
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
     objective = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
+    model_input = _model_input(model_dir, verify)  # first: a train artifact given as --model is named as such
     check_vocab(model_dir, cfg.tokenized, tokenized.manifest)
-    inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
+    inputs = [model_input, InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):
         if manifest is not None:
@@ -376,7 +378,7 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
     }
     if baseline is not None:
         metrics["baseline"] = {"path": cfg.baseline, "fingerprint": baseline.fingerprint,
-                               "metrics": json.loads(baseline.path("metrics.json").read_text())}
+                               "metrics": baseline.read_json("metrics.json")}
     return metrics
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -269,12 +270,10 @@ CASES = [
      r"run.yaml is the run file given to --config"),
     ("run-dir-inside-the-model", "run", ["--config", "{dir}/r.yaml"],
      write("r.yaml", "run_dir: llama/runs\nmodel: llama\ntokenize: {data: data.jsonl, tokenizer: llama}\n"), 2,
-     r"run_dir llama/runs lies inside llama"),
+     r"run_dir \S*/case/llama/runs lies inside \S*/case/llama \(model\)"),
 ]
 
-# Section 4 (configuration mistakes) belongs to the `inputs` branch; its cases are written here and
-# switched on once that branch is merged (see INPUTS_MERGED).
-INPUTS_MERGED = False
+# Section 4: configuration mistakes, each an error naming the input, never dropped data.
 INPUT_CASES = [
     ("data-not-utf8", T, ["--data", "{dir}/bad.jsonl", "--out", "{dir}/o"], write("bad.jsonl", b'{"prompt": "\xff"}\n'),
      2, r"bad.jsonl.*line 1"),
@@ -322,8 +321,6 @@ def run_case(world: faultkit.World, case_dir: Path, stage: str, extra: list[str]
     output = result.output
     assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{output[-3000:]}"
     assert not isinstance(result.exception, Exception) and "Traceback" not in output, output[-3000:]
-    import re
-
     assert re.search(fragment, output), f"{fragment!r} not in:\n{output[-3000:]}"
     if code != 0 and fresh_out:
         assert not (out / "manifest.json").exists(), "a failed stage committed an artifact"
@@ -338,7 +335,6 @@ def test_fault(world, tmp_path, name, stage, extra, damage, code, fragment):
     run_case(world, tmp_path / "case", stage, extra, damage, code, fragment)
 
 
-@pytest.mark.skipif(not INPUTS_MERGED, reason="section 4 cases: enabled once the inputs branch is merged")
 @pytest.mark.parametrize("name, stage, extra, damage, code, fragment", INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
 def test_configuration_mistake(world, tmp_path, name, stage, extra, damage, code, fragment):
     run_case(world, tmp_path / "case", stage, extra, damage, code, fragment)
