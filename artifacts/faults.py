@@ -2,7 +2,8 @@
 
 ``DPO_TEST_FAULT=shard-write:3`` kills the process the third time any shard is half-written, which
 is how the crash tests reach the moments that matter deterministically; ``DPO_TEST_FAULT=stop-check:2:TERM``
-sends SIGTERM instead, so a pre-emption lands at a chosen moment without racing a timer. Unset,
+sends SIGTERM instead, so a pre-emption lands at a chosen moment without racing a timer, and
+``DPO_TEST_FAULT=shard-write:2:ENOSPC`` raises that OSError there (a full disk where none can be mounted). Unset,
 every point is a dictionary lookup and nothing else.
 
 The points: ``shard-write`` (a Parquet shard written, not yet renamed into place), ``atomic-replace``
@@ -15,6 +16,7 @@ it was told to stop, at one of its safe points).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections import Counter
@@ -30,9 +32,13 @@ def fault_point(name: str) -> None:
     _hits[name] += 1  # every point is counted while one is armed: ``hits()`` after a run says how often each was reached
     if not wanted.startswith(name + ":"):
         return
-    count, _, signal_name = wanted[len(name) + 1:].partition(":")
-    if _hits[name] == int(count):
-        os.kill(os.getpid(), getattr(signal, "SIG" + signal_name) if signal_name else signal.SIGKILL)
+    count, _, action = wanted[len(name) + 1:].partition(":")
+    if _hits[name] != int(count):
+        return
+    if action.startswith("E"):
+        code = getattr(errno, action)
+        raise OSError(code, os.strerror(code))
+    os.kill(os.getpid(), getattr(signal, "SIG" + action) if action else signal.SIGKILL)
 
 
 def hits() -> dict[str, int]:

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from conftest import HH_DATA, build_tiny_llama
@@ -136,6 +137,32 @@ def leftovers(artifact: Path) -> list[str]:
     return sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*")
                   if p.name in (".dpo-partial.json", ".dpo-next", ".rejects") or p.name.endswith((".tmp", ".partial"))
                   or p.name.startswith(".dpo.lock"))
+
+
+def assert_same(stage: str, got: Path, want: Path) -> None:
+    """``got``, made by a run that crashed or failed and was rerun, is what an uninterrupted run made (``want``)."""
+    assert fingerprint(got) == fingerprint(want)
+    assert not leftovers(got), leftovers(got)
+    if stage in ("tokenize", "cache-ref"):
+        assert listed_sha256(got) == listed_sha256(want)
+    elif stage == "train":
+        from safetensors.torch import load_file
+
+        a, b = losses(got), losses(want)
+        assert [s for s, _ in a] == [s for s, _ in b]
+        np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=0, atol=1e-6)
+        wa, wb = load_file(got / "final" / "model.safetensors"), load_file(want / "final" / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            np.testing.assert_allclose(wa[name].numpy(), wb[name].numpy(), rtol=0, atol=1e-6)
+        assert sorted(p.name for p in (got / "checkpoints").iterdir()) == sorted(
+            p.name for p in (want / "checkpoints").iterdir())
+    elif stage == "evaluate":  # metrics.json holds the seconds it took; the per-pair values must match
+        assert listed_sha256(got)["pairs.parquet"] == listed_sha256(want)["pairs.parquet"]
+    else:  # export: the card names its own folder; everything else is the same bytes
+        got_files, want_files = listed_sha256(got), listed_sha256(want)
+        got_files.pop("README.md"), want_files.pop("README.md")
+        assert got_files == want_files
 
 
 def forked(argv: list, hits_to: Path | None = None, **env: str) -> tuple[int, str]:

@@ -21,7 +21,6 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import faultkit
@@ -100,29 +99,6 @@ def pick(stage: str, prior: str, point: str, k: int, reached: int) -> int:
     return order[k % reached]
 
 
-def assert_same(stage: str, got: Path, want: Path) -> None:
-    assert faultkit.fingerprint(got) == faultkit.fingerprint(want)
-    assert not faultkit.leftovers(got), faultkit.leftovers(got)
-    if stage in ("tokenize", "cache-ref"):
-        assert faultkit.listed_sha256(got) == faultkit.listed_sha256(want)
-    elif stage == "train":
-        from safetensors.torch import load_file
-
-        a, b = faultkit.losses(got), faultkit.losses(want)
-        assert [s for s, _ in a] == [s for s, _ in b]
-        np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=0, atol=1e-6)
-        wa, wb = load_file(got / "final" / "model.safetensors"), load_file(want / "final" / "model.safetensors")
-        assert wa.keys() == wb.keys()
-        for name in wa:
-            np.testing.assert_allclose(wa[name].numpy(), wb[name].numpy(), rtol=0, atol=1e-6)
-        assert sorted(p.name for p in (got / "checkpoints").iterdir()) == sorted(
-            p.name for p in (want / "checkpoints").iterdir())
-    else:  # export: the card names its own folder; everything else is the same bytes
-        got_files, want_files = faultkit.listed_sha256(got), faultkit.listed_sha256(want)
-        got_files.pop("README.md"), want_files.pop("README.md")
-        assert got_files == want_files
-
-
 @pytest.mark.parametrize("stage, prior, point, k", draws(),
                          ids=[f"{s}-{p.split()[0]}-{pt}-{k}" for s, p, pt, k in draws()])
 def test_crash_and_rerun_equals_uninterrupted(world, references, tmp_path, stage, prior, point, k):
@@ -140,7 +116,7 @@ def test_crash_and_rerun_equals_uninterrupted(world, references, tmp_path, stage
         assert faultkit.fingerprint(out) in (old, faultkit.fingerprint(reference)), where
     code, err = faultkit.forked(command(world, stage, out, prior=prior))
     assert code == 0, f"{where}: the rerun failed (exit {code}): {err[-3000:]}"
-    assert_same(stage, out, reference)
+    faultkit.assert_same(stage, out, reference)
 
 
 def test_enough_crash_points():
