@@ -24,7 +24,6 @@ DeepSpeed's optimizer state is partitioned per rank, so ZeRO resumes only on the
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -181,12 +180,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    # Serialised in memory, then written by Python: a full disk is then an OSError naming the file,
-    # not the C++ writer's errno-less RuntimeError ("unexpected pos ...").
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    # Streamed to the file, never serialised in memory first: an optimizer state can be most of the
+    # host's memory. A full disk then surfaces as the C++ writer's errno-less RuntimeError, which
+    # runner.environment_error recognises.
     with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
 
