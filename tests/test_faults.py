@@ -264,6 +264,26 @@ CASES = [
      both(unpartial("train", "train"), write("train/metrics.jsonl", b"[1]\n\xff\n")), 0, r"partial"),
     ("status-run-file-not-a-mapping", "status", ["{dir}"], write("run.yaml", "- 1\n"), 2, r"run.yaml: not a run file"),
     ("status-corrupt-manifest", "status", ["{eval}"], write("eval/manifest.json", b"\xff"), 0, r"corrupt"),
+    # -- siblings: odd paths and unreadable inputs, in every stage
+    ("tokenize-data-is-a-folder", T, ["--data", "{tok}", "--out", "{dir}/o"], None, 2, r"tok"),
+    ("tokenize-data-is-a-fifo", T, ["--data", "{dir}/pipe.jsonl", "--out", "{dir}/o"],
+     lambda d: os.mkfifo(d / "pipe.jsonl"), 2, r"pipe.jsonl"),
+    ("cache-ref-tokenized-missing", C, ["--tokenized", "{dir}/nope", "--out", "{dir}/o"], None, 3, r"nope"),
+    ("cache-ref-tokenized-is-a-file", C, ["--tokenized", "{data}", "--out", "{dir}/o"], None, 3, r"data.jsonl"),
+    ("train-out-under-a-file", TR, ["--out", "{data}/o"], None, 2, r"lies under the file .*data.jsonl"),
+    ("export-out-is-a-file", E, ["--out", "{dir}/f"], write("f", "mine"), 2, r"--out .*/f is a file"),
+    ("evaluate-out-dangling-symlink", EV, ["--out", "{dir}/link"], lambda d: os.symlink(d / "gone", d / "link"), 2,
+     r"symbolic link"),
+    ("train-lock-timeout-negative", TR, ["--out", "{dir}/o", "--lock-timeout", "-1"], None, 2, r"--lock-timeout"),
+    ("export-lock-timeout-nan", E, ["--out", "{dir}/o", "--lock-timeout", "nan"], None, 2, r"--lock-timeout"),
+    ("evaluate-lock-timeout-inf", EV, ["--out", "{dir}/o", "--lock-timeout", "inf"], None, 2, r"--lock-timeout"),
+    ("train-config-is-a-folder", TR, ["--config", "{dir}", "--out", "{dir}/o"], None, 2, r"--config"),
+    ("status-of-a-file", "status", ["{data}"], None, 2, r"data.jsonl"),
+    ("status-of-a-missing-folder", "status", ["{dir}/nope"], None, 2, r"nope"),
+    ("status-of-a-foreign-folder", "status", ["{dir}/mine"], write("mine/notes.txt", "x"), 2,
+     r"mine: neither an artifact .* nor a folder holding artifacts"),
+    ("export-train-is-tokenized", E, ["--train", "{tok}", "--out", "{dir}/o"], None, 3,
+     r"'tokenized' artifact, expected 'train'"),
     # -- dpo run: its own record never costs a user a file
     ("run-file-is-its-own-record", "run", ["--config", "{dir}/run.yaml"],
      write("run.yaml", "# mine\nrun_dir: .\ntokenize: {data: data.jsonl, tokenizer: llama}\n"), 2,
@@ -338,6 +358,25 @@ def test_fault(world, tmp_path, name, stage, extra, damage, code, fragment):
 @pytest.mark.parametrize("name, stage, extra, damage, code, fragment", INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
 def test_configuration_mistake(world, tmp_path, name, stage, extra, damage, code, fragment):
     run_case(world, tmp_path / "case", stage, extra, damage, code, fragment)
+
+
+@pytest.mark.parametrize("stage, relative", [("tokenize", "data.jsonl"), ("cache-ref", "tok/train/part-00001-of-00003.parquet"),
+                                             ("export", "train/final/model.safetensors")])
+def test_an_unreadable_input(world, tmp_path, stage, relative):
+    """chmod 000 on an input: exit 2 naming the file. Root reads it anyway (permissions do not bind it),
+    so there the stage must simply succeed on the intact file; which of the two ran is in the id's output."""
+    copy = faultkit.copy_world(world, tmp_path / "case")
+    target = tmp_path / "case" / relative
+    target.chmod(0)
+    result = faultkit.invoke([*faultkit.stage_args(copy, stage), "--out", tmp_path / "o"])
+    target.chmod(0o644)
+    assert "Traceback" not in result.output and not isinstance(result.exception, Exception), result.output
+    if os.geteuid() == 0:
+        print("running as root: chmod 000 does not stop root, the stage must read the file")
+        assert result.exit_code == 0, result.output[-3000:]
+    else:
+        assert result.exit_code == 2 and f"{target}: Permission denied" in result.output, result.output[-3000:]
+        assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_overwrite_rebuilds_a_damaged_artifact_of_the_same_fingerprint(world, tmp_path):

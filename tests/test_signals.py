@@ -136,13 +136,13 @@ def test_a_signal_to_the_process_group_of_tokenize_with_workers(tmp_path, sig):
     chunk), which stops within a chunk, commits nothing half-done and exits 130 or 75; the rerun
     completes with the same shards as a run never interrupted."""
     out = tmp_path / "tok"
-    args = ["tokenize", "--data", f"{HH_DATA}:1200", "--tokenizer", DEMO_MODEL, "--out", out,
-            "--rows-per-shard", "100", "--max-seq-length", "256", "--num-proc", "2", "-q"]
+    args = ["tokenize", "--data", f"{HH_DATA}:600", "--tokenizer", DEMO_MODEL, "--out", out,
+            "--rows-per-shard", "50", "--max-seq-length", "256", "--num-proc", "2", "-q"]
     proc = subprocess.Popen([*DPO, *map(str, args)], env=dpo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    first = out / "train" / "part-00000-of-00012.parquet"
     deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not list((out / "train").glob("part-00000-of-*.parquet")) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "tokenize ended before it could be signalled; " + proc.communicate()[1][-2000:]
     os.killpg(proc.pid, sig)
@@ -155,7 +155,7 @@ def test_a_signal_to_the_process_group_of_tokenize_with_workers(tmp_path, sig):
     assert "Traceback" not in stderr and "stopped by " + sig.name in stderr, stderr[-3000:]
     assert not (out / "manifest.json").exists() and not list(out.glob(".dpo.lock*"))
     committed = sorted(p.name for p in (out / "train").glob("part-*.parquet"))
-    assert 1 <= len(committed) < 12
+    assert 1 <= len(committed) < int(committed[0].rsplit("-of-", 1)[1].split(".")[0])
     rerun = subprocess.run([*DPO, *map(str, args)], env=dpo_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     whole = tmp_path / "whole"
