@@ -237,6 +237,11 @@ CASES = [
      edit_json("tok/manifest.json", lambda m: m["files"][0].update(path="../data.jsonl")), 3, r"leads outside"),
     ("manifest-from-a-newer-dpo", C, ["--out", "{dir}/o"],
      edit_json("tok/manifest.json", lambda m: m.update(schema_version=99)), 3, r"newer than this dpo reads"),
+    ("no-verify-still-checks-sizes", C, ["--out", "{dir}/o", NV], write("tok/train/part-00000-of-00003.parquet", "x"),
+     3, r"part-00000-of-00003.parquet has 1 bytes, the manifest says \d+"),
+    ("no-verify-still-checks-row-counts", C, ["--out", "{dir}/o", NV],
+     edit_json("tok/manifest.json", lambda m: m["files"][0].update(rows=m["files"][0]["rows"] + 1)), 3,
+     r"part-00000-of-00003.parquet has 12 rows, the manifest says 13"),
     ("corrupt-parquet-no-verify", C, ["--out", "{dir}/o", NV], zeros("tok/train/part-00000-of-00003.parquet"), 3,
      r"part-00000-of-00003.parquet: not a readable Parquet file"),
     ("corrupt-ref-parquet-no-verify", TR, ["--out", "{dir}/o", NV], zeros("ref/train/part-00000-of-00003.parquet"), 3,
@@ -377,6 +382,44 @@ def test_an_unreadable_input(world, tmp_path, stage, relative):
     else:
         assert result.exit_code == 2 and f"{target}: Permission denied" in result.output, result.output[-3000:]
         assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def _interrupted_training(copy: faultkit.World) -> list[Path]:
+    """The train artifact as a run killed after its last checkpoint left it; its checkpoints, oldest first."""
+    fingerprint = faultkit.fingerprint(copy.train)
+    (copy.train / "manifest.json").unlink()
+    shutil.rmtree(copy.train / "final")
+    (copy.train / ".dpo-partial.json").write_text(json.dumps({"kind": "train", "fingerprint": fingerprint}))
+    return sorted((copy.train / "checkpoints").iterdir())
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(world, tmp_path):
+    """A newer checkpoint (step 3, made from step 2's files: it is never loaded) whose optimizer state no
+    longer matches its manifest: skipped with a warning naming it, training resumes from step 2."""
+    copy = faultkit.copy_world(world, tmp_path / "case")
+    [intact] = _interrupted_training(copy)
+    newest = intact.with_name("step-00000003")
+    shutil.copytree(intact, newest)
+    edit_json("manifest.json", lambda m: m.update(step=3))(newest)
+    flip_byte("state/optimizer.pt")(newest)
+    checkpoints = [intact, newest]
+    result = faultkit.invoke([*faultkit.stage_args(copy, "train"), "--out", copy.train])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert f"skipping the damaged checkpoint {checkpoints[-1]}" in result.output, result.output[-3000:]
+    assert "optimizer.pt" in result.output
+    shutil.rmtree(newest)  # the uninterrupted run has no step 3 to compare with
+    faultkit.assert_same("train", copy.train, world.train)
+
+
+def test_no_intact_checkpoint_is_exit_3_naming_one(world, tmp_path):
+    copy = faultkit.copy_world(world, tmp_path / "case")
+    for checkpoint in _interrupted_training(copy):
+        flip_byte(f"train/checkpoints/{checkpoint.name}/model/model.safetensors")(tmp_path / "case")
+    before = faultkit.digest(copy.train)
+    result = faultkit.invoke([*faultkit.stage_args(copy, "train"), "--out", copy.train])
+    assert result.exit_code == 3 and "Traceback" not in result.output, result.output[-3000:]
+    assert re.search(r"no intact checkpoint to resume from in .*checkpoints: .*model.safetensors", result.output)
+    assert faultkit.digest(copy.train) == before
 
 
 def test_overwrite_rebuilds_a_damaged_artifact_of_the_same_fingerprint(world, tmp_path):
