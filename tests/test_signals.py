@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -57,11 +58,10 @@ STOPS = [("tokenize", 2, r"after committing 1 of 4 shards"), ("cache-ref", 2, r"
 def test_a_signal_stops_the_stage_at_a_safe_point_and_the_rerun_completes(world, tmp_path, stage, n, kept, sig):
     out = tmp_path / stage
     argv = [*faultkit.stage_args(world, stage), "--out", out]
+    inputs = faultkit.digest(world.root)
     code, err = faultkit.forked(argv, DPO_TEST_FAULT=f"stop-check:{n}:{sig}")
     assert code == CODES[sig], err[-3000:]
     assert f"received SIG{sig}" in err and f"stopped by SIG{sig} " in err and "Traceback" not in err, err[-3000:]
-    import re
-
     assert re.search(kept, err), err[-3000:]
     assert not (out / "manifest.json").exists() and not list(out.glob(".dpo.lock*")), sorted(os.listdir(out))
     code, err = faultkit.forked(argv)
@@ -69,6 +69,7 @@ def test_a_signal_stops_the_stage_at_a_safe_point_and_the_rerun_completes(world,
     reference = {"tokenize": world.tok, "cache-ref": world.ref, "train": world.train, "export": world.model,
                  "evaluate": world.eval}[stage]
     compare(stage, out, reference)
+    assert faultkit.digest(world.root) == inputs
 
 
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
