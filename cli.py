@@ -19,8 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .artifacts.errors import EXIT_CODES, DpoError, Preempted, UsageError
-from .artifacts.runner import environment_error
+from .artifacts.errors import EXIT_CODES, DpoError, Interrupted, Preempted, Stopped, UsageError
+from .artifacts.runner import CommandSignals, environment_error
 from .pipeline import distributed
 from .pipeline.config import RUN_PANEL, Leaf, StageOptions, from_mapping, leaves, section_values
 from .pipeline.logs import setup_logging
@@ -66,20 +66,26 @@ def run_guarded(name: str, body, *, quiet: bool = False, verbose: bool = False):
     """Run a command body, turning a DpoError into its message and exit code (no traceback)."""
     setup_logging(quiet=quiet, verbose=verbose)
     try:
-        return body()
+        with CommandSignals():
+            return body()
     except Preempted as exc:
         # Not a failure: the work is saved and the scheduler requeues the job (exit 75).
-        typer.echo(f"dpo {name}: pre-empted: {exc}", err=True)
+        word = "interrupted" if isinstance(exc, Interrupted) else "pre-empted"
+        typer.echo(f"dpo {name}: {word}: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except DpoError as exc:
         typer.echo(f"dpo {name}: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    except OSError as exc:
+    except Exception as exc:
         translated = environment_error(exc)
         if translated is None:
             raise
         typer.echo(f"dpo {name}: error: {translated}", err=True)
         raise typer.Exit(translated.exit_code) from None
+    except Stopped as stop:
+        typer.echo(f"dpo {name}: stopped by {stop.signal_name} before it had anything to commit; rerun the same "
+                   "command", err=True)
+        raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -50,6 +50,23 @@ class Preempted(DpoError):
     exit_code = 75
 
 
+class Interrupted(Preempted):
+    """Stopped on Ctrl-C (SIGINT) the same way, after committing its work; 128 + SIGINT, as a shell reports it."""
+
+    exit_code = 130
+
+
+class Stopped(BaseException):
+    """A stop signal that arrived where a stage holds nothing to commit (before it took its output, or after it
+    let go): the command ends at once. A BaseException, like KeyboardInterrupt, so that no ``except
+    Exception`` on the way turns it into another error."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
 EXIT_CODES = {
     0: "success, or a no-op because the output is already complete",
     1: "internal error (a bug: please report it with the traceback)",

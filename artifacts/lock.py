@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import LockHeldError
+from .errors import ArtifactError, LockHeldError
 
 LOCK_NAME = ".dpo.lock"
 log = logging.getLogger(__name__)
@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 
 def _now() -> float:
     return time.time()
+
+
+def _number(value) -> float | None:
+    """A finite number from a lock record, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        return None
+    return float(value)
 
 
 def _iso(ts: float) -> str:
@@ -53,20 +61,29 @@ class ArtifactLock:
         }
 
     def _read(self, path: Path | None = None) -> dict | None:
+        """The holder's record, or None when there is no lock file. A file that is not a whole record of
+        ours (a holder mid-write or killed mid-write, or anything else under that name) is judged by its age."""
         path = path or self.path
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, OSError):
-            # A holder is mid-write, or crashed mid-write: judge it by the file's age instead.
-            try:
-                return {"heartbeat": path.stat().st_mtime, "host": "?", "pid": "?", "since": 0}
-            except FileNotFoundError:
-                return None
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and _number(record.get("heartbeat")) is not None:
+            record["since"] = _number(record.get("since")) or 0.0
+            return record
+        try:
+            modified = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return {"heartbeat": modified, "host": "?", "pid": "?", "since": 0.0, "unreadable": True}
 
     def acquire(self) -> ArtifactLock:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir() and not self.path.is_symlink():
+            raise ArtifactError(f"{self.path} is a folder, not a lock file dpo wrote; remove it to let dpo use "
+                                f"{self.directory}")
         self.since = _now()
         for _ in range(100):
             try:
@@ -75,8 +92,14 @@ class ArtifactLock:
                 holder = self._read()
                 if holder is None:
                     continue
-                age = _now() - float(holder.get("heartbeat", 0))
+                age = _now() - _number(holder.get("heartbeat"))
                 reason = self._stale_reason(holder)
+                if reason is None and holder.get("unreadable"):
+                    raise LockHeldError(
+                        f"{self.path} is not a lock record dpo can read (a job writing it, or not dpo's), modified "
+                        f"{age:.0f}s ago. It is taken over once older than --lock-timeout ({self.timeout_s:.0f}s); "
+                        "delete it if no job is writing this folder"
+                    )
                 if reason is None:
                     raise LockHeldError(
                         f"{self.directory} is being written by another job: host {holder.get('host')}, "
@@ -114,7 +137,7 @@ class ArtifactLock:
 
     def _stale_reason(self, holder: dict) -> str | None:
         """Why ``holder``'s lock may be taken over, or None while it is live."""
-        age = _now() - float(holder.get("heartbeat", 0))
+        age = _now() - _number(holder.get("heartbeat"))
         if age > self.timeout_s:
             return f"its heartbeat is {age:.0f}s old (--lock-timeout {self.timeout_s:.0f}s)"
         # A job killed on this very host (SIGKILL, OOM) need not be waited for: its pid is gone.
@@ -132,15 +155,27 @@ class ArtifactLock:
         holder = self._read()
         return holder is not None and holder.get("token") == self.token
 
+    @property
+    def _tmp(self) -> Path:
+        return self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+
     def _beat(self) -> None:
         interval = max(0.5, min(30.0, self.timeout_s / 4))
+        failing = False
         while not self._stop.wait(interval):
             if not self._still_ours():
                 log.error("lost the lock of %s to another job", self.directory)
                 return
-            tmp = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
-            tmp.write_text(json.dumps(self._record()))
-            os.replace(tmp, self.path)
+            try:
+                self._tmp.write_text(json.dumps(self._record()))
+                os.replace(self._tmp, self.path)
+                failing = False
+            except OSError as exc:
+                # A full disk must not kill the heartbeat (the stage itself reports it); a lock that
+                # stays unrefreshed past --lock-timeout may be taken over, as after a crash.
+                if not failing:
+                    log.warning("could not refresh the lock of %s (%s); retrying", self.directory, exc)
+                failing = True
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="dpo-lock-heartbeat", daemon=True)
@@ -152,6 +187,7 @@ class ArtifactLock:
             self._thread.join(timeout=5)
         if self._still_ours():
             self.path.unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ArtifactLock:
         return self.acquire()

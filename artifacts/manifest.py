@@ -169,6 +169,11 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
         raise ValueError(f"unknown artifact kind {manifest.kind!r}")
     for entry in manifest.files:
         resolve_inside(root, entry.path)
+    # An input artifact given as a relative path is recorded absolute: whoever reads this manifest (export
+    # finding the tokenized artifact, status checking its inputs) may run from another directory.
+    manifest.inputs = [dataclasses.replace(i, path=os.path.abspath(i.path))
+                       if i.kind in KINDS and not os.path.isabs(i.path) and os.path.isdir(i.path) else i
+                       for i in manifest.inputs]
     manifest.created = manifest.created or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     manifest.producer = manifest.producer or {"name": "dpo", "version": __version__}
     write_json_atomic(root / MANIFEST, manifest.to_json())

@@ -29,18 +29,20 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
-from .errors import ArtifactError, DpoError, Preempted, UsageError
+from .errors import ArtifactError, DpoError, Interrupted, Preempted, Stopped, UsageError
+from .faults import fault_point
 from .lock import ArtifactLock
 from .manifest import Manifest, read_manifest
 from .output import Output, OutputState, commit_output, prepare_output
 
 T = TypeVar("T")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 log = logging.getLogger(__name__)
 
 
@@ -100,11 +102,12 @@ def on_main(collective: Collective, fn: Callable[[], T]) -> T:
 
 
 class StopSignals:
-    """SIGTERM/SIGUSR1 become a flag (nothing else is safe inside a signal handler).
+    """SIGTERM, SIGUSR1 and SIGINT become a flag (nothing else is safe inside a signal handler).
 
     Slurm sends SIGTERM about 30 s (KillWait) before SIGKILL when a job is pre-empted, cancelled or
     reaches its time limit; ``sbatch --signal=USR1@120`` sends SIGUSR1 earlier, leaving time for a
-    large checkpoint.
+    large checkpoint. Ctrl-C (SIGINT) stops the same way and exits 130; a second Ctrl-C stops at once
+    (KeyboardInterrupt: the lock is still released, what was committed stays).
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
@@ -113,10 +116,13 @@ class StopSignals:
         self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.received == name:
+            raise KeyboardInterrupt
         if self.received is None:
-            self.received = signal.Signals(signum).name
-            log.warning("received %s: stopping at the next safe point, then exiting with code %d",
-                        self.received, Preempted.exit_code)
+            self.received = name
+            log.warning("received %s: stopping at the next safe point, then exiting with code %d%s", name,
+                        exit_code_of(name), " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def __enter__(self) -> StopSignals:
         for sig in self.signals:
@@ -127,6 +133,32 @@ class StopSignals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+
+def exit_code_of(signal_name: str | None) -> int:
+    return Interrupted.exit_code if signal_name == "SIGINT" else Preempted.exit_code
+
+
+class CommandSignals:
+    """Stop signals for a whole command: outside a StageRun (reading and checking inputs before it, an
+    upload after it) there is nothing to commit, so the command ends at once with the exit code a stop
+    at a safe point would give (75, or 130 for Ctrl-C) instead of dying of the signal. Inside a StageRun
+    its StopSignals take over, and hand back on leaving."""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        raise Stopped(name, exit_code_of(name))
+
+    def __enter__(self) -> CommandSignals:
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class StageRun:
@@ -212,14 +244,17 @@ class StageRun:
 
     def stop_requested(self) -> bool:
         """Whether any rank received a stop signal; collective, so call it at the same point on every rank."""
+        fault_point("stop-check")
         stop = self.collective.any(self.signals.received is not None)
         if stop and self.signals.received is None:
             self.signals.received = "a stop signal on another rank"
         return stop
 
     def preempted(self, saved: str) -> Preempted:
-        """The exception to raise once the stage has committed what it had (``saved`` says what)."""
-        return Preempted(f"stopped by {self.signals.received} {saved}; rerun the same command to resume")
+        """The exception to raise once the stage has committed what it had (``saved`` says what): exit 75,
+        or 130 after Ctrl-C."""
+        error = Interrupted if self.signals.received == "SIGINT" else Preempted
+        return error(f"stopped by {self.signals.received} {saved}; rerun the same command to resume")
 
     def commit(self, manifest: Manifest | None) -> None:
         """Write the manifest (rank 0's; other ranks pass None), then let every rank go on: none reports
@@ -268,6 +303,12 @@ def check_out(out: Path, inputs: Sequence[tuple[str, str | os.PathLike | None]])
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# How writers that raise no OSError word a full disk: safetensors ("I/O error: No space left on device (os
+# error 28)"), Arrow, and others that pass the C library's message on.
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# torch.save's C++ writer reports a failed write as a RuntimeError without an errno: "unexpected pos 576
+# vs 534" (a short write), "PytorchStreamWriter failed writing file ..."
+_TORCH_WRITER_WORDS = ("inline_container", "PytorchStreamWriter", "file write failed")
 _BAD_PATH = (errno.ENAMETOOLONG, errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # a path that cannot be a folder
 
 
@@ -279,17 +320,22 @@ def environment_error(exc: BaseException, out: Path | None = None) -> DpoError |
         if isinstance(cause, OSError) and cause.errno in _NOT_PERMITTED:
             action = "write" if out is not None and _under(cause.filename, out) else "use"
             return UsageError(f"{cause.filename or out}: {cause.strerror}; dpo needs to {action} it")
-    # Some writers (torch.save) report a full disk as a bare RuntimeError: judge by the disk itself.
-    if out is not None and isinstance(exc, RuntimeError) and "write" in str(exc) and _free_bytes(out) < (1 << 20):
+        if not isinstance(cause, OSError) and any(words in str(cause) for words in _DISK_FULL_WORDS):
+            return _disk_full(out, cause)
+    # The torch writer does not say why: judge by the disk itself.
+    if out is not None and isinstance(exc, RuntimeError) and any(w in str(exc) for w in _TORCH_WRITER_WORDS) \
+            and _free_bytes(out) < (1 << 20):
         return _disk_full(out, exc)
     return None
 
 
 def _disk_full(out: Path | None, cause: BaseException) -> ArtifactError:
-    where = f"the device that holds {out}" if out is not None else "the device"
+    filename = getattr(cause, "filename", None)
+    where = (f"the device that holds {out}" if out is not None and (not filename or _under(filename, out))
+             else f"the device that holds {filename}" if filename else "the device")
     return ArtifactError(
-        f"no space left on {where} ({cause}). Nothing was committed: free some space and rerun the same command, "
-        "which continues from what was already committed"
+        f"no space left on {where} ({type(cause).__name__}: {cause}). Nothing was committed: free some space and "
+        "rerun the same command, which continues from what was already committed"
     )
 
 

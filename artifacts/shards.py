@@ -8,8 +8,10 @@ byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,6 +64,21 @@ def file_entry(root: Path, relative: str) -> FileEntry:
     return FileEntry(path=relative, rows=None, bytes=target.stat().st_size, sha256=sha256_file(target))
 
 
+def file_problem(root: Path, manifest: Manifest, verify: bool = True) -> str | None:
+    """The first listed file of an artifact that is missing, of another size or (``verify``) with another
+    sha256 than its manifest says, as a sentence; None when every file is as listed."""
+    for entry in manifest.files:
+        path = resolve_inside(root, entry.path)
+        if not path.is_file():
+            return f"{entry.path} is listed in the manifest but {'is a folder, not a file' if path.is_dir() else 'missing'}"
+        if path.stat().st_size != entry.bytes:
+            return f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+        if verify and sha256_file(path) != entry.sha256:
+            return (f"{entry.path} fails its sha256 check: it is not the file the manifest lists (changed or corrupt). "
+                    "Rerun the stage that made it, with --overwrite")
+    return None
+
+
 class ArtifactReader:
     """Reads a complete artifact through its manifest's file list, never by globbing.
 
@@ -84,25 +101,24 @@ class ArtifactReader:
         return self.manifest.splits
 
     def _check_files(self, verify: bool) -> None:
-        for entry in self.manifest.files:
-            path = resolve_inside(self.root, entry.path)
-            if not path.is_file():
-                raise ArtifactError(f"{self.root}: {entry.path} is listed in the manifest but missing")
-            if path.stat().st_size != entry.bytes:
-                raise ArtifactError(
-                    f"{self.root}: {entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-                )
-            if verify and sha256_file(path) != entry.sha256:
-                raise ArtifactError(
-                    f"{self.root}: {entry.path} fails its sha256 check: it is not the file the manifest lists "
-                    "(changed or corrupt). Rerun the stage that made it, with --overwrite"
-                )
+        problem = file_problem(self.root, self.manifest, verify)
+        if problem is not None:
+            raise ArtifactError(f"{self.root}: {problem}")
 
     def path(self, relative: str) -> Path:
         """The checked path of a file the manifest lists."""
         if not any(f.path == relative for f in self.manifest.files):
             raise ArtifactError(f"{self.root}: lists no file {relative!r}")
         return resolve_inside(self.root, relative)
+
+    def read_json(self, relative: str) -> Any:
+        """A listed JSON file's content; one that is not UTF-8 JSON is a damaged artifact (under --no-verify
+        nothing else has looked inside it)."""
+        path = self.path(relative)
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: not readable UTF-8 JSON ({exc}); rerun the stage that made it") from None
 
     def read_file(self, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
         """One listed Parquet file, checked against the manifest's row count."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -115,7 +116,10 @@ def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     for name in names:
         if not (folder / name).is_file():
             raise ArtifactError(f"{folder}: missing weight file {name}")
-        state.update(load_file(folder / name, device="cpu"))
+        try:
+            state.update(load_file(folder / name, device="cpu"))
+        except Exception as exc:  # safetensors' own error type: a corrupt or truncated file
+            raise ArtifactError(f"{folder / name}: not a readable safetensors file ({exc})") from None
     return state
 
 
@@ -140,7 +144,11 @@ def load_model_weights(model: torch.nn.Module, folder: str | os.PathLike) -> Non
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        result = set_peft_model_state_dict(inner, load_peft_weights(str(folder), device="cpu"))
+        try:
+            weights = load_peft_weights(str(folder), device="cpu")
+        except Exception as exc:  # safetensors' own error type: a corrupt or truncated file
+            raise ArtifactError(f"{folder}: not a readable adapter ({exc})") from None
+        result = set_peft_model_state_dict(inner, weights)
         trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
         missing = sorted(k for k in result.missing_keys if k in trainable)
         if missing or result.unexpected_keys:
@@ -173,6 +181,9 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
+    # Streamed to the file, never serialised in memory first: an optimizer state can be most of the
+    # host's memory. A full disk then surfaces as the C++ writer's errno-less RuntimeError, which
+    # runner.environment_error recognises.
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -236,7 +247,8 @@ class Checkpoint:
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Checkpoint]:
     """The complete checkpoints under ``root`` (``<out>/checkpoints``), oldest first: a step folder
-    counts once its manifest exists and reads as JSON."""
+    counts once its manifest exists and reads as a JSON object (whether its files are intact is
+    ``damage``'s to say)."""
     root = Path(root)
     found = []
     if not root.is_dir():
@@ -245,12 +257,43 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Checkpoint]:
         if not _STEP_DIR.match(child.name) or not (child / MANIFEST).is_file():
             continue
         try:
-            manifest = json.loads((child / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            manifest = json.loads((child / MANIFEST).read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:
             log.warning("ignoring checkpoint %s: unreadable %s (%s)", child, MANIFEST, exc)
+            continue
+        if not isinstance(manifest, dict):
+            log.warning("ignoring checkpoint %s: its %s is not a JSON object", child, MANIFEST)
             continue
         found.append(Checkpoint(child, manifest))
     return sorted(found, key=lambda c: c.step)
+
+
+# The fields a checkpoint manifest must have, with their types, before anything in it is trusted.
+_FIELDS = {"kind": str, "schema_version": int, "step": int, "fingerprint": str, "config": dict, "inputs": list,
+           "world_size": int, "zero_stage": (int, type(None)), "trainer_state": dict,
+           "data_cursor": (dict, type(None)), "files": list}
+_FILE_FIELDS = {"path": str, "bytes": int, "sha256": str}
+_INPUT_FIELDS = {"kind": str, "path": str, "fingerprint": str}
+
+
+def _typed(value: Any, types) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in (
+        types if isinstance(types, tuple) else (types,)))
+
+
+def schema_problem(checkpoint: Checkpoint) -> str | None:
+    """What makes a checkpoint's manifest unusable (a missing or mistyped field), or None."""
+    manifest, where = checkpoint.manifest, checkpoint.path / MANIFEST
+    for name, types in _FIELDS.items():
+        if name not in manifest:
+            return f"{where}: field {name!r} is missing"
+        if not _typed(manifest[name], types):
+            return f"{where}: field {name!r} has the wrong type ({type(manifest[name]).__name__})"
+    for group, fields in (("files", _FILE_FIELDS), ("inputs", _INPUT_FIELDS)):
+        for i, item in enumerate(manifest[group]):
+            if not isinstance(item, dict) or not all(_typed(item.get(k), t) for k, t in fields.items()):
+                return f"{where}: {group}[{i}] is not an object with {', '.join(fields)}"
+    return None
 
 
 class CheckpointManager:
@@ -301,9 +344,10 @@ class CheckpointManager:
     # ---- checking
 
     def check(self, checkpoint: Checkpoint) -> None:
-        """Refuse a checkpoint of another run, or one this distributed setup cannot restore."""
+        """Refuse a checkpoint of another run, or one this distributed setup cannot restore (its manifest's
+        schema checked first: ``schema_problem``)."""
         saved = checkpoint.manifest
-        if saved.get("kind") != KIND or int(saved.get("schema_version", 0)) > SCHEMA_VERSION:
+        if saved.get("kind") != KIND or saved.get("schema_version", 0) > SCHEMA_VERSION:
             raise ArtifactError(f"{checkpoint.path}: not a dpo checkpoint this version can read "
                                 f"(kind {saved.get('kind')!r}, schema_version {saved.get('schema_version')})")
         if saved.get("fingerprint") != self.identity["fingerprint"]:
@@ -331,11 +375,12 @@ class CheckpointManager:
             )
 
     def check_latest(self) -> Checkpoint | None:
-        """Check the newest complete checkpoint without loading it (call before touching ``out``)."""
-        newest = self.latest()
-        if newest is not None:
-            self.check(newest)
-        return newest
+        """Check the newest complete checkpoint whose manifest is whole, without loading or hashing it (call
+        before touching ``out``)."""
+        usable = [c for c in self.complete() if schema_problem(c) is None]
+        if usable:
+            self.check(usable[-1])
+        return usable[-1] if usable else None
 
     # ---- saving
 
@@ -350,11 +395,16 @@ class CheckpointManager:
         acc = self.accelerator
         final = self.root / step_dir_name(step)
         acc.wait_for_everyone()
-        if (final / MANIFEST).is_file():
+        if on_main(COLLECTIVE, lambda: self._intact_at(final)):
             return final
         partial = self.root / (final.name + PARTIAL)
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
+            if final.is_dir():
+                # A damaged checkpoint of this step (resumed from an older one past it): replaced, not kept.
+                log.warning("replacing the damaged checkpoint %s", final)
+                (final / MANIFEST).unlink(missing_ok=True)
+                shutil.rmtree(final)
             for leftover in self.incomplete():
                 log.warning("removing %s, left by a checkpoint save that did not finish", leftover)
                 shutil.rmtree(leftover)
@@ -403,6 +453,12 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
+    def _intact_at(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a complete, intact checkpoint of this run (then saving its step again is a no-op)."""
+        found = [c for c in complete_checkpoints(self.root) if c.path.name == folder.name]
+        return bool(found) and damage(found[0], self.verify) is None and found[0].manifest.get(
+            "fingerprint") == self.identity["fingerprint"]
+
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
@@ -435,11 +491,11 @@ class CheckpointManager:
         done = self.complete()
         if not done:
             return None
-        self.check(done[-1])
         problems = []
         for checkpoint in reversed(done):
             problem = damage(checkpoint, self.verify)
             if problem is None:
+                self.check(checkpoint)
                 return checkpoint.path.name
             problems.append(problem)
             log.warning("skipping the damaged checkpoint %s (%s)", checkpoint.path, problem)
@@ -478,22 +534,42 @@ def _setup(stage: int | None, world: int) -> str:
 
 
 def damage(checkpoint: Checkpoint, verify: bool = True) -> str | None:
-    """What is wrong with a checkpoint's files against its own manifest (sizes, and sha256 unless
-    ``verify`` is off), or None when they are intact. Nothing (DeepSpeed's pickled optimizer state
-    included) is loaded from a checkpoint before this says None."""
-    for entry in checkpoint.manifest.get("files", []):
-        path = checkpoint.path / entry["path"]
+    """What is wrong with a checkpoint against its own manifest (a missing or mistyped field; a file it
+    does not list, or that is missing, or of another size, or with another sha256 unless ``verify`` is
+    off), or None when it is intact. Nothing (DeepSpeed's pickled optimizer state included) is loaded
+    from a checkpoint before this says None, and every file a load reads is one the manifest lists."""
+    problem = schema_problem(checkpoint)
+    if problem is not None:
+        return problem
+    listed = {}
+    for entry in checkpoint.manifest["files"]:
+        relative = entry["path"]
+        if os.path.isabs(relative) or ".." in Path(relative).parts or "\\" in relative:
+            return f"{checkpoint.path / MANIFEST}: file path {relative!r} leads outside the checkpoint"
+        listed[relative] = entry
+    present = {p.relative_to(checkpoint.path).as_posix() for p in checkpoint.path.rglob("*") if not p.is_dir()}
+    present.discard(MANIFEST)
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        return f"{checkpoint.path / unlisted[0]}: a file the checkpoint manifest does not list"
+    for relative, entry in listed.items():
+        path = checkpoint.path / relative
         size = path.stat().st_size if path.is_file() else None
         if size != entry["bytes"]:
             return (f"{path}: {'missing' if size is None else f'{size} bytes'}, the checkpoint manifest says "
                     f"{entry['bytes']} bytes")
-        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        if verify and sha256_file(path) != entry["sha256"]:
             return f"{path}: its sha256 differs from the checkpoint manifest's (changed or corrupt)"
     return None
 
 
 def _torch_load(path: Path) -> Any:
-    # Our own files; RNG states hold numpy arrays and Python tuples, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Our own files (checked by ``damage`` first); RNG states hold numpy arrays and Python tuples, which
+    # weights_only refuses. Unreadable (possible only with --no-verify): an artifact error naming the file.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        raise ArtifactError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {exc}); rerun without "
+                            "--no-verify to skip damaged checkpoints") from None
 
 

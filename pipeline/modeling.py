@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..artifacts.fingerprint import hash_json, sha256_file
-from ..artifacts.errors import UsageError
+from ..artifacts.errors import ArtifactError, UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -74,8 +74,13 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     if rates:
         _set_dropout_rates(config, dict.fromkeys(rates, 0.0))
         log.debug("dropout set to 0 in %s: %s", path, ", ".join(key for _, key in rates))
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
+    except SafetensorError as exc:
+        names = ", ".join(p.name for p in weight_files(path)) or "its weight files"
+        raise ArtifactError(f"model {path}: a weight file is corrupt or truncated ({names}: {exc})") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"model {path}: cannot be loaded as a causal LM: {exc}") from None
     # The modules were built with the zeroed rates; the config gets the original ones back so a

@@ -118,17 +118,17 @@ def generation_metrics(generations: Sequence[Mapping[str, Any]]) -> dict[str, fl
 
 
 def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a train artifact's metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    """The rows of a train artifact's metrics.jsonl; a torn last line (a crash mid-write), or any line that
+    is not a JSON object (a partial run's file is not checked against a manifest), is skipped."""
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError:  # not UTF-8, not JSON, or empty
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..artifacts.errors import UsageError
+from ..artifacts.faults import fault_point
 from .config import at_least, option
 
 METRICS_FILE = "metrics.jsonl"
@@ -115,12 +116,13 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
     if not path.is_file():
         return 0
     kept = []
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue  # the line a crash tore in half
-        if isinstance(row, dict) and int(row.get("step", 0)) <= keep_through_step:
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= keep_through_step:
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -194,7 +196,12 @@ class Tracker:
         if not self.is_main:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        self._file.write(json.dumps(row, separators=(", ", ": ")) + "\n")
+        text = json.dumps(row, separators=(", ", ": ")) + "\n"
+        # Two writes, so that a crash test can stop between them (a torn line, which a resume drops).
+        self._file.write(text[: len(text) // 2])
+        self._file.flush()
+        fault_point("metrics-write")
+        self._file.write(text[len(text) // 2:])
         step = int(row["step"])
         named = {tracker_key(k): v for k, v in row.items()}
         if self._wandb_run is not None:

@@ -47,7 +47,8 @@ from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
 STAGE = "evaluate"
 VERSION = 1
 KIND = "eval"
-OWNS = ("pairs.parquet", "metrics.json", "report.md", "generations.jsonl", "*.png")  # what a run writes
+OWNS = ("pairs.parquet", "metrics.json", "report.md", "generations.jsonl", "training_curves.png", "margins.png",
+        "logp_shift.png", "generation_lengths.png")  # what a run writes
 PAIR_COLUMNS = ("index", "source", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
                 "rejected_labels", "prompt_length", "chosen_length", "rejected_length")
 log = logging.getLogger(__name__)
@@ -144,6 +145,10 @@ def _model_input(path: Path, verify: bool) -> InputRef:
     its content identity."""
     if (path / MANIFEST).is_file():
         manifest = ArtifactReader(path, verify=verify).manifest
+        if manifest.kind != "model":
+            hint = (f"evaluate its final model ({path / 'final'}) or `dpo export` it first" if manifest.kind == "train"
+                    else "pass a model folder (from `dpo export`, or any Hugging Face model folder)")
+            raise UsageError(f"--model {path} is a {manifest.kind!r} artifact, not a model: {hint}")
         return InputRef(manifest.kind, str(path), manifest.fingerprint)
     if (path / "adapter_config.json").is_file():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_"))
@@ -156,8 +161,12 @@ def _load_model(path: Path, dtype: str) -> torch.nn.Module:
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
+        from safetensors import SafetensorError
+
         try:
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        except SafetensorError as exc:
+            raise ArtifactError(f"model {path}: a weight file of the adapter or its base is corrupt ({exc})") from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"model {path}: cannot load this LoRA adapter with its base model: {exc}") from None
         return model.eval()
@@ -231,13 +240,15 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
     baseline = baseline_reader.manifest if baseline_reader else None
     if baseline is not None:
         _check_baseline(cfg, baseline, tokenized.fingerprint)
+        baseline_reader.read_json("metrics.json")  # a damaged one stops the run before anything is scored
     reference = ArtifactReader(cfg.ref_cache, kind="ref-logps", verify=verify) if cfg.ref_cache else None
     objective = _objective(cfg, train)
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory")
+    model_input = _model_input(model_dir, verify)  # first: a train artifact given as --model is named as such
     check_vocab(model_dir, cfg.tokenized, tokenized.manifest)
-    inputs = [_model_input(model_dir, verify), InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
+    inputs = [model_input, InputRef("tokenized", cfg.tokenized, tokenized.fingerprint)]
     for kind, path, manifest in (("ref-logps", cfg.ref_cache, reference and reference.manifest),
                                  ("train", cfg.train, train), ("eval", cfg.baseline, baseline)):
         if manifest is not None:
@@ -406,7 +417,7 @@ def _metrics(cfg: EvaluateConfig, pairs: dict[str, np.ndarray], rows: pa.Table, 
     }
     if baseline is not None:
         metrics["baseline"] = {"path": cfg.baseline, "fingerprint": baseline.fingerprint,
-                               "metrics": json.loads(baseline.path("metrics.json").read_text())}
+                               "metrics": baseline.read_json("metrics.json")}
     return metrics
 
 

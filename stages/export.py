@@ -25,7 +25,8 @@ from ..artifacts.errors import ArtifactError, PushError, UsageError
 from ..artifacts.fingerprint import fingerprint
 from ..artifacts.lock import LOCK_NAME
 from ..artifacts.manifest import MANIFEST, InputRef, Manifest, read_manifest
-from ..artifacts.output import PARTIAL
+from ..artifacts.faults import fault_point
+from ..artifacts.output import PARTIAL, is_dpo_file
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import report
@@ -40,8 +41,12 @@ STAGE = "export"
 VERSION = 1
 KIND = "model"
 STEP = re.compile(r"^step-(\d+)$")
-# What a run writes besides its manifest: a Hugging Face model or adapter folder and its card.
-OWNS = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "README.md")
+# What a run writes besides its manifest: a Hugging Face model or adapter folder (weights, configs, the
+# tokenizer's files) and its card, all at the top level. Named closely, so that a file of the user's that
+# finds its way into a partial export (notes.txt, results.json) is refused, never cleared or listed.
+OWNS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model*.safetensors", "*config.json",
+        "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab*", "merges*",
+        "*.model", "*.tiktoken", "README.md")
 log = logging.getLogger(__name__)
 
 
@@ -166,7 +171,10 @@ def run(cfg: ExportConfig) -> Manifest:
     semantic = {"checkpoint": source.name, "dtype": dtype, "merge": merge}
     fp = fingerprint(STAGE, VERSION, semantic, [source.train_fingerprint])
 
-    inputs = [("--train", cfg.train), ("the base model", source.train_config.get("model") if source.adapter else None)]
+    # Besides --train, export reads what the train run read: its model (the LoRA base, the tokenizer) and
+    # its tokenized artifact (the chat template, the card's data counts).
+    inputs = [("--train", cfg.train), ("the train run's --model", source.train_config.get("model"))]
+    inputs += [(f"the train run's {ref.kind} artifact", ref.path) for ref in source.train_inputs]
     with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout, inputs=inputs,
                   owns=OWNS) as stage_run:
         manifest = stage_run.manifest if stage_run.complete else _export(cfg, source, train_dir, stage_run, dtype,
@@ -194,9 +202,10 @@ def _export(cfg: ExportConfig, source: Source, train_dir: Path, stage_run: Stage
     tokenized = _tokenized_manifest(source)
     info = _card_info(cfg, source, train_dir, stage_run.out, dtype, merge, base, tokenized, fp)
     (work / "README.md").write_text(report.model_card(info))
-    skip = {MANIFEST, PARTIAL, LOCK_NAME}
-    files = [file_entry(work, p.relative_to(work).as_posix()) for p in sorted(work.rglob("*"))
-             if p.is_file() and p.name not in skip and not p.name.startswith(LOCK_NAME)]
+    fault_point("export-save")
+    files = [file_entry(work, relative) for relative in
+             (p.relative_to(work).as_posix() for p in sorted(work.rglob("*")) if p.is_file())
+             if not is_dpo_file(relative)]
     stats = {
         "checkpoint": source.name, "step": source.step, "dtype": dtype, "adapter": source.adapter and not merge,
         "merged": merge, "parameters": total, "base_model": str(base) if base else source.train_config.get("model"),
@@ -224,7 +233,12 @@ def _load(source: Source, dtype: str, merge: bool) -> tuple[torch.nn.Module, Pat
     base_path = _base_model_path(source)
     # Merge in float32 whatever the target dtype: W + BA rounded once, not twice.
     base = load_causal_lm(base_path, dtype="float32" if merge else dtype)
-    model = PeftModel.from_pretrained(base, str(source.folder))
+    from safetensors import SafetensorError
+
+    try:
+        model = PeftModel.from_pretrained(base, str(source.folder))
+    except SafetensorError as exc:
+        raise ArtifactError(f"{source.folder}: the adapter's weight file is corrupt ({exc})") from None
     if merge:
         model = model.merge_and_unload().to(torch_dtype(dtype))
     else:

@@ -62,6 +62,7 @@ STEPS = (
 STEP_NAMES = tuple(name for name, _, _ in STEPS)
 TOP_LEVEL = ("run_dir", "model")
 RESOLVED = "run.yaml"
+HEADER = b"# Written by `dpo run --config "  # how the resolved copy begins: the mark of a file dpo may rewrite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,22 +215,71 @@ def _manifest_identity(out: Path) -> tuple[str, str] | None:
 
 
 def _resolved_text(resolved: dict[str, Any], source: Path, overrides: tuple[str, ...] = ()) -> str:
-    command = f"dpo run --config {source}" + "".join(f" --set {item}" for item in overrides)
-    header = (f"# Written by `{command}`: the run file with its paths absolute, the --set values applied and\n"
+    command = f"{HEADER.decode()}{source}" + "".join(f" --set {item}" for item in overrides)
+    header = (f"{command}`: the run file with its paths absolute, the --set values applied and\n"
               f"# every chained default filled in. Each section is what `dpo <stage> --config <this file>` reads.\n")
     return header + yaml.safe_dump(resolved, sort_keys=False)
 
 
-def _write_resolved(resolved: dict[str, Any], text: str) -> None:
-    """``<run_dir>/run.yaml``, the record ``dpo status`` reads; rank 0 writes it under accelerate launch."""
+# The options through which a step reads something (a file or folder run_dir must not lie inside).
+INPUT_KEYS = ("data", "eval_data", "tokenizer", "chat_template", "model", "tokenized", "ref_cache", "train",
+              "baseline", "prompts", "deepspeed_config")
+
+
+def _input_paths(resolved: dict[str, Any]) -> list[tuple[str, str]]:
+    found = [("model", resolved["model"])] if isinstance(resolved.get("model"), str) else []
+    for name in STEP_NAMES:
+        section = resolved.get(name) or {}
+        for key in INPUT_KEYS:
+            value = _get(section, key)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str):
+                    # --data PATH:AMOUNT: the path is what precedes the amount
+                    path = item if os.path.exists(item) or ":" not in item else item.rsplit(":", 1)[0]
+                    found.append((f"{name}.{key}", path))
+    return found
+
+
+def _check_run_dir(resolved: dict[str, Any]) -> None:
+    """Refuse a run_dir that is or lies inside something a step reads, before anything is written there."""
+    run_dir = Path(os.path.realpath(str(resolved["run_dir"])))
+    for where, path in _input_paths(resolved):
+        if not os.path.exists(path):
+            continue
+        there = Path(os.path.realpath(path))
+        if there == run_dir or there in run_dir.parents:
+            raise UsageError(f"run_dir {resolved['run_dir']} {'is' if there == run_dir else 'lies inside'} {path} "
+                             f"({where}), which a step reads: choose a run_dir outside every input")
+
+
+def _write_resolved(resolved: dict[str, Any], text: str, source: Path) -> None:
+    """``<run_dir>/run.yaml``, the record ``dpo status`` reads; rank 0 writes it under accelerate launch.
+
+    Only over a copy dpo wrote: a run.yaml of the user's own (often the very run file given, when
+    run_dir is its folder) is never overwritten."""
     if rank() != 0:
         return
     target = Path(str(resolved["run_dir"])) / RESOLVED
+    if target.exists() and not _written_by_dpo(target):
+        same = target.is_file() and source.is_file() and os.path.samefile(target, source)
+        raise UsageError(
+            f"{target} {'is the run file given to --config' if same else 'exists and was not written by dpo run'}; "
+            f"dpo run keeps its resolved copy of the run file there and will not overwrite yours. Move it, or choose "
+            "another run_dir"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_file() or target.read_text() != text:
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.replace(target)
+
+
+def _written_by_dpo(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HEADER)) == HEADER
+    except OSError:
+        return False
 
 
 def run(config: RunConfig) -> tuple[int, Path | None]:
@@ -241,7 +291,8 @@ def run(config: RunConfig) -> tuple[int, Path | None]:
             raise UsageError(f"--step {name!r} is not one of: {', '.join(STEP_NAMES)}")
         if name not in resolved:
             raise UsageError(f"--step {name}: {config.config} has no {name!r} section")
-    _write_resolved(resolved, _resolved_text(resolved, config.config, config.overrides))
+    _check_run_dir(resolved)
+    _write_resolved(resolved, _resolved_text(resolved, config.config, config.overrides), config.config)
     for name, command, _ in STEPS:
         if name in wanted:
             code = _run_step(config, name, command, resolved[name])

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..artifacts.manifest import MANIFEST, Manifest, read_manifest
-from ..artifacts.output import PARTIAL
+from ..artifacts.output import PARTIAL, partial_marker
 from ..artifacts.errors import ArtifactError, UsageError
 from ..pipeline.checkpoint import complete_checkpoints
 from ..pipeline.report import last_row_with, read_metrics_jsonl
@@ -110,8 +110,8 @@ def _input_state(ref) -> str:
         external = ref.kind == "model" and any((path / f).is_file() for f in ("config.json", "adapter_config.json"))
         return "external" if external else "incomplete"
     try:
-        current = json.loads((path / MANIFEST).read_text()).get("fingerprint")
-    except (OSError, json.JSONDecodeError):
+        current = read_manifest(path).fingerprint
+    except ArtifactError:
         return "unreadable"
     return "ok" if current == ref.fingerprint else f"changed (now {current})"
 
@@ -125,6 +125,11 @@ def describe(path: Path, step: str | None = None) -> dict[str, Any]:
         except ArtifactError as exc:
             info.update(state="corrupt", error=str(exc))
             return info
+        problem = _size_problem(path, manifest)  # sizes only: status reads no data, and hashes nothing
+        if problem is not None:
+            info.update(state="damaged", kind=manifest.kind, fingerprint=manifest.fingerprint,
+                        step=step or KIND_STEPS.get(manifest.kind), error=problem)
+            return info
         info.update(
             state="complete", kind=manifest.kind, fingerprint=manifest.fingerprint, created=manifest.created,
             step=step or KIND_STEPS.get(manifest.kind),
@@ -136,10 +141,7 @@ def describe(path: Path, step: str | None = None) -> dict[str, Any]:
         info["stale"] = [i["path"] for i in info["inputs"] if i["state"].startswith("changed")]
         return info
     if (path / PARTIAL).is_file():
-        try:
-            partial = json.loads((path / PARTIAL).read_text())
-        except (OSError, json.JSONDecodeError):
-            partial = {}
+        partial = partial_marker(path)
         info.update(state="partial", kind=partial.get("kind"), fingerprint=partial.get("fingerprint"),
                     step=step or KIND_STEPS.get(partial.get("kind", "")))
         if partial.get("kind") == "train":
@@ -153,7 +155,19 @@ def describe(path: Path, step: str | None = None) -> dict[str, Any]:
     return info
 
 
+def _size_problem(path: Path, manifest: Manifest) -> str | None:
+    for entry in manifest.files:
+        file = path / entry.path
+        size = file.stat().st_size if file.is_file() else None
+        if size != entry.bytes:
+            return (f"{entry.path}: {'missing' if size is None else f'{size} bytes'}, the manifest says {entry.bytes}; "
+                    "rerun the stage that made it, with --overwrite")
+    return None
+
+
 def _resume_hint(entry: dict[str, Any]) -> str:
+    if entry["state"] in ("damaged", "corrupt"):
+        return "rerun it with --overwrite, which rebuilds it"
     if entry.get("checkpoints"):
         return f"resumes from checkpoint {entry['checkpoints'][-1]}"
     if entry.get("committed_shards"):
@@ -182,9 +196,11 @@ def status(path: str | os.PathLike) -> dict[str, Any]:
     run_file = path / RESOLVED
     if run_file.is_file():
         try:
-            resolved = yaml.safe_load(run_file.read_text()) or {}
-        except yaml.YAMLError as exc:
+            resolved = yaml.safe_load(run_file.read_bytes().decode("utf-8")) or {}
+        except (yaml.YAMLError, ValueError) as exc:
             raise UsageError(f"{run_file}: not valid YAML: {exc}") from None
+        if not isinstance(resolved, dict):
+            raise UsageError(f"{run_file}: not a run file (a mapping with one section per step)")
         entries = []
         for name, _, _ in STEPS:
             section = resolved.get(name)

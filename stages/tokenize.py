@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -163,6 +164,7 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
     with StageRun(STAGE, out, KIND, fp, overwrite=cfg.overwrite, lock_timeout=cfg.lock_timeout, inputs=inputs,
                   owns=OWNS) as stage_run:
         if stage_run.complete:
+            _remove_reject_parts(out)  # left by a run killed between its commit and this cleanup
             return None
         started = time.perf_counter()
         splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
@@ -310,10 +312,15 @@ def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]],
             if (split, number) not in pending_keys:
                 first_index += committed_shard(out, shard_path(split, number, count)).rows
                 continue
+            saved = f"after committing {len(plan) - len(pending) + processed['shards']} of {len(plan)} shards in {out}"
             if stage_run.stop_requested():
-                committed = len(plan) - len(pending) + processed["shards"]
-                raise stage_run.preempted(f"after committing {committed} of {len(plan)} shards in {out}")
-            encoded = [r for _ in range(_chunk_count(items)) for r in next(results)]
+                raise stage_run.preempted(saved)
+            encoded = []
+            for _ in range(_chunk_count(items)):
+                chunk = workers.next(results, stage_run)
+                if chunk is None:  # a stop signal: this shard is abandoned (a rerun encodes it again)
+                    raise stage_run.preempted(saved)
+                encoded.extend(chunk)
             rows, part = _assemble(cfg, split, items, encoded, first_index)
             _commit_shard(out, split, number, count, rows, part)
             first_index += rows.num_rows
@@ -386,11 +393,22 @@ def _commit_shard(out: Path, split: str, number: int, count: int, rows: pa.Table
 
 
 class _Workers:
-    """In-process encoding for --num-proc 1; otherwise a pool whose ordered map keeps the output order."""
+    """In-process encoding for --num-proc 1; otherwise N worker processes, each fed one chunk at a time
+    through its own pipe, chunk k to worker k mod N, results taken back in that order (so the output
+    never depends on N).
+
+    Not a multiprocessing.Pool: Ctrl-C and a pre-emption signal the whole process group, and a pool
+    worker that dies of the signal can hold the pool's shared queue lock, which then hangs the pool's
+    shutdown for ever. Here workers share no lock: they ignore the stop signals (the main process
+    decides when to stop, at its safe points) and are killed outright when it is done with them.
+    """
 
     def __init__(self, num_proc: int, settings: EncodeSettings, encoder: PairEncoder):
         self.num_proc, self.settings, self.encoder = num_proc, settings, encoder
-        self.pool = None
+        self.processes: list = []
+        self.pipes: list = []
+        self.chunks: Iterator[list[Pair]] | None = None
+        self.sent = self.received = 0
 
     def __enter__(self) -> _Workers:
         global _worker_encoder
@@ -400,33 +418,73 @@ class _Workers:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             _worker_encoder = self.encoder
-            self.pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.settings,))
+            for _ in range(self.num_proc):
+                mine, theirs = context.Pipe()
+                process = context.Process(target=_worker, args=(theirs, self.settings), daemon=True)
+                process.start()
+                theirs.close()
+                self.processes.append(process)
+                self.pipes.append(mine)
         return self
 
-    def map(self, chunks: Iterator[list[Pair]]) -> Iterator[list]:
-        if self.pool is None:
+    def map(self, chunks: Iterator[list[Pair]]) -> Iterator[list[Pair]]:
+        if not self.processes:
             return (self.encoder.encode(chunk) for chunk in chunks)
-        return self.pool.imap(_encode_chunk, chunks, chunksize=1)
+        self.chunks = iter(chunks)
+        for _ in range(self.num_proc):  # one chunk in flight per worker
+            self._send()
+        return self.chunks
+
+    def _send(self) -> None:
+        chunk = next(self.chunks, None)
+        if chunk is not None:
+            self.pipes[self.sent % self.num_proc].send(chunk)
+            self.sent += 1
+
+    def next(self, results: Iterator, stage_run: StageRun) -> list | None:
+        """The next chunk's encodings, or None once a stop signal has arrived: waiting on the workers is a
+        safe point, so that a stop comes within a chunk, not a shard."""
+        if not self.processes:
+            return None if stage_run.signalled else next(results)
+        worker = self.received % self.num_proc
+        while not self.pipes[worker].poll(0.2):
+            if stage_run.signalled:
+                return None
+            if not self.processes[worker].is_alive():
+                raise DpoError(f"tokenizer worker process {self.processes[worker].pid} died (exit code "
+                               f"{self.processes[worker].exitcode}); rerun to resume from the last committed shard")
+        encoded = self.pipes[worker].recv()
+        self.received += 1
+        self._send()
+        return encoded
 
     def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        for process in self.processes:
+            process.kill()
+        for process, pipe in zip(self.processes, self.pipes):
+            process.join()
+            pipe.close()
 
 
 _worker_encoder: PairEncoder | None = None
 
 
-def _init_worker(settings: EncodeSettings) -> None:
+def _worker(pipe, settings: EncodeSettings) -> None:
     global _worker_encoder
+    # The main process decides when to stop (it kills the workers once it has): a Ctrl-C or pre-emption
+    # sent to the whole process group must not end a worker on its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     # The processes are the parallelism: no tokenizer thread pool inside each (and none after a fork).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _worker_encoder is None:
         _worker_encoder = PairEncoder(settings)
-
-
-def _encode_chunk(pairs: list[Pair]) -> list:
-    return _worker_encoder.encode(pairs)
+    while True:
+        try:
+            chunk = pipe.recv()
+        except EOFError:  # the main process is gone
+            return
+        pipe.send(_worker_encoder.encode(chunk))
 
 
 # ---------------------------------------------------------------------------------------- close

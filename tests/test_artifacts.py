@@ -169,7 +169,7 @@ def test_writer_commits_shard_by_shard_and_the_manifest_last(tmp_path):
     """Until commit_output, the directory holds committed shards but is not an artifact."""
     root = tmp_path / "out"
     fp = "a" * 16
-    assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.FRESH
+    assert prepare_output(root, "tokenized", fp, overwrite=False, owns=SHARDS).state is OutputState.FRESH
     bounds = shard_bounds(10, 4)
     entries = []
     for i, (start, stop) in enumerate(bounds):
@@ -178,14 +178,14 @@ def test_writer_commits_shard_by_shard_and_the_manifest_last(tmp_path):
         with pytest.raises(ArtifactError, match="not a complete artifact"):
             ArtifactReader(root)
         # a crash here and a rerun: the same fingerprint resumes, keeping the committed shards
-        assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.RESUME
+        assert prepare_output(root, "tokenized", fp, overwrite=False, owns=SHARDS).state is OutputState.RESUME
         assert all((root / e.path).is_file() for e in entries)
     commit_output(root, Manifest(kind="tokenized", fingerprint=fp, config={}, files=entries))
     reader = ArtifactReader(root, kind="tokenized", verify=True)
     assert reader.fingerprint == fp and reader.splits == ["train"]
     assert reader.read_split("train").column("index").to_pylist() == list(range(10))
     assert reader.read_split("train", columns=["index"]).column_names == ["index"]
-    assert prepare_output(root, "tokenized", fp, overwrite=False).state is OutputState.COMPLETE
+    assert prepare_output(root, "tokenized", fp, overwrite=False, owns=SHARDS).state is OutputState.COMPLETE
 
 
 def test_reader_refuses_a_directory_without_manifest(tmp_path):
