@@ -31,18 +31,62 @@ def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, num_rows)) for s in range(0, num_rows, rows_per_shard)]
 
 
+ROW_GROUP_ROWS = 8192
+COMPRESSION = "zstd"
+
+
 def write_shard(root: Path, relative: str, table: pa.Table) -> FileEntry:
-    target = root / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    # Fixed writer options: the bytes depend only on the rows, so reruns are byte-identical.
-    pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    fault_point("shard-write")
-    os.replace(tmp, target)
-    fsync_path(target.parent)
-    return FileEntry(path=relative, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target))
+    writer = ShardWriter(root, relative, table.schema)
+    writer.write(table)
+    return writer.commit()
+
+
+class ShardWriter:
+    """One shard written from pieces as they come, a row group at a time, so memory holds one row
+    group, not the shard. Fixed writer options and row groups of ROW_GROUP_ROWS (the whole table
+    when smaller): the bytes depend only on the rows, never on how they were cut into pieces, so
+    reruns are byte-identical."""
+
+    def __init__(self, root: Path, relative: str, schema: pa.Schema):
+        self.root, self.relative, self.schema = root, relative, schema
+        self.target = root / relative
+        self.tmp = self.target.with_name(self.target.name + ".tmp")
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= ROW_GROUP_ROWS:
+            rows = pa.concat_tables(self.pending).combine_chunks()
+            if self.writer is None:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression=COMPRESSION)
+            self.writer.write_table(rows.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+            self.pending = [rows.slice(ROW_GROUP_ROWS)]
+            self.pending_rows -= ROW_GROUP_ROWS
+            self.rows += ROW_GROUP_ROWS
+
+    def commit(self) -> FileEntry:
+        """Write what is left, then make the shard durable under its final name (an atomic rename)."""
+        rest = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.schema.empty_table()
+        self.rows += rest.num_rows
+        if self.writer is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rest, self.tmp, compression=COMPRESSION, row_group_size=max(1, rest.num_rows))
+        else:
+            if rest.num_rows:
+                self.writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
+            self.writer.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        fault_point("shard-write")
+        os.replace(self.tmp, self.target)
+        fsync_path(self.target.parent)
+        return FileEntry(path=self.relative, rows=self.rows, bytes=self.target.stat().st_size,
+                         sha256=sha256_file(self.target))
 
 
 def committed_shard(root: Path, relative: str) -> FileEntry | None:
