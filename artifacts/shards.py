@@ -24,6 +24,12 @@ def shard_path(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
 
 
+def arrow_copy_path(relative: str) -> str:
+    """Where a shard's uncompressed Arrow IPC copy lies: readers memory-map it, so the ranks of a node
+    share one copy in the page cache and a batch reads only its own rows."""
+    return relative.removesuffix(".parquet") + ".arrow"
+
+
 def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges; at least one (possibly empty) shard so every split has a file."""
     if num_rows == 0:
@@ -47,7 +53,7 @@ class ShardWriter:
     when smaller): the bytes depend only on the rows, never on how they were cut into pieces, so
     reruns are byte-identical."""
 
-    def __init__(self, root: Path, relative: str, schema: pa.Schema):
+    def __init__(self, root: Path, relative: str, schema: pa.Schema, arrow_copy: bool = False):
         self.root, self.relative, self.schema = root, relative, schema
         self.target = root / relative
         self.tmp = self.target.with_name(self.target.name + ".tmp")
@@ -55,6 +61,12 @@ class ShardWriter:
         self.pending_rows = 0
         self.rows = 0
         self.writer: pq.ParquetWriter | None = None
+        self.copy: pa.ipc.RecordBatchFileWriter | None = None
+        if arrow_copy:
+            self.copy_target = root / arrow_copy_path(relative)
+            self.copy_tmp = self.copy_target.with_name(self.copy_target.name + ".tmp")
+            self.copy_target.parent.mkdir(parents=True, exist_ok=True)
+            self.copy = pa.ipc.new_file(self.copy_tmp, schema)
 
     def write(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -65,6 +77,8 @@ class ShardWriter:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 self.writer = pq.ParquetWriter(self.tmp, self.schema, compression=COMPRESSION)
             self.writer.write_table(rows.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+            if self.copy is not None:
+                self.copy.write_table(rows.slice(0, ROW_GROUP_ROWS))
             self.pending = [rows.slice(ROW_GROUP_ROWS)]
             self.pending_rows -= ROW_GROUP_ROWS
             self.rows += ROW_GROUP_ROWS
@@ -80,6 +94,14 @@ class ShardWriter:
             if rest.num_rows:
                 self.writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
             self.writer.close()
+        if self.copy is not None:
+            # The copy is durable under its name before the shard is: a committed shard has its copy.
+            if rest.num_rows:
+                self.copy.write_table(rest)
+            self.copy.close()
+            with open(self.copy_tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.copy_tmp, self.copy_target)
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         fault_point("shard-write")
@@ -149,12 +171,20 @@ class ArtifactReader:
         return resolve_inside(self.root, relative)
 
     def read_file(self, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
-        """One listed Parquet file, checked against the manifest's row count."""
+        """One listed Parquet file, checked against the manifest's row count: memory-mapped from its
+        Arrow IPC copy when the manifest lists one (no decompression, nothing copied until a row is
+        read), else read from the Parquet file into memory."""
         path = resolve_inside(self.root, entry.path)
+        copy = arrow_copy_path(entry.path)
         try:
-            table = pq.read_table(path, columns=columns)
+            if any(f.path == copy for f in self.manifest.files):
+                path = resolve_inside(self.root, copy)
+                table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+                table = table.select(columns) if columns is not None else table
+            else:
+                table = pq.read_table(path, columns=columns)
         except (pa.ArrowException, OSError) as exc:
-            raise ArtifactError(f"{path}: not a readable Parquet file ({exc}); rerun the stage that made it") from None
+            raise ArtifactError(f"{path}: not a readable Arrow or Parquet file ({exc}); rerun the stage that made it") from None
         if entry.rows is not None and table.num_rows != entry.rows:
             raise ArtifactError(f"{self.root}: {entry.path} has {table.num_rows} rows, the manifest says {entry.rows}")
         return table

@@ -40,7 +40,7 @@ from ..artifacts.errors import DataError, DpoError, UsageError
 from ..artifacts.fingerprint import fingerprint, sha256_file
 from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
 from ..artifacts.runner import StageRun
-from ..artifacts.shards import ShardWriter, committed_shard, file_entry, shard_bounds, shard_path
+from ..artifacts.shards import ShardWriter, arrow_copy_path, committed_shard, file_entry, shard_bounds, shard_path
 from ..pipeline.config import StageOptions, at_least, flatten, fraction, option, validate
 from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns
 from ..pipeline.logs import progress
@@ -55,7 +55,7 @@ TOKENIZE_VERSION = 1
 KIND = "tokenized"
 REJECTS = "rejects.jsonl"
 REJECT_PARTS = ".rejects"  # per-shard reject lists, merged into rejects.jsonl at commit
-OWNS = ("*/part-*.parquet", REJECT_PARTS + "/", REJECTS)  # what a (partial) run writes besides the manifest
+OWNS = ("*/part-*.parquet", "*/part-*.arrow", REJECT_PARTS + "/", REJECTS)  # what a (partial) run writes besides the manifest
 CHUNK_PAIRS = 256  # pairs per task handed to a worker process
 BAD_RECORD_MODES = ("error", "skip")
 log = logging.getLogger("dpo.tokenize")
@@ -390,7 +390,7 @@ def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEnco
                     committed = len(shards) - len(pending) + processed["shards"]
                     raise stage_run.preempted(f"after committing {committed} of {len(shards)} shards in {out}")
                 items = (Item(name, record, _normalise(cfg, record, fmt, columns)) for name, record, fmt in taken)
-                writer = ShardWriter(out, shard_path(split, number, count), SCHEMA)
+                writer = ShardWriter(out, shard_path(split, number, count), SCHEMA, arrow_copy=True)
                 part = {"rejects": [], "truncated": 0}
                 rows = 0
                 for chunk, encoded in workers.map(_chunked(items)):
@@ -409,7 +409,9 @@ def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEnco
 
 
 def _is_committed(out: Path, split: str, number: int, count: int) -> bool:
-    return (out / _reject_part(split, number, count)).is_file() and committed_shard(out, shard_path(split, number, count)) is not None
+    shard = shard_path(split, number, count)
+    return ((out / _reject_part(split, number, count)).is_file() and (out / arrow_copy_path(shard)).is_file()
+            and committed_shard(out, shard) is not None)
 
 
 def _chunked(items: Iterator[Item]) -> Iterator[list[Item]]:
@@ -538,7 +540,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
         count = len(shard_bounds(size, cfg.rows_per_shard))
         for number in range(count):
             entry = committed_shard(out, shard_path(split, number, count))
-            files.append(entry)
+            files += [entry, file_entry(out, arrow_copy_path(entry.path))]  # rows: the shard's, counted once
             table = pq.read_table(out / entry.path, columns=["source", *lengths])
             for counted in pc.value_counts(table["source"]).to_pylist():
                 pairs.setdefault(split, {}).setdefault(counted["values"], 0)
