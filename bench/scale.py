@@ -57,13 +57,14 @@ def synthesise(path: Path, count: int, offset: int = 0) -> int:
     return path.stat().st_size
 
 
-def measure(command: list[str], watch: str | None = None) -> dict:
-    """Runs ``command``; its peak RSS, peak private RSS, wall time, and when ``watch`` first appeared."""
+def measure(command: list[str], watch: str | None = None, limit_s: float | None = None) -> dict:
+    """Runs ``command``; its peak private RSS, wall time, and when ``watch`` first appeared. Past
+    ``limit_s`` it is stopped (SIGTERM: a stage commits what it has and exits 75) and marked so."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watch = Path(watch) if watch else None
-    peak_anon, first_seen = 0, None
+    peak_anon, first_seen, stopped = 0, None, False
     stderr_lines: list[str] = []
     reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
     reader.start()
@@ -75,20 +76,23 @@ def measure(command: list[str], watch: str | None = None) -> dict:
             pass
         if watch is not None and first_seen is None and watch.is_file() and watch.stat().st_size:
             first_seen = time.perf_counter() - started
+        if limit_s is not None and time.perf_counter() - started > limit_s and not stopped:
+            process.terminate()
+            stopped = True
         time.sleep(0.05)
     reader.join()
     wall = time.perf_counter() - started
-    if process.returncode:
+    if process.returncode and not stopped:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{''.join(stderr_lines[-20:])}")
     return {"wall_s": round(wall, 2), "peak_anon_mib": round(peak_anon / 2**20, 1),
-            "first_step_s": round(first_seen, 2) if first_seen is not None else None}
+            "first_step_s": round(first_seen, 2) if first_seen is not None else None, "stopped": stopped}
 
 
-def peak_rss(command: list[str], watch: Path | None = None) -> dict:
+def peak_rss(command: list[str], watch: Path | None = None, limit_s: float | None = None) -> dict:
     """``measure`` in a child interpreter, so that its RUSAGE_CHILDREN ru_maxrss (the largest of the
     stage's process and the worker processes it waited for) is this stage's alone."""
     code = (f"import json, resource, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import scale; "
-            f"r = scale.measure({command!r}, {str(watch) if watch else None!r}); "
+            f"r = scale.measure({command!r}, {str(watch) if watch else None!r}, {limit_s!r}); "
             "r['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1); print(json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
@@ -96,7 +100,13 @@ def peak_rss(command: list[str], watch: Path | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_size(work: Path, size: int, model: Path, tokenize_only: bool) -> dict:
+def committed_pairs(tokenized: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in tokenized.glob("*/part-*.parquet"))
+
+
+def run_size(work: Path, size: int, model: Path, tokenize_only: bool, limit_s: float | None) -> dict:
     folder = work / f"n{size}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -106,13 +116,20 @@ def run_size(work: Path, size: int, model: Path, tokenize_only: bool) -> dict:
     tokenized = folder / "tokenized"
     result = {"size": size, "data_mib": round(data_bytes / 2**20, 1)}
     result["tokenize"] = peak_rss([DPO, "tokenize", "--data", str(data), "--eval-data", str(evals), "--tokenizer",
-                                   str(model), "--out", str(tokenized), "--max-seq-length", "512", "--quiet"])
+                                   str(model), "--out", str(tokenized), "--max-seq-length", "512", "--quiet"],
+                                  limit_s=limit_s)
+    if result["tokenize"]["stopped"]:
+        # Throughput of the part done: committed pairs over the wall time (reading passes included).
+        result["tokenize"]["pairs_per_s"] = round(committed_pairs(tokenized) / result["tokenize"]["wall_s"], 1)
+        result["tokenize"]["committed"] = committed_pairs(tokenized)
+        return result
     manifest = json.loads((tokenized / "manifest.json").read_text())
     result["tokenize"]["pairs_per_s"] = manifest["stats"]["throughput"]["pairs_per_second"]
     result["artifact"] = {
         suffix: round(sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(suffix)) / 2**20, 1)
         for suffix in (".parquet", ".arrow")}
     result["tokens"] = manifest["stats"]["total_tokens"]
+    result["tokenize"]["committed"] = size + EVAL_PAIRS
     if tokenize_only:
         return result
     train = folder / "train"
@@ -138,11 +155,12 @@ def write_results(results: list[dict], command: str) -> None:
         for stage in ("tokenize", "train", "evaluate"):
             if stage in r:
                 m = r[stage]
+                stage = stage + (f" (stopped at the limit, {m['committed']:,} pairs committed)" if m.get("stopped") else "")
                 lines.append(f"| {r['size']:,} | {stage} | {m['wall_s']} | {m['peak_rss_mib']} | {m['peak_anon_mib']} | "
                              f"{m.get('pairs_per_s') or ''} | {m.get('first_step_s') or ''} |")
     lines += ["", "| pairs | input JSONL MiB | Parquet shards MiB | Arrow copies MiB | tokens |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['size']:,} | {r['data_mib']} | {r['artifact']['.parquet']} | {r['artifact']['.arrow']} | "
-              f"{r['tokens']:,} |" for r in results]
+              f"{r['tokens']:,} |" for r in results if "artifact" in r]
     lines.append(END)
     text = RESULTS.read_text() if RESULTS.is_file() else ""
     section = "\n".join(lines) + "\n"
@@ -157,6 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--tokenize-only", type=int, nargs="*", default=[], help="sizes run through tokenize only")
+    parser.add_argument("--limit-s", type=float, help="stop a tokenize that runs longer (the result says so)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-scale")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -166,11 +185,11 @@ def main() -> None:
     model = build_tiny_llama(args.work / "tiny-llama")
     results = []
     for size in sorted(set(args.sizes) | set(args.tokenize_only)):
-        results.append(run_size(args.work, size, model, tokenize_only=size not in args.sizes))
+        results.append(run_size(args.work, size, model, size not in args.sizes, args.limit_s))
         print(json.dumps(results[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-    write_results(results, "python bench/scale.py " + " ".join(sys.argv[1:]))
+        write_results(results, "python bench/scale.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
