@@ -178,7 +178,16 @@ def main() -> None:
     parser.add_argument("--limit-s", type=float, help="stop a tokenize that runs longer (the result says so)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-scale")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--read-probe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=int, nargs="*", help="only train's data path at these sizes (data_path_probe)")
     args = parser.parse_args()
+    if args.read_probe:
+        print(json.dumps(read_probe(args.read_probe)))
+        return
+    if args.probe:
+        for size in args.probe:
+            print(json.dumps(data_path_probe(size, args.work)), flush=True)
+        return
     from conftest import build_tiny_llama
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -190,6 +199,84 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         write_results(results, "python bench/scale.py " + " ".join(sys.argv[1:]))
+
+
+
+def read_probe(root: Path) -> dict:
+    """In a fresh process (so that the writing's freed memory does not blur it): the seconds and the
+    private memory (RssAnon) that verifying, mapping, ordering and reading the first batch add."""
+    import pyarrow as pa
+
+    from dpo.artifacts.shards import ArtifactReader
+    from dpo.pipeline.batching import pair_lengths
+    from dpo.pipeline.data_order import BatchOrder, Cursor
+
+    def anon() -> int:
+        return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024
+
+    pa.table({"warm": [[1, 2], [3]]}).take([1])  # Arrow's one-time set-up, before the baseline
+    base, started = anon(), time.perf_counter()
+    reader = ArtifactReader(root, kind="tokenized", verify=True)
+    verified = time.perf_counter()
+    rows = reader.read_split("train")
+    order = BatchOrder(pair_lengths(rows), 32, seed=42)
+    first = rows.take(order.batch(Cursor()))
+    assert first.num_rows == 32
+    done = time.perf_counter()
+    return {"verify_s": round(verified - started, 2), "map_order_first_batch_s": round(done - verified, 2),
+            "added_private_mib": round((anon() - base) / 2**20, 1)}
+
+
+def data_path_probe(size: int, work: Path) -> dict:
+    """Train's data path alone at ``size`` pairs, in this process: open and verify an artifact,
+    memory-map its train split, its pair lengths, the first epoch's batch order, and the first
+    batch's rows. The artifact is written directly (random token ids, HH-like lengths from a
+    lognormal fit: median ~230 tokens per side), since tokenizing 1M pairs takes hours on 2 shared
+    cores. Reports the seconds and the private memory (RssAnon) this adds."""
+    import numpy as np
+    import pyarrow as pa
+
+    from dpo.artifacts.manifest import Manifest, write_manifest
+    from dpo.artifacts.shards import ShardWriter, arrow_copy_path, file_entry, shard_bounds, shard_path
+    from dpo.stages.tokenize import SCHEMA
+
+    root = work / f"probe{size}"
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    bounds = shard_bounds(size, 50_000)
+    files = []
+    for k, (a, b) in enumerate(bounds):
+        n = b - a
+        prompt = np.clip(rng.lognormal(5.0, 0.8, n), 4, 400).astype(np.int32)
+        sides = {s: prompt + np.clip(rng.lognormal(4.2, 0.9, n), 1, 511 - 400).astype(np.int32) for s in ("chosen", "rejected")}
+        writer = ShardWriter(root, shard_path("train", k, len(bounds)), SCHEMA, arrow_copy=True)
+        for start in range(0, n, 4096):
+            stop = min(n, start + 4096)
+            columns = {"index": pa.array(np.arange(a + start, a + stop)), "source": pa.array(["synthetic"] * (stop - start))}
+            for side, lengths in sides.items():
+                part = lengths[start:stop]
+                offsets = np.concatenate([[0], np.cumsum(part)]).astype(np.int32)
+                ids = pa.array(rng.integers(0, 50000, int(offsets[-1]), dtype=np.int32))
+                labels = ids.to_numpy().copy()
+                starts = offsets[:-1]
+                for i, p in enumerate(prompt[start:stop]):
+                    labels[starts[i]: starts[i] + p] = -100
+                columns[f"{side}_input_ids"] = pa.ListArray.from_arrays(pa.array(offsets), ids)
+                columns[f"{side}_labels"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels))
+                columns[f"{side}_length"] = pa.array(part)
+            columns["prompt_length"] = pa.array(prompt[start:stop])
+            writer.write(pa.table(columns, schema=SCHEMA))
+        entry = writer.commit()
+        files += [entry, file_entry(root, arrow_copy_path(entry.path))]
+    write_manifest(root, Manifest(kind="tokenized", fingerprint="probe", config={}, files=files, stats={}))
+    del files
+    out = subprocess.run([sys.executable, str(Path(__file__)), "--read-probe", str(root)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-4000:])
+    result = {"size": size, **json.loads(out.stdout.strip().splitlines()[-1]),
+              "arrow_mib": round(sum(p.stat().st_size for p in root.glob("train/*.arrow")) / 2**20, 1)}
+    shutil.rmtree(root)
+    return result
 
 
 if __name__ == "__main__":

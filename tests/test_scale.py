@@ -205,3 +205,15 @@ def test_reader_memory_maps_the_arrow_copies(mixed):
     picked = train.take([0, 400, 17])
     assert picked.column("index").to_pylist() == [0, 400, 17]
     assert picked.equals(parquet.take([0, 400, 17]))
+
+
+def test_take_rows_reads_only_the_batches_it_needs_and_keeps_the_order(mixed):
+    from dpo.pipeline.batching import take_rows
+
+    train = ArtifactReader(mixed, kind="tokenized", verify=False).read_split("train")
+    assert len(train.to_batches()) > 1
+    whole = train.combine_chunks()
+    for positions in ([5, 0, 400, 96, 97, 5, len(whole) - 1], [], [42]):
+        picked = take_rows(train, positions)
+        assert picked.column("index").to_pylist() == positions
+        assert picked.equals(whole.take(pa.array(positions, pa.int64())))
