@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--limit-s", type=float, help="stop a tokenize that runs longer (the result says so)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-scale")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--train-probe", type=int, nargs="*", help="only dpo train, on directly written artifacts")
     parser.add_argument("--read-probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=int, nargs="*", help="only train's data path at these sizes (data_path_probe)")
     args = parser.parse_args()
@@ -187,6 +188,13 @@ def main() -> None:
     if args.probe:
         for size in args.probe:
             print(json.dumps(data_path_probe(size, args.work)), flush=True)
+        return
+    if args.train_probe:
+        from conftest import build_tiny_llama
+
+        model = build_tiny_llama(args.work / "tiny-llama")
+        for size in args.train_probe:
+            print(json.dumps(train_probe(size, args.work, model)), flush=True)
         return
     from conftest import build_tiny_llama
 
@@ -227,12 +235,36 @@ def read_probe(root: Path) -> dict:
             "added_private_mib": round((anon() - base) / 2**20, 1)}
 
 
+def train_probe(size: int, work: Path, model: Path) -> dict:
+    """``dpo train`` (the same options as run_size) on a directly written artifact of ``size`` pairs."""
+    root = write_probe_artifact(size, work)
+    train = work / f"probe-train{size}"
+    shutil.rmtree(train, ignore_errors=True)
+    result = peak_rss([DPO, "train", "--tokenized", str(root), "--model", str(model), "--out", str(train),
+                       "--loss-type", "simpo", "--max-steps", str(TRAIN_STEPS), "--per-device-batch-size", "4",
+                       "--quiet"], watch=train / "metrics.jsonl")
+    result["arrow_mib"] = round(sum(p.stat().st_size for p in root.glob("train/*.arrow")) / 2**20, 1)
+    shutil.rmtree(root)
+    shutil.rmtree(train)
+    return {"size": size, "train": result}
+
+
 def data_path_probe(size: int, work: Path) -> dict:
-    """Train's data path alone at ``size`` pairs, in this process: open and verify an artifact,
-    memory-map its train split, its pair lengths, the first epoch's batch order, and the first
-    batch's rows. The artifact is written directly (random token ids, HH-like lengths from a
-    lognormal fit: median ~230 tokens per side), since tokenizing 1M pairs takes hours on 2 shared
-    cores. Reports the seconds and the private memory (RssAnon) this adds."""
+    """Train's data path alone (read_probe) on a directly written artifact of ``size`` pairs."""
+    root = write_probe_artifact(size, work)
+    out = subprocess.run([sys.executable, str(Path(__file__)), "--read-probe", str(root)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-4000:])
+    result = {"size": size, **json.loads(out.stdout.strip().splitlines()[-1]),
+              "arrow_mib": round(sum(p.stat().st_size for p in root.glob("train/*.arrow")) / 2**20, 1)}
+    shutil.rmtree(root)
+    return result
+
+
+def write_probe_artifact(size: int, work: Path) -> Path:
+    """A tokenized artifact of ``size`` train pairs written directly (random token ids, HH-like
+    lengths from a lognormal fit, ~240 tokens per side, as the tokenized HH pairs have), since
+    tokenizing 1M pairs takes hours on 2 shared cores: it measures the readers, not tokenize."""
     import numpy as np
     import pyarrow as pa
 
@@ -269,14 +301,7 @@ def data_path_probe(size: int, work: Path) -> dict:
         entry = writer.commit()
         files += [entry, file_entry(root, arrow_copy_path(entry.path))]
     write_manifest(root, Manifest(kind="tokenized", fingerprint="probe", config={}, files=files, stats={}))
-    del files
-    out = subprocess.run([sys.executable, str(Path(__file__)), "--read-probe", str(root)], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(out.stderr[-4000:])
-    result = {"size": size, **json.loads(out.stdout.strip().splitlines()[-1]),
-              "arrow_mib": round(sum(p.stat().st_size for p in root.glob("train/*.arrow")) / 2**20, 1)}
-    shutil.rmtree(root)
-    return result
+    return root
 
 
 if __name__ == "__main__":

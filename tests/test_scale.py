@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO, DEMO_MODEL, HH_DATA
+from conftest import DEMO, HH_DATA
 from dpo.artifacts.errors import DataError
 from dpo.artifacts.shards import ROW_GROUP_ROWS, ArtifactReader, ShardWriter, arrow_copy_path
 from dpo.pipeline import sources
