@@ -288,7 +288,7 @@ def write_probe_artifact(size: int, work: Path) -> Path:
             for side, lengths in sides.items():
                 part = lengths[start:stop]
                 offsets = np.concatenate([[0], np.cumsum(part)]).astype(np.int32)
-                ids = pa.array(rng.integers(0, 50000, int(offsets[-1]), dtype=np.int32))
+                ids = pa.array(rng.integers(0, 500, int(offsets[-1]), dtype=np.int32))  # inside the tiny model's vocabulary (512)
                 labels = ids.to_numpy().copy()
                 starts = offsets[:-1]
                 for i, p in enumerate(prompt[start:stop]):
