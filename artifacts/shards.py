@@ -8,8 +8,10 @@ byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,12 @@ def shard_path(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
 
 
+def arrow_copy_path(relative: str) -> str:
+    """Where a shard's uncompressed Arrow IPC copy lies: readers memory-map it, so the ranks of a node
+    share one copy in the page cache and a batch reads only its own rows."""
+    return relative.removesuffix(".parquet") + ".arrow"
+
+
 def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges; at least one (possibly empty) shard so every split has a file."""
     if num_rows == 0:
@@ -33,18 +41,100 @@ def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, num_rows)) for s in range(0, num_rows, rows_per_shard)]
 
 
+ROW_GROUP_ROWS = 8192
+VERIFY_THREADS = min(8, os.cpu_count() or 1)
+COMPRESSION = "zstd"
+
+
 def write_shard(root: Path, relative: str, table: pa.Table) -> FileEntry:
-    target = root / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    # Fixed writer options: the bytes depend only on the rows, so reruns are byte-identical.
-    pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    fault_point("shard-write")
-    os.replace(tmp, target)
-    fsync_path(target.parent)
-    return FileEntry(path=relative, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target))
+    writer = ShardWriter(root, relative, table.schema)
+    writer.write(table)
+    return writer.commit()
+
+
+class ShardWriter:
+    """One shard written from pieces as they come, a row group at a time, so memory holds one row
+    group, not the shard. Fixed writer options and row groups of ROW_GROUP_ROWS (the whole table
+    when smaller): the bytes depend only on the rows, never on how they were cut into pieces, so
+    reruns are byte-identical."""
+
+    def __init__(self, root: Path, relative: str, schema: pa.Schema, arrow_copy: bool = False):
+        self.root, self.relative, self.schema = root, relative, schema
+        self.target = root / relative
+        self.tmp = self.target.with_name(self.target.name + ".tmp")
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.copy: pa.ipc.RecordBatchFileWriter | None = None
+        # The files are opened here, not by the writers, so that they can be closed even where a writer's
+        # own close fails (its footer on a full disk).
+        self.sink: pa.NativeFile | None = None
+        self.copy_sink: pa.NativeFile | None = None
+        if arrow_copy:
+            self.copy_target = root / arrow_copy_path(relative)
+            self.copy_tmp = self.copy_target.with_name(self.copy_target.name + ".tmp")
+            self.copy_target.parent.mkdir(parents=True, exist_ok=True)
+            self.copy_sink = pa.OSFile(str(self.copy_tmp), "wb")
+            self.copy = pa.ipc.new_file(self.copy_sink, schema)
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= ROW_GROUP_ROWS:
+            rows = pa.concat_tables(self.pending).combine_chunks()
+            if self.writer is None:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                self.sink = pa.OSFile(str(self.tmp), "wb")
+                self.writer = pq.ParquetWriter(self.sink, self.schema, compression=COMPRESSION)
+            self.writer.write_table(rows.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+            if self.copy is not None:
+                self.copy.write_table(rows.slice(0, ROW_GROUP_ROWS))
+            self.pending = [rows.slice(ROW_GROUP_ROWS)]
+            self.pending_rows -= ROW_GROUP_ROWS
+            self.rows += ROW_GROUP_ROWS
+
+    def discard(self) -> None:
+        """Close and remove what was written of a shard that will not be committed (a stop, a full disk, a
+        bad record mid-shard): no file stays open, so nothing holds the folder's file system busy."""
+        for writer, sink, tmp in ((self.writer, self.sink, self.tmp),
+                                  (self.copy, self.copy_sink, getattr(self, "copy_tmp", None))):
+            with contextlib.suppress(OSError, pa.ArrowException):  # closing writes a footer: a full disk refuses it
+                if writer is not None:
+                    writer.close()
+            if sink is not None:
+                sink.close()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def commit(self) -> FileEntry:
+        """Write what is left, then make the shard durable under its final name (an atomic rename)."""
+        rest = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.schema.empty_table()
+        self.rows += rest.num_rows
+        if self.writer is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rest, self.tmp, compression=COMPRESSION, row_group_size=max(1, rest.num_rows))
+        else:
+            if rest.num_rows:
+                self.writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
+            self.writer.close()
+            self.sink.close()
+        if self.copy is not None:
+            # The copy is durable under its name before the shard is: a committed shard has its copy.
+            if rest.num_rows:
+                self.copy.write_table(rest)
+            self.copy.close()
+            self.copy_sink.close()
+            with open(self.copy_tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.copy_tmp, self.copy_target)
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        fault_point("shard-write")
+        os.replace(self.tmp, self.target)
+        fsync_path(self.target.parent)
+        return FileEntry(path=self.relative, rows=self.rows, bytes=self.target.stat().st_size,
+                         sha256=sha256_file(self.target))
 
 
 def committed_shard(root: Path, relative: str) -> FileEntry | None:
@@ -67,13 +157,22 @@ def file_entry(root: Path, relative: str) -> FileEntry:
 def file_problem(root: Path, manifest: Manifest, verify: bool = True) -> str | None:
     """The first listed file of an artifact that is missing, of another size or (``verify``) with another
     sha256 than its manifest says, as a sentence; None when every file is as listed."""
+    paths = []
     for entry in manifest.files:
         path = resolve_inside(root, entry.path)
         if not path.is_file():
             return f"{entry.path} is listed in the manifest but {'is a folder, not a file' if path.is_dir() else 'missing'}"
         if path.stat().st_size != entry.bytes:
             return f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-        if verify and sha256_file(path) != entry.sha256:
+        paths.append(path)
+    if not verify:
+        return None
+    # Each file is hashed in 1 MiB reads (memory stays flat); hashlib releases the GIL on them, so a
+    # large artifact's shards are hashed on several cores at once.
+    with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(paths) or 1)) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    for entry, digest in zip(manifest.files, digests):
+        if digest != entry.sha256:
             return (f"{entry.path} fails its sha256 check: it is not the file the manifest lists (changed or corrupt). "
                     "Rerun the stage that made it, with --overwrite")
     return None
@@ -121,12 +220,22 @@ class ArtifactReader:
             raise ArtifactError(f"{path}: not readable UTF-8 JSON ({exc}); rerun the stage that made it") from None
 
     def read_file(self, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
-        """One listed Parquet file, checked against the manifest's row count."""
+        """One listed Parquet file, checked against the manifest's row count: memory-mapped from its
+        Arrow IPC copy when the manifest lists one (no decompression, nothing copied until a row is
+        read), else read from the Parquet file into memory."""
         path = resolve_inside(self.root, entry.path)
+        copy = arrow_copy_path(entry.path)
+        mapped = any(f.path == copy for f in self.manifest.files)
         try:
-            table = pq.read_table(path, columns=columns)
+            if mapped:
+                path = resolve_inside(self.root, copy)
+                table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+                table = table.select(columns) if columns is not None else table
+            else:
+                table = pq.read_table(path, columns=columns)
         except (pa.ArrowException, OSError) as exc:
-            raise ArtifactError(f"{path}: not a readable Parquet file ({exc}); rerun the stage that made it") from None
+            raise ArtifactError(f"{path}: not a readable {'Arrow IPC' if mapped else 'Parquet'} file ({exc}); rerun the "
+                                "stage that made it") from None
         if entry.rows is not None and table.num_rows != entry.rows:
             raise ArtifactError(f"{self.root}: {entry.path} has {table.num_rows} rows, the manifest says {entry.rows}")
         return table

@@ -1160,12 +1160,20 @@ def main() -> None:
         meta["machine"] = machine()
         results = args.results or (RESULTS if s.full else out / "RESULTS.md")
         history = read_history(results) + [history_entry(sm, meta)]
-        results.write_text(render(sm, meta, history))
+        results.write_text(with_other_sections(results, render(sm, meta, history)))
         (out / "summary.json").write_text(json.dumps({"summary": sm, "meta": meta, "runs": runs}, indent=1, default=str))
         print_summary(sm)
         say(f"\nwrote {results} ({time.perf_counter() - started:.0f}s in all)")
     except BenchError as exc:
         sys.exit(f"bench: {exc}")
+
+
+def with_other_sections(results: Path, text: str) -> str:
+    """``text`` followed by the sections other benches keep in the same file (bench/scale.py's, marked
+    ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``), which this report must not erase."""
+    old = results.read_text() if results.is_file() else ""
+    kept = [m.group(0) for m in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->\n?", old, re.S)]
+    return "\n".join([text.rstrip("\n") + "\n", *kept])
 
 
 if __name__ == "__main__":

@@ -104,6 +104,25 @@ def as_table(rows: pa.Table | Sequence[Mapping]) -> pa.Table:
     return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
 
 
+def take_rows(table: pa.Table, positions: Sequence[int] | np.ndarray) -> pa.Table:
+    """Rows ``positions`` of a table, in that order, reading only the record batches that hold them.
+
+    A split is many record batches (memory-mapped Arrow files, 8192 rows each); Arrow's own
+    Table.take concatenates every chunk of a column first, which copies the whole split into
+    memory (and touches every mapped page) for a batch of a few rows.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    batches = table.to_batches()
+    if len(batches) <= 1:
+        return table.take(positions)
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    chunk = np.searchsorted(starts, positions, side="right") - 1
+    order = np.argsort(chunk, kind="stable")
+    pieces = [batches[c].take(pa.array(positions[order][chunk[order] == c] - starts[c])) for c in np.unique(chunk)]
+    gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+    return gathered.take(np.argsort(order, kind="stable"))
+
+
 def pair_indices(table: pa.Table) -> np.ndarray:
     """The pairs' ``index`` column as a (writable) int64 array."""
     return np.array(table.column("index").to_numpy(), dtype=np.int64)

@@ -21,7 +21,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from ..artifacts.fingerprint import hash_json, sha256_file
 from ..artifacts.errors import DataError, UsageError
@@ -118,6 +120,9 @@ class Source:
     spec: SourceSpec
     files: list[Path]  # the local files read; empty for a hub dataset
     kind: str  # "files", "saved-dataset" or "hub"
+    # .json files that are not one plain list (JSON lines under a .json name, trailing text): read whole,
+    # as json.loads judges them, so their records and errors are what they always were.
+    _whole: set[Path] = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -133,16 +138,41 @@ class Source:
         )
 
     def read(self) -> list[Record]:
-        if self.kind == "hub":
-            return _dataset_records(_load_hub(self.spec.path), self.spec.path)
-        if self.kind == "saved-dataset":
-            import datasets
+        return list(self.records())
 
-            return _dataset_records(datasets.load_from_disk(self.spec.path), self.spec.path)
-        records: list[Record] = []
+    def records(self) -> Iterator[Record]:
+        """The records one at a time, read in bounded chunks: memory does not grow with the source."""
+        if self.kind in ("hub", "saved-dataset"):
+            yield from _dataset_records(self._dataset(), self.spec.path)
+            return
         for file in self.files:
-            records.extend(_read_file(file))
-        return records
+            yield from _read_file(file, self._whole)
+
+    def count(self) -> int:
+        """How many records ``records()`` yields, from metadata where the format has it (Parquet,
+        ``datasets``), else by one streaming pass; a file that cannot be read is a DataError here."""
+        if self.kind in ("hub", "saved-dataset"):
+            return len(self._dataset())
+        total = 0
+        for file in self.files:
+            if file.name.endswith(".parquet"):
+                total += _parquet_file(file).metadata.num_rows
+            elif file.name.endswith(".json"):
+                try:
+                    total += sum(1 for _ in _stream_json_list(file))
+                except _NotPlainList:
+                    self._whole.add(file)
+                    total += len(_read_json_whole(file))
+            else:
+                total += sum(1 for _ in _read_jsonl(file))
+        return total
+
+    def _dataset(self):
+        if self.kind == "hub":
+            return _load_hub(self.spec.path)
+        import datasets
+
+        return datasets.load_from_disk(self.spec.path)
 
 
 def resolve_source(text: str, flag: str = "--data") -> Source:
@@ -186,38 +216,130 @@ def _load_hub(name: str):
         ) from None
 
 
-def _dataset_records(dataset, file: str) -> list[Record]:
-    return [Record(file, None, i, row) for i, row in enumerate(dataset)]
+ROWS_PER_CHUNK = 1024  # Parquet rows and datasets rows turned into Python objects at a time
+JSON_READ_CHARS = 1 << 20  # text of a JSON list decoded at a time
 
 
-def _read_file(path: Path) -> list[Record]:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(path)
-    if name.endswith(".json"):
-        # One JSON document: bytes that are not UTF-8 stay in its strings as lone surrogates, which
-        # normalise() reports as a bad record naming the row and field.
-        text = decode_text(path, path.read_bytes())
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if exc.msg == "Extra data":  # a .json file that is really JSON lines
-                return _read_jsonl(path)
-            raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        return [Record(str(path), None, i, row) for i, row in enumerate(data)]
+def _dataset_records(dataset, file: str) -> Iterator[Record]:
+    for start in range(0, len(dataset), ROWS_PER_CHUNK):
+        chunk = dataset[start : start + ROWS_PER_CHUNK]
+        names = list(chunk)
+        for offset, values in enumerate(zip(*(chunk[name] for name in names))):
+            yield Record(file, None, start + offset, dict(zip(names, values)))
+
+
+def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        return pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    return [Record(str(path), None, i, row) for i, row in enumerate(rows)]
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    return [Record(str(path), number, None, line) for number, line in read_lines(path) if line.strip()]
+def _read_file(path: Path, whole: set[Path] = frozenset()) -> Iterator[Record]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_jsonl(path)
+    elif name.endswith(".json"):
+        if path in whole:
+            yield from _read_json_whole(path)
+            return
+        try:
+            yield from _stream_json_list(path)
+        except _NotPlainList:
+            raise DataError(f"{path}: changed while it was being read; rerun") from None
+    else:
+        parquet = _parquet_file(path)
+        row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=ROWS_PER_CHUNK):
+                for data in batch.to_pylist():
+                    yield Record(str(path), None, row, data)
+                    row += 1
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _read_json_whole(path: Path) -> list[Record]:
+    # One JSON document: bytes that are not UTF-8 stay in its strings as lone surrogates, which
+    # normalise() reports as a bad record naming the row and field.
+    text = decode_text(path, path.read_bytes())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a .json file that is really JSON lines
+            return list(_read_jsonl(path))
+        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [Record(str(path), None, i, row) for i, row in enumerate(data)]
+
+
+class _NotPlainList(Exception):
+    """A .json file that is anything but one well-formed list of values: read whole instead."""
+
+
+def _stream_json_list(path: Path) -> Iterator[Record]:
+    """The elements of a file holding one JSON list, decoded JSON_READ_CHARS of text at a time, the
+    same values json.loads gives; anything else (bad JSON, not a list, text after it) raises
+    _NotPlainList so that the whole-file reading judges it."""
+    decoder = json.JSONDecoder()
+    with open(path, "rb") as raw:
+        _check_bom(path, raw.read(4))
+    with open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        buffer, position, done = "", 0, False
+
+        def more() -> bool:
+            nonlocal buffer, position, done
+            chunk = f.read(JSON_READ_CHARS)
+            buffer, position, done = buffer[position:] + chunk, 0, not chunk
+            return not done
+
+        def skip_space() -> str:
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position] in " \t\n\r":
+                    position += 1
+                if position < len(buffer) or not more():
+                    return buffer[position] if position < len(buffer) else ""
+
+        if skip_space() != "[":
+            raise _NotPlainList
+        position += 1
+        row = 0
+        if skip_space() == "]":
+            position += 1
+        else:
+            while True:
+                skip_space()
+                while True:
+                    try:
+                        value, end = decoder.raw_decode(buffer, position)
+                        # A number or literal cut by the end of the buffer decodes short: read on.
+                        if end == len(buffer) and not done and more():
+                            continue
+                        break
+                    except json.JSONDecodeError:
+                        if done or not more():
+                            raise _NotPlainList from None
+                position = end
+                yield Record(str(path), None, row, value)
+                row += 1
+                mark = skip_space()
+                position += 1
+                if mark == "]":
+                    break
+                if mark != ",":
+                    raise _NotPlainList
+        if skip_space() != "":
+            raise _NotPlainList
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    return (Record(str(path), number, None, line) for number, line in read_lines(path) if line.strip())
 
 
 # ------------------------------------------------------------------------------ text encoding
@@ -281,21 +403,50 @@ def _rank(seed: int, key: str, position: int) -> bytes:
     return hashlib.sha256(f"{seed}:{key}:{position}".encode()).digest()
 
 
-def sample_rows(count: int, amount: int | float | None, seed: int, key: str, what: str) -> list[int]:
-    """Positions of the rows a ``:AMOUNT`` takes, in their original order; ``what`` names the
-    source in messages (``--data PATH:AMOUNT``)."""
+def _lowest_ranks(count: int, take: int, seed: int, key: str) -> np.ndarray:
+    """A mask of the ``take`` positions of lowest rank, holding 8 bytes per position (not a digest
+    object each): ranks are compared by their first 8 bytes, and only a tie across the cut is settled
+    by the full digests, so the choice is exactly that of sorting by ``_rank``."""
+    prefix = np.fromiter((int.from_bytes(_rank(seed, key, i)[:8], "big") for i in range(count)),
+                         dtype=np.uint64, count=count)
+    mask = np.zeros(count, dtype=bool)
+    if take == 0:
+        return mask
+    order = np.argsort(prefix, kind="stable")
+    if take < count and prefix[order[take - 1]] == prefix[order[take]]:
+        tied_value = prefix[order[take - 1]]
+        below = int(np.count_nonzero(prefix < tied_value))
+        tied = sorted(np.flatnonzero(prefix == tied_value).tolist(), key=lambda i: _rank(seed, key, i))
+        mask[prefix < tied_value] = True
+        mask[tied[: take - below]] = True
+        return mask
+    mask[order[:take]] = True
+    return mask
+
+
+def sample_mask(count: int, amount: int | float | None, seed: int, key: str, what: str) -> np.ndarray | None:
+    """Which of ``count`` rows a ``:AMOUNT`` takes (None: all of them); ``what`` names the source in
+    messages (``--data PATH:AMOUNT``). Depends only on the count, seed and key, never on the rows."""
     if amount is None:
-        return list(range(count))
+        return None
     take = round(amount * count) if isinstance(amount, float) else amount
     if take > count:
         raise UsageError(f"{what}: asks for {take} rows but the source has only {count}")
     if take == 0:
         raise UsageError(f"{what}: takes no rows ({amount:g} of {count} rounds to 0); give a larger fraction or a row count")
-    chosen = sorted(range(count), key=lambda i: _rank(seed, key, i))[:take]
-    return sorted(chosen)
+    return _lowest_ranks(count, take, seed, key)
+
+
+def sample_rows(count: int, amount: int | float | None, seed: int, key: str, what: str) -> list[int]:
+    """Positions of the rows a ``:AMOUNT`` takes, in their original order."""
+    mask = sample_mask(count, amount, seed, key, what)
+    return list(range(count)) if mask is None else np.flatnonzero(mask).tolist()
+
+
+def fraction_mask(count: int, fraction: float, seed: int, key: str) -> np.ndarray:
+    """A seeded, reproducible subset of ``round(fraction * count)`` positions (for --eval-fraction)."""
+    return _lowest_ranks(count, round(fraction * count), seed, key)
 
 
 def pick_fraction(count: int, fraction: float, seed: int, key: str) -> set[int]:
-    """A seeded, reproducible subset of ``round(fraction * count)`` positions (for --eval-fraction)."""
-    take = round(fraction * count)
-    return set(sorted(range(count), key=lambda i: _rank(seed, key, i))[:take])
+    return set(np.flatnonzero(fraction_mask(count, fraction, seed, key)).tolist())

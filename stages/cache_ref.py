@@ -31,7 +31,7 @@ from ..artifacts.manifest import InputRef, Manifest
 from ..artifacts.runner import StageRun, on_main
 from ..artifacts.shards import ArtifactReader, committed_shard, shard_bounds, shard_path, write_shard
 from ..pipeline import distributed as dist
-from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_lengths
+from ..pipeline.batching import SIDES, forward_batches, pad_token_id, sequence_lengths, take_rows
 from ..pipeline.config import StageOptions, at_least, flatten, group, option, validate
 from ..pipeline.logprobs import LabelLogProbs
 from ..pipeline.logs import progress
@@ -301,7 +301,7 @@ def _score_table(scorer: PairScorer, table: pa.Table, config: CacheRefConfig, ba
         if run.signalled:
             return None
         with scorer.timer.step():
-            scores = scorer(table.take(positions))
+            scores = scorer(take_rows(table, positions))
             with scorer.timer.phase("results"):
                 for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
                     out[f"{side}_logps"][positions] = values.logps.float().cpu().numpy()

@@ -30,7 +30,7 @@ from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry, write_shard
 from ..pipeline import report
 from ..pipeline.batching import (
-    SIDES, forward_batches, length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens,
+    SIDES, forward_batches, length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens, take_rows,
 )
 from ..pipeline.config import StageOptions, at_least, flatten, group, non_negative, option, validate
 from ..pipeline.formats import FieldError, chat_messages, hh_prompt, prompt_layout, surrogate_problem
@@ -333,7 +333,7 @@ def _score(model, rows: pa.Table, pad_id: int, objective: LossConfig, cfg: Evalu
     with torch.no_grad(), bar:
         for positions in forward_batches(rows, cfg.batch_size, cfg.batching.max_tokens_per_batch):
             _stop_point(stage_run)
-            scores = scorer(rows.take(positions))
+            scores = scorer(take_rows(rows, positions))
             for side, values in (("chosen", scores.chosen), ("rejected", scores.rejected)):
                 out[f"policy_{side}_logps"][positions] = values.logps.double().cpu().numpy()
                 out[f"{side}_num_tokens"][positions] = values.num_tokens.double().cpu().numpy()

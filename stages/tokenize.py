@@ -18,7 +18,10 @@ uncommitted shard and produces the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -38,11 +41,11 @@ from ..artifacts.errors import DataError, DpoError, UsageError
 from ..artifacts.fingerprint import fingerprint, sha256_file
 from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
 from ..artifacts.runner import StageRun
-from ..artifacts.shards import committed_shard, file_entry, shard_bounds, shard_path, write_shard
+from ..artifacts.shards import ShardWriter, arrow_copy_path, committed_shard, file_entry, shard_bounds, shard_path
 from ..pipeline.config import StageOptions, at_least, flatten, fraction, option, validate
 from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns
 from ..pipeline.logs import progress
-from ..pipeline.sources import Record, Source, pick_fraction, resolve_source, sample_rows
+from ..pipeline.sources import Record, Source, fraction_mask, resolve_source, sample_mask
 from ..pipeline.tokenization import (
     IGNORE_INDEX, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
     read_template_file, tokenizer_fingerprint, tokenizer_info,
@@ -53,7 +56,7 @@ TOKENIZE_VERSION = 1
 KIND = "tokenized"
 REJECTS = "rejects.jsonl"
 REJECT_PARTS = ".rejects"  # per-shard reject lists, merged into rejects.jsonl at commit
-OWNS = ("*/part-*.parquet", REJECT_PARTS + "/", REJECTS)  # what a (partial) run writes besides the manifest
+OWNS = ("*/part-*.parquet", "*/part-*.arrow", REJECT_PARTS + "/", REJECTS)  # what a (partial) run writes besides the manifest
 CHUNK_PAIRS = 256  # pairs per task handed to a worker process
 BAD_RECORD_MODES = ("error", "skip")
 log = logging.getLogger("dpo.tokenize")
@@ -167,10 +170,10 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
             _remove_reject_parts(out)  # left by a run killed between its commit and this cleanup
             return None
         started = time.perf_counter()
-        splits, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
-        processed = _write_shards(cfg, stage_run.dir, splits, encoder, settings, stage_run)
+        plan, source_stats = _read_items(cfg, train_sources, eval_sources, encoder, source_hashes)
+        processed = _write_shards(cfg, stage_run.dir, plan, encoder, settings, stage_run)
         elapsed = time.perf_counter() - started
-        manifest = _close(cfg, stage_run.dir, fp, splits, encoder, tok_fp, source_stats, source_hashes,
+        manifest = _close(cfg, stage_run.dir, fp, plan.sizes, encoder, tok_fp, source_stats, source_hashes,
                           train_sources, eval_sources, processed, elapsed)
         stage_run.commit(manifest)
     _remove_reject_parts(out)
@@ -181,79 +184,146 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
 # ------------------------------------------------------------------------------------------ run
 
 
+@dataclasses.dataclass
+class _Input:
+    """One source as read for its split: which of its records are sampled, and in which format."""
+
+    source: Source
+    split: str
+    sampled: np.ndarray | None  # mask over its records (None: all)
+    count: int  # records sampled
+    fmt: str = ""
+
+    def records(self) -> Iterator[Record]:
+        if self.sampled is None:
+            yield from self.source.records()
+            return
+        for position, record in enumerate(self.source.records()):
+            if self.sampled[position]:
+                yield record
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The inputs and what goes where: every pass streams the sources again, none holds them."""
+
+    inputs: list[_Input]
+    held_out: np.ndarray | None  # mask over the sampled train records (--eval-fraction)
+    sizes: dict[str, int]  # records per split, before filtering
+
+    def items(self, split: str) -> Iterator[tuple[str, Record, str]]:
+        """``(source name, record, format)`` of a split, in its order: the train records not held
+        out; for eval, the held-out train records, then the --eval-data ones."""
+        for wanted_split, held in ((("train", False),) if split == "train" else (("train", True), ("eval", None))):
+            position = 0
+            for given in self.inputs:
+                if given.split != wanted_split:
+                    continue
+                for record in given.records():
+                    is_held = self.held_out is not None and bool(self.held_out[position]) if given.split == "train" else None
+                    position += given.split == "train"
+                    if held is None or is_held == held:
+                        yield given.source.name, record, given.fmt
+
+
 def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: list[Source],
-                encoder: PairEncoder, source_hashes: dict[int, str]) -> tuple[dict[str, list[Item]], list[dict[str, Any]]]:
-    """Every sampled record of every source, normalised, assigned to its split."""
+                encoder: PairEncoder, source_hashes: dict[int, str]) -> tuple[_Plan, list[dict[str, Any]]]:
+    """The plan of a run, from streaming passes over the sources, none of which keeps their records:
+    a first pass counts each source's records (so that ``PATH:AMOUNT`` and --eval-fraction, which
+    depend only on counts, can be drawn); a second one normalises every sampled record, so a
+    malformed one stops the run before any shard is committed (shards are committed one by one as
+    the unit of resume, so the check cannot wait for the end), and finds the first chat pair to
+    render; with --eval-data, a third one compares the train pairs to the eval pairs' digests."""
     columns = parse_columns(cfg.columns)
-    train: list[Item] = []
-    evals: list[Item] = []
-    stats = []
+    inputs: list[_Input] = []
     for split, sources in (("train", train_sources), ("eval", eval_sources)):
         for source in sources:
-            records = source.read()
             # Keyed by content, not path: the same data and seed give the same sample wherever it lives.
-            keep = sample_rows(len(records), source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.named)
-            records = [records[i] for i in keep]
-            fmt = _source_format(cfg, source, records, columns, encoder)
-            items = [Item(source.name, r, _normalise(cfg, r, fmt, columns)) for r in records]
-            (train if split == "train" else evals).extend(items)
-            stats.append({"data": source.spec.spec, "split": split, "format": fmt, "records": len(records)})
-    first_chat = next((item for item in train + evals if isinstance(item.pair, Pair) and encoder.uses_template(item.pair)),
-                      None)
-    if first_chat is not None:
-        encoder.check_renders(first_chat.pair, first_chat.record.where)
-    from_eval_data = evals
+            total = source.count()
+            mask = sample_mask(total, source.spec.amount, cfg.seed, source_hashes[id(source)], source.spec.named)
+            inputs.append(_Input(source, split, mask, total if mask is None else int(mask.sum())))
+    train_count = sum(given.count for given in inputs if given.split == "train")
+    held_out = None
     if cfg.eval_fraction > 0:
-        held_out = pick_fraction(len(train), cfg.eval_fraction, cfg.seed, "eval-fraction")
-        if not held_out or len(held_out) == len(train):
+        held_out = fraction_mask(train_count, cfg.eval_fraction, cfg.seed, "eval-fraction")
+        held = int(held_out.sum())
+        if not held or held == train_count:
             raise UsageError(
-                f"--eval-fraction {cfg.eval_fraction:g} holds out {len(held_out)} of the {len(train)} --data records, "
-                + ("so there would be no eval split: raise it, or give eval pairs with --eval-data" if not held_out
+                f"--eval-fraction {cfg.eval_fraction:g} holds out {held} of the {train_count} --data records, "
+                + ("so there would be no eval split: raise it, or give eval pairs with --eval-data" if not held
                    else "leaving none to train on: lower it")
             )
-        evals = [item for i, item in enumerate(train) if i in held_out] + evals
-        train = [item for i, item in enumerate(train) if i not in held_out]
+    eval_count = (int(held_out.sum()) if held_out is not None else 0) + sum(
+        given.count for given in inputs if given.split == "eval")
+    sizes = {"train": train_count - (eval_count - sum(g.count for g in inputs if g.split == "eval"))}
+    if eval_count:
+        sizes["eval"] = eval_count
+    plan = _Plan(inputs, held_out, sizes)
+
+    stats = []
+    first_chat: dict[str, tuple[Pair, str]] = {}  # the first chat pair of train, held out, --eval-data
+    eval_keys: list[tuple[bytes, str]] = []
+    position = 0
+    for given in inputs:
+        given.fmt = _source_format(cfg, given, columns, encoder)
+        for record in given.records():
+            pair = _normalise(cfg, record, given.fmt, columns)
+            part = given.split
+            if part == "train":
+                part = "held" if held_out is not None and held_out[position] else "train"
+                position += 1
+            if isinstance(pair, Pair):
+                if part not in first_chat and encoder.uses_template(pair):
+                    first_chat[part] = (pair, record.where)
+                if part == "eval" and eval_sources:
+                    eval_keys.append((_pair_digest(pair), record.where))
+        stats.append({"data": given.source.spec.spec, "split": given.split, "format": given.fmt, "records": given.count})
+    chat = next((first_chat[part] for part in ("train", "held", "eval") if part in first_chat), None)
+    if chat is not None:
+        encoder.check_renders(*chat)
     if eval_sources:
-        _check_overlap(cfg, train, from_eval_data)
-    splits = {"train": train}
-    if evals:
-        splits["eval"] = evals
-    return splits, stats
+        _check_overlap(cfg, plan, columns, eval_keys)
+    return plan, stats
 
 
-def _pair_key(pair: Pair) -> tuple:
-    prompt = pair.prompt if isinstance(pair.prompt, str) else tuple((m["role"], m["content"]) for m in pair.prompt)
-    return prompt, pair.chosen, pair.rejected
+def _pair_digest(pair: Pair) -> bytes:
+    prompt = pair.prompt if isinstance(pair.prompt, str) else [[m["role"], m["content"]] for m in pair.prompt]
+    return hashlib.blake2b(json.dumps([prompt, pair.chosen, pair.rejected]).encode(), digest_size=16).digest()
 
 
-def _check_overlap(cfg: TokenizeConfig, train: list[Item], evals: list[Item]) -> None:
+def _check_overlap(cfg: TokenizeConfig, plan: _Plan, columns: dict[str, str], eval_keys: list[tuple[bytes, str]]) -> None:
     """--eval-data pairs that are also train pairs (the same normalised prompt, chosen and rejected)
-    would be scored as held out while the model trained on them: refused unless --allow-overlap."""
-    seen = {}
-    for item in train:
-        if isinstance(item.pair, Pair):
-            seen.setdefault(_pair_key(item.pair), item)
-    shared = [(item, seen[key]) for item in evals if isinstance(item.pair, Pair) and (key := _pair_key(item.pair)) in seen]
+    would be scored as held out while the model trained on them: refused unless --allow-overlap.
+    Pairs are compared by 16-byte digests, so only the eval side is held, never the train pairs."""
+    wanted = {key for key, _ in eval_keys}
+    twins: dict[bytes, str] = {}
+    for _, record, fmt in plan.items("train"):
+        pair = _normalise(cfg, record, fmt, columns)
+        if isinstance(pair, Pair):
+            key = _pair_digest(pair)
+            if key in wanted:
+                twins.setdefault(key, record.where)
+    shared = [(where, twins[key]) for key, where in eval_keys if key in twins]
     if not shared:
         return
-    item, twin = shared[0]
-    what = (f"{len(shared)} of the {len(evals)} --eval-data records are also train pairs (the same prompt, chosen and "
-            f"rejected), e.g. {item.record.where} is {twin.record.where}")
+    where, twin = shared[0]
+    total = sum(g.count for g in plan.inputs if g.split == "eval")
+    what = (f"{len(shared)} of the {total} --eval-data records are also train pairs (the same prompt, chosen and "
+            f"rejected), e.g. {where} is {twin}")
     if not cfg.allow_overlap:
         raise UsageError(f"{what}: the eval split would score pairs the model trains on. Remove them from one side, "
                          "or pass --allow-overlap to keep them")
     log.warning("%s; kept, as --allow-overlap asks", what)
 
 
-def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str],
-                   encoder: PairEncoder) -> str:
-    fmt = cfg.format
-    if not records:
+def _source_format(cfg: TokenizeConfig, given: _Input, columns: dict[str, str], encoder: PairEncoder) -> str:
+    fmt, source = cfg.format, given.source
+    if not given.count:
         raise DataError(f"{source.spec.named}: has no records" + (" (an eval split was asked for with it)"
                                                                    if source.spec.flag == "--eval-data" else ""))
     if fmt == "auto":
-        fmt = _detect(cfg, source, records, columns)
-        log.info("%s: %d records, format %s", source.spec.spec, len(records), fmt)
+        fmt = _detect(cfg, source, given.records(), columns)
+        log.info("%s: %d records, format %s", source.spec.spec, given.count, fmt)
     if (fmt in CHAT_FORMATS or cfg.apply_chat_template) and encoder.template is None:
         raise UsageError(
             f"{source.spec.named} is chat data (format {fmt}), but tokenizer {cfg.tokenizer} has no chat "
@@ -264,11 +334,11 @@ def _source_format(cfg: TokenizeConfig, source: Source, records: list[Record], c
     return fmt
 
 
-def _detect(cfg: TokenizeConfig, source: Source, records: list[Record], columns: dict[str, str]) -> str:
+def _detect(cfg: TokenizeConfig, source: Source, records: Iterator[Record], columns: dict[str, str]) -> str:
     """The source's format, judged from its first record; under --on-bad-record skip, from its first
     record that can be judged (a malformed first line is set aside like any other)."""
     first: DpoError | None = None
-    for record in records if cfg.on_bad_record == "skip" else records[:1]:
+    for record in records if cfg.on_bad_record == "skip" else itertools.islice(records, 1):
         try:
             return detect_format(apply_columns(record.parsed(), columns))
         except FieldError as exc:
@@ -291,68 +361,83 @@ def _normalise(cfg: TokenizeConfig, record: Record, fmt: str, columns: dict[str,
         return Drop("malformed", message)
 
 
-def _write_shards(cfg: TokenizeConfig, out: Path, splits: dict[str, list[Item]], encoder: PairEncoder,
+def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEncoder,
                   settings: EncodeSettings, stage_run: StageRun) -> dict[str, int]:
-    """Tokenize and commit every shard not yet committed; returns this run's pair and token counts."""
-    plan = []  # (split, shard number, shard count, items) in commit order
-    for split, items in splits.items():
-        bounds = shard_bounds(len(items), cfg.rows_per_shard)
-        plan.extend((split, k, len(bounds), items[a:b]) for k, (a, b) in enumerate(bounds))
-    pending = [p for p in plan if not _is_committed(out, *p[:3])]
-    if len(pending) < len(plan):
-        log.info("%d of %d shards already committed by an earlier run", len(plan) - len(pending), len(plan))
+    """Tokenize and commit every shard not yet committed; returns this run's pair and token counts.
 
+    Records stream from the sources into CHUNK_PAIRS-record chunks, at most a few per process in
+    flight, and their rows into the shard's writer row group by row group: memory holds a few chunks
+    and one row group, whatever the size of the data."""
+    shards = [(split, k, len(bounds), b - a) for split, size in plan.sizes.items()
+              for bounds in [shard_bounds(size, cfg.rows_per_shard)] for k, (a, b) in enumerate(bounds)]
+    pending = [shard for shard in shards if not _is_committed(out, *shard[:3])]
+    if len(pending) < len(shards):
+        log.info("%d of %d shards already committed by an earlier run", len(shards) - len(pending), len(shards))
+
+    columns = parse_columns(cfg.columns)
     processed = {"pairs": 0, "tokens": 0, "shards": 0}
-    pending_keys = {(split, number) for split, number, *_ in pending}
-    bar = progress(sum(len(p[3]) for p in pending), "tokenize", unit="pairs", quiet=cfg.quiet, logger=log)
+    bar = progress(sum(shard[3] for shard in pending), "tokenize", unit="pairs", quiet=cfg.quiet, logger=log)
     with _Workers(cfg.num_proc, settings, encoder) as workers:
-        results = workers.map(_chunks(pending))
         first_index = 0  # indices run on across shards and from train into eval
-        for split, number, count, items in plan:
-            if (split, number) not in pending_keys:
-                first_index += committed_shard(out, shard_path(split, number, count)).rows
-                continue
-            saved = f"after committing {len(plan) - len(pending) + processed['shards']} of {len(plan)} shards in {out}"
-            if stage_run.stop_requested():
-                raise stage_run.preempted(saved)
-            encoded = []
-            for _ in range(_chunk_count(items)):
-                chunk = workers.next(results, stage_run)
-                if chunk is None:  # a stop signal: this shard is abandoned (a rerun encodes it again)
+        for split in plan.sizes:
+            records = plan.items(split)
+            for shard in (shard for shard in shards if shard[0] == split):
+                _, number, count, size = shard
+                taken = itertools.islice(records, size)
+                if shard not in pending:
+                    collections.deque(taken, maxlen=0)
+                    first_index += committed_shard(out, shard_path(split, number, count)).rows
+                    continue
+                committed = len(shards) - len(pending) + processed["shards"]
+                saved = f"after committing {committed} of {len(shards)} shards in {out}"
+                if stage_run.stop_requested():
                     raise stage_run.preempted(saved)
-                encoded.extend(chunk)
-            rows, part = _assemble(cfg, split, items, encoded, first_index)
-            _commit_shard(out, split, number, count, rows, part)
-            first_index += rows.num_rows
-            processed["shards"] += 1
-            processed["pairs"] += rows.num_rows
-            processed["tokens"] += int(pc.sum(rows["chosen_length"]).as_py() or 0) + int(
-                pc.sum(rows["rejected_length"]).as_py() or 0)
-            bar.update(len(items))
+                items = (Item(name, record, _normalise(cfg, record, fmt, columns)) for name, record, fmt in taken)
+                writer = ShardWriter(out, shard_path(split, number, count), SCHEMA, arrow_copy=True)
+                part = {"rejects": [], "truncated": 0}
+                rows = 0
+                try:
+                    for done in workers.map(_chunked(items), stage_run):
+                        if done is None:  # a stop signal: this shard is abandoned (a rerun encodes it again)
+                            raise stage_run.preempted(saved)
+                        chunk, encoded = done
+                        table = _assemble(cfg, split, chunk, encoded, first_index + rows, part)
+                        writer.write(table)
+                        rows += table.num_rows
+                        processed["tokens"] += int(pc.sum(table["chosen_length"]).as_py() or 0) + int(
+                            pc.sum(table["rejected_length"]).as_py() or 0)
+                        bar.update(len(chunk))
+                    _commit_shard(out, split, number, count, writer, part)
+                except BaseException:
+                    writer.discard()
+                    raise
+                first_index += rows
+                processed["shards"] += 1
+                processed["pairs"] += rows
     bar.close()
     return processed
 
 
 def _is_committed(out: Path, split: str, number: int, count: int) -> bool:
-    return (out / _reject_part(split, number, count)).is_file() and committed_shard(out, shard_path(split, number, count)) is not None
+    shard = shard_path(split, number, count)
+    return ((out / _reject_part(split, number, count)).is_file() and (out / arrow_copy_path(shard)).is_file()
+            and committed_shard(out, shard) is not None)
 
 
-def _chunks(pending: list) -> Iterator[list[Pair]]:
-    for *_, items in pending:
-        pairs = [item.pair for item in items if isinstance(item.pair, Pair)]
-        for start in range(0, max(len(pairs), 1), CHUNK_PAIRS):
-            yield pairs[start : start + CHUNK_PAIRS]
+def _chunked(items: Iterator[Item]) -> Iterator[list[Item]]:
+    """CHUNK_PAIRS items at a time; a shard with no records still makes one (empty) chunk."""
+    chunk = list(itertools.islice(items, CHUNK_PAIRS))
+    yield chunk
+    while chunk := list(itertools.islice(items, CHUNK_PAIRS)):
+        yield chunk
 
 
-def _chunk_count(items: list[Item]) -> int:
-    pairs = sum(isinstance(item.pair, Pair) for item in items)
-    return max(1, -(-pairs // CHUNK_PAIRS))
-
-
-def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list, first_index: int) -> tuple[pa.Table, dict]:
-    """A shard's rows (in input order, densely indexed) and its part of the rejects and stats."""
+def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list, first_index: int,
+              part: dict) -> pa.Table:
+    """The rows of a chunk (in input order, densely indexed from ``first_index``); its rejects and
+    truncations are added to the shard's ``part``."""
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-    rejects: list[dict] = []
+    rejects: list[dict] = part["rejects"]
     truncated = 0
     results = iter(encoded)
     for item in items:
@@ -378,18 +463,19 @@ def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list,
             columns[f"{side}_length"].append(len(result.prompt) + len(response))
         columns["prompt_length"].append(len(result.prompt))
         truncated += result.truncated
-    return pa.table(columns, schema=SCHEMA), {"rejects": rejects, "truncated": truncated}
+    part["truncated"] += truncated
+    return pa.table(columns, schema=SCHEMA)
 
 
 def _reject_part(split: str, number: int, count: int) -> str:
     return f"{REJECT_PARTS}/{split}-{number:05d}-of-{count:05d}.json"
 
 
-def _commit_shard(out: Path, split: str, number: int, count: int, rows: pa.Table, part: dict) -> None:
+def _commit_shard(out: Path, split: str, number: int, count: int, writer: ShardWriter, part: dict) -> None:
     path = out / _reject_part(split, number, count)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, part)
-    write_shard(out, shard_path(split, number, count), rows)
+    writer.commit()
 
 
 class _Workers:
@@ -407,7 +493,6 @@ class _Workers:
         self.num_proc, self.settings, self.encoder = num_proc, settings, encoder
         self.processes: list = []
         self.pipes: list = []
-        self.chunks: Iterator[list[Pair]] | None = None
         self.sent = self.received = 0
 
     def __enter__(self) -> _Workers:
@@ -427,36 +512,44 @@ class _Workers:
                 self.pipes.append(mine)
         return self
 
-    def map(self, chunks: Iterator[list[Pair]]) -> Iterator[list[Pair]]:
+    def map(self, chunks: Iterator[list[Item]], stage_run: StageRun) -> Iterator[tuple[list[Item], list] | None]:
+        """``(chunk, its pairs encoded)`` in input order, or None once a stop signal has arrived: waiting
+        on the workers is a safe point, so that a stop comes within a chunk, not a shard. One chunk is in
+        flight per worker (a second one sent while the worker sends its result back could fill both pipe
+        buffers and hang both ends), so memory holds a few chunks whatever the size of the input."""
+        pairs = lambda chunk: [item.pair for item in chunk if isinstance(item.pair, Pair)]  # noqa: E731
         if not self.processes:
-            return (self.encoder.encode(chunk) for chunk in chunks)
-        self.chunks = iter(chunks)
-        for _ in range(self.num_proc):  # one chunk in flight per worker
-            self._send()
-        return self.chunks
+            for chunk in chunks:
+                if stage_run.signalled:
+                    yield None
+                    return
+                yield chunk, self.encoder.encode(pairs(chunk))
+            return
+        chunks = iter(chunks)
+        in_flight: collections.deque = collections.deque()
 
-    def _send(self) -> None:
-        chunk = next(self.chunks, None)
-        if chunk is not None:
-            self.pipes[self.sent % self.num_proc].send(chunk)
-            self.sent += 1
+        def send() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                self.pipes[self.sent % self.num_proc].send(pairs(chunk))
+                self.sent += 1
+                in_flight.append(chunk)
 
-    def next(self, results: Iterator, stage_run: StageRun) -> list | None:
-        """The next chunk's encodings, or None once a stop signal has arrived: waiting on the workers is a
-        safe point, so that a stop comes within a chunk, not a shard."""
-        if not self.processes:
-            return None if stage_run.signalled else next(results)
-        worker = self.received % self.num_proc
-        while not self.pipes[worker].poll(0.2):
-            if stage_run.signalled:
-                return None
-            if not self.processes[worker].is_alive():
-                raise DpoError(f"tokenizer worker process {self.processes[worker].pid} died (exit code "
-                               f"{self.processes[worker].exitcode}); rerun to resume from the last committed shard")
-        encoded = self.pipes[worker].recv()
-        self.received += 1
-        self._send()
-        return encoded
+        for _ in range(self.num_proc):
+            send()
+        while in_flight:
+            worker = self.received % self.num_proc
+            while not self.pipes[worker].poll(0.2):
+                if stage_run.signalled:
+                    yield None
+                    return
+                if not self.processes[worker].is_alive():
+                    raise DpoError(f"tokenizer worker process {self.processes[worker].pid} died (exit code "
+                                   f"{self.processes[worker].exitcode}); rerun to resume from the last committed shard")
+            encoded = self.pipes[worker].recv()
+            self.received += 1
+            yield in_flight.popleft(), encoded
+            send()
 
     def __exit__(self, *exc) -> None:
         for process in self.processes:
@@ -490,7 +583,7 @@ def _worker(pipe, settings: EncodeSettings) -> None:
 # ---------------------------------------------------------------------------------------- close
 
 
-def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]], encoder: PairEncoder,
+def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encoder: PairEncoder,
            tok_fp: str, source_stats: list[dict], source_hashes: dict[int, str], train_sources: list[Source],
            eval_sources: list[Source], processed: dict[str, int], elapsed: float) -> Manifest:
     """The manifest, with stats read back from the committed shards (so a resumed run reports the same)."""
@@ -499,15 +592,15 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     lengths: dict[str, list[np.ndarray]] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
     reject_rows: list[dict] = []
     truncated = 0
-    for split, items in splits.items():
-        count = len(shard_bounds(len(items), cfg.rows_per_shard))
+    for split, size in sizes.items():
+        count = len(shard_bounds(size, cfg.rows_per_shard))
         for number in range(count):
             entry = committed_shard(out, shard_path(split, number, count))
-            files.append(entry)
+            files += [entry, file_entry(out, arrow_copy_path(entry.path))]  # rows: the shard's, counted once
             table = pq.read_table(out / entry.path, columns=["source", *lengths])
-            for source, n in Counter(table["source"].to_pylist()).items():
-                pairs.setdefault(split, {}).setdefault(source, 0)
-                pairs[split][source] += n
+            for counted in pc.value_counts(table["source"]).to_pylist():
+                pairs.setdefault(split, {}).setdefault(counted["values"], 0)
+                pairs[split][counted["values"]] += counted["counts"]
             for name in lengths:
                 lengths[name].append(table[name].to_numpy())
             part = json.loads((out / _reject_part(split, number, count)).read_text())
@@ -521,12 +614,12 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     total_pairs = sum(n for per_source in pairs.values() for n in per_source.values())
     if total_pairs == 0 or not pairs.get("train"):
         raise DataError(f"no training pairs are left after filtering (dropped: {dict(dropped)}); see {out / REJECTS}")
-    if "eval" in splits and not pairs.get("eval"):
+    if "eval" in sizes and not pairs.get("eval"):
         asked = " and ".join(flag for flag, given in (("--eval-fraction", cfg.eval_fraction > 0),
                                                       ("--eval-data", bool(cfg.eval_data))) if given)
         eval_dropped = dict(Counter(r["reason"] for r in reject_rows if r["split"] == "eval"))
         raise DataError(f"the eval split asked for with {asked} has no pairs left after filtering: all "
-                        f"{len(splits['eval'])} of its records were dropped ({eval_dropped}); see {out / REJECTS}")
+                        f"{sizes['eval']} of its records were dropped ({eval_dropped}); see {out / REJECTS}")
     for source in train_sources + eval_sources:
         # A source that makes no pair at all is lost to a configuration mistake (its format, --columns,
         # the chat template, the lengths), not to bad records; beside other sources it would go unnoticed.
@@ -541,7 +634,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, splits: dict[str, list[Item]
     stats = {
         "pairs": {split: sum(per_source.values()) for split, per_source in pairs.items()},
         "pairs_per_source": pairs,
-        "records_read": sum(len(items) for items in splits.values()),
+        "records_read": sum(sizes.values()),
         "dropped": dict(sorted(dropped.items())),
         "dropped_total": sum(dropped.values()),
         "truncated": truncated,

@@ -35,7 +35,7 @@ from ..pipeline import distributed as dist
 from ..pipeline import metrics
 from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw
 from ..pipeline.batching import (
-    length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens, sequence_lengths,
+    length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens, sequence_lengths, take_rows,
 )
 from ..pipeline.checkpoint import CheckpointManager, save_model
 from ..pipeline.config import (
@@ -374,7 +374,7 @@ class Trainer:
                                        self.world, self.accelerator.process_index):
                 with self.accelerator.accumulate(self.policy):
                     with timer.phase("data"):
-                        pairs = self.train_rows.take(micro)
+                        pairs = take_rows(self.train_rows, micro)
                     loss, micro_sums = self._loss_and_sums(pairs, context)
                     with timer.phase("backward"):
                         self.accelerator.backward(loss)
@@ -401,7 +401,7 @@ class Trainer:
         chosen_tokens = 0.0
         if self.cfg.loss.needs_token_count:
             labels = rows.select(["chosen_labels"])
-            chosen_tokens = float(scored_label_tokens(labels if positions is None else labels.take(positions),
+            chosen_tokens = float(scored_label_tokens(labels if positions is None else take_rows(labels, positions),
                                                       "chosen").sum())
         shift = self.reward_shift.value if self.reward_shift is not None else 0.0
         return BatchContext(float(rows.num_rows if positions is None else len(positions)), chosen_tokens, shift)
@@ -476,7 +476,7 @@ class Trainer:
         total = None
         for r in range(math.ceil(len(batches) / self.world)):
             j = r * self.world + rank
-            _, sums = self._loss_and_sums(self.eval_rows.take(batches[min(j, len(batches) - 1)]), context)
+            _, sums = self._loss_and_sums(take_rows(self.eval_rows, batches[min(j, len(batches) - 1)]), context)
             total = metrics.add(total, sums, weight=1.0 if j < len(batches) else 0.0)
         self.policy.train()
         means = metrics.means(metrics.reduced(total, self._sum_over_ranks, self.accelerator.device))
