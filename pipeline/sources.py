@@ -278,8 +278,8 @@ def _load_hub(name: str, config: str | None, split: str, named: str):
 
 def _hub_error(spec: SourceSpec, exc: Exception) -> UsageError:
     return UsageError(
-        f"{spec.named}: not a local file or folder, and loading it as a Hugging Face hub dataset "
-        f"(name {spec.path!r}, config {spec.config!r}, split {spec.split!r}) failed ({type(exc).__name__}: {exc}). "
+        f"{spec.named}: not a local file or folder, and loading it as a Hugging Face hub dataset failed "
+        f"(name {spec.path!r}, config {spec.config!r}, split {spec.split!r}: {type(exc).__name__}: {exc}). "
         "Without network access, download it elsewhere (datasets' save_to_disk, or its parquet/jsonl files) and "
         "pass the local path"
     )
