@@ -811,3 +811,75 @@ def test_default_prompt_limit_keeps_the_pairs_a_long_prompt_used_to_drop(tmp_pat
 def _prompt_lengths(out: Path, data: str) -> list[int]:
     tokenize(out, data, max_seq_length=4096, max_prompt_length=0)
     return [r["prompt_length"] for r in rows(out)]
+
+
+# ------------------------------------------------------------------ splits of saved DatasetDicts and hub datasets
+
+
+def _hh_dataset_dict(root: Path, **splits: slice) -> None:
+    import datasets
+
+    lines = hh_lines()
+    datasets.DatasetDict({name: datasets.Dataset.from_list(lines[part]) for name, part in splits.items()}).save_to_disk(
+        str(root))
+
+
+def test_saved_dataset_dict_by_split_end_to_end(tmp_path):
+    """`dpo tokenize` on a DatasetDict folder: --data reads train, --eval-data the test split; sources
+    are named with their split in rows, stats and lineage, and the split is in the fingerprint."""
+    root = tmp_path / "hh"
+    _hh_dataset_dict(root, train=slice(0, 40), test=slice(40, 52), test_other=slice(52, 60))
+    proc = run_dpo("tokenize", "--data", f"{root}:30", "--eval-data", f"{root}#test", "--tokenizer", DEMO_MODEL,
+                   "--out", tmp_path / "a", "--max-seq-length", "256")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["stats"]["records_read"] == 42
+    assert set(m["stats"]["pairs_per_source"]["train"]) == {f"{root}#train"}
+    assert set(m["stats"]["pairs_per_source"]["eval"]) == {f"{root}#test"}
+    assert [i["path"] for i in m["inputs"] if i["kind"] == "data"] == [f"{root}:30", f"{root}#test"]
+    assert {r["source"] for r in rows(tmp_path / "a", "eval")} == {f"{root}#test"}
+    # the eval rows are the test split's dialogues, tokenized
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    first = rows(tmp_path / "a", "eval")[0]
+    assert tok.decode(first["chosen_input_ids"], skip_special_tokens=True).strip() == hh_lines()[40]["chosen"].strip()
+
+    refused = run_dpo("tokenize", "--data", f"{root}#train", "--eval-data", str(root), "--tokenizer", DEMO_MODEL,
+                      "--out", tmp_path / "b")
+    assert refused.returncode == 2 and "name the eval split" in refused.stderr and "Traceback" not in refused.stderr
+
+    train = tokenize(tmp_path / "train", f"{root}#train:12")
+    other = tokenize(tmp_path / "other", f"{root}#test_other")
+    test = tokenize(tmp_path / "test", f"{root}#test:8")
+    assert len({train.fingerprint, other.fingerprint, test.fingerprint}) == 3
+
+
+def test_hub_dataset_config_and_split_reach_load_dataset(tmp_path, monkeypatch):
+    """No network here: datasets.load_dataset is replaced, and it must be asked for the config and
+    split each --data / --eval-data names (train by default; for --eval-data the one test-like split)."""
+    import datasets
+
+    from dpo.pipeline import sources
+
+    lines = hh_lines()
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        start = {"train_prefs": 0, "train": 0, "test_prefs": 100, "test": 100}[split]
+        return datasets.Dataset.from_list(lines[start : start + 20])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names",
+                        lambda name, config=None: ["train_prefs", "test_prefs", "train_gen"])
+    sources._load_hub.cache_clear()
+    m = tokenize(tmp_path / "a", "HuggingFaceH4/ultrafeedback_binarized#train_prefs:10",
+                 eval_data=("HuggingFaceH4/ultrafeedback_binarized",))
+    assert set(calls) == {("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+                          ("HuggingFaceH4/ultrafeedback_binarized", None, "test_prefs")}
+    assert set(m.stats["pairs_per_source"]["eval"]) == {"HuggingFaceH4/ultrafeedback_binarized#test_prefs"}
+    calls.clear()
+    other = tokenize(tmp_path / "b", "org/arc#ARC-Easy/test:10", "org/plain:5")
+    assert set(calls) == {("org/arc", "ARC-Easy", "test"), ("org/plain", None, "train")}
+    assert set(other.stats["pairs_per_source"]["train"]) == {"org/arc#ARC-Easy/test", "org/plain#train"}
+    assert other.fingerprint != tokenize(tmp_path / "c", "org/arc#ARC-Easy/train:10", "org/plain:5").fingerprint
+    sources._load_hub.cache_clear()
