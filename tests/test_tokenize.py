@@ -829,9 +829,9 @@ def test_saved_dataset_dict_by_split_end_to_end(tmp_path):
     are named with their split in rows, stats and lineage, and the split is in the fingerprint."""
     root = tmp_path / "hh"
     _hh_dataset_dict(root, train=slice(0, 40), test=slice(40, 52), test_other=slice(52, 60))
-    proc = run_dpo("tokenize", "--data", f"{root}:30", "--eval-data", f"{root}#test", "--tokenizer", DEMO_MODEL,
-                   "--out", tmp_path / "a", "--max-seq-length", "256")
-    assert proc.returncode == 0, proc.stderr
+    result = dpo_in_process("tokenize", "--data", f"{root}:30", "--eval-data", f"{root}#test", "--tokenizer",
+                            DEMO_MODEL, "--out", tmp_path / "a", "--max-seq-length", "256")
+    assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["stats"]["records_read"] == 42
     assert set(m["stats"]["pairs_per_source"]["train"]) == {f"{root}#train"}
@@ -843,9 +843,9 @@ def test_saved_dataset_dict_by_split_end_to_end(tmp_path):
     first = rows(tmp_path / "a", "eval")[0]
     assert tok.decode(first["chosen_input_ids"], skip_special_tokens=True).strip() == hh_lines()[40]["chosen"].strip()
 
-    refused = run_dpo("tokenize", "--data", f"{root}#train", "--eval-data", str(root), "--tokenizer", DEMO_MODEL,
-                      "--out", tmp_path / "b")
-    assert refused.returncode == 2 and "name the eval split" in refused.stderr and "Traceback" not in refused.stderr
+    assert_refused(["tokenize", "--data", f"{root}#train", "--eval-data", str(root), "--tokenizer", DEMO_MODEL,
+                    "--out", tmp_path / "b"], f"--eval-data {root}: name the eval split, e.g. --eval-data {root}#test: "
+                   "it has 2 test-like splits (test, test_other)", out=tmp_path / "b", inputs=[root])
 
     train = tokenize(tmp_path / "train", f"{root}#train:12")
     other = tokenize(tmp_path / "other", f"{root}#test_other")
