@@ -75,15 +75,19 @@ SCHEMA = pa.schema([
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenizeConfig(StageOptions):
     # Sources enter the fingerprint as (split, amount, content hash): the same data found at another
-    # path or from another working directory (a requeued job) is the same artifact.
+    # path or from another working directory (a requeued job) is the same artifact. A hub dataset's or
+    # a DatasetDict's content hash covers its config and split.
     data: tuple[str, ...] = option(semantic=False, panel="Data", help=(
-        "Preference data (repeatable): .jsonl/.jsonl.gz/.json/.parquet file or folder, datasets.save_to_disk "
-        "folder, or hub name. PATH:0.5 takes a fraction, PATH:1000 a row count (sampled with --seed)."))
+        "Preference data (repeatable), NAME[#[CONFIG/]SPLIT][:AMOUNT]: a .jsonl/.jsonl.gz/.json/.parquet file or "
+        "folder, a datasets.save_to_disk folder, or a hub name. #SPLIT picks a split of a hub dataset or a saved "
+        "DatasetDict (default train), #CONFIG/SPLIT a hub config too (org/name#test_prefs, allenai/ai2_arc#ARC-Easy/"
+        "test). :0.5 takes a fraction, :1000 a row count (sampled with --seed)."))
     tokenizer: str = option(semantic=False, panel="Data", help=(  # its content fingerprint is an input
         "Tokenizer folder (a model folder works)."))
     out: str = option(semantic=False, panel="Data", help="Output folder of the tokenized artifact.")
     eval_data: tuple[str, ...] = option((), semantic=False, panel="Data", help=(
-        "Sources for the eval split (repeatable, same syntax as --data)."))
+        "Sources for the eval split (repeatable, same syntax as --data). A hub dataset or DatasetDict without "
+        "#SPLIT gives its one test-like split (test, validation, ...); never train."))
     eval_fraction: float = option(0.0, check=fraction(), panel="Data", help=(
         "Hold out this fraction of the --data records (seeded, before filtering) as the eval split."))
     # Not semantic: it changes nothing when no --eval-data pair is also a train pair, and when some
