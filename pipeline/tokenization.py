@@ -263,7 +263,7 @@ class PairEncoder:
     def _later_turns(pair: Pair) -> list[Pair]:
         """The pair with 1, 2, ... of its earliest prompt turns left out, longest first. Chat prompts
         keep their leading system messages and start at a user turn; plain prompts start at a
-        ``\n\nHuman:`` turn (HH-RLHF); a prompt without such turns has none."""
+        ``\\n\\nHuman:`` turn (HH-RLHF); a prompt without such turns has none."""
         if pair.is_chat:
             messages = pair.prompt
             head = 0
