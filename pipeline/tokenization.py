@@ -224,14 +224,11 @@ class PairEncoder:
     def encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
         """Each pair's tokens, or why it makes none. Under ``prompt_truncation`` "turns", a pair whose
         prompt is over ``max_prompt_length`` is encoded again with its earliest turns left out (the
-        fewest that make it fit), and so is one dropped for its length; where even its last turn is too
-        long it keeps its latest tokens."""
+        fewest that make it fit); where even its last turn is too long it keeps its latest tokens."""
         results = self._encode(pairs)
         if self.settings.prompt_truncation != "turns" or self.settings.max_prompt_length is None:
             return results
-        # A pair dropped for its length may have lost to a prompt cut by tokens that leaving out turns shortens.
-        cut = [i for i, r in enumerate(results) if isinstance(r, Encoded) and r.prompt_truncated
-               or isinstance(r, Drop) and r.reason in ("too_long", "identical_after_truncation")]
+        cut = [i for i, r in enumerate(results) if isinstance(r, Encoded) and r.prompt_truncated]
         shorter = self._drop_turns([pairs[i] for i in cut])
         redo = [(i, pair) for i, pair in zip(cut, shorter) if pair is not None]
         for (i, _), result in zip(redo, self._encode([pair for _, pair in redo])):
@@ -241,9 +238,8 @@ class PairEncoder:
 
     def _drop_turns(self, pairs: list[Pair]) -> list[Pair | None]:
         """Each pair with the fewest earliest prompt turns left out that brings its prompt within
-        max_prompt_length tokens; None where its whole prompt fits, or no turn boundary makes it fit (or
-        the prompt has no turns)."""
-        candidates = [[pair, *later] if (later := self._later_turns(pair)) else [] for pair in pairs]
+        max_prompt_length tokens; None where no turn boundary does (or the prompt has no turns)."""
+        candidates = [self._later_turns(pair) for pair in pairs]
         texts, owners = [], []
         for k, options in enumerate(candidates):
             for j, option in enumerate(options):
@@ -252,14 +248,16 @@ class PairEncoder:
                 except Exception:  # noqa: BLE001 - a template that refuses the shortened conversation: not a candidate
                     continue
                 owners.append((k, j))
-        fitted: dict[int, int] = {}  # pair -> its first candidate that fits
+        chosen: list[Pair | None] = [None] * len(pairs)
+        if not texts:
+            return chosen
         limit = self.settings.max_prompt_length
         encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         for (k, j), e in zip(owners, encoded):
             prefix = 0 if self.uses_template(candidates[k][j]) else len(self.text_prefix)
-            if k not in fitted and prefix + len(e.ids) <= limit:
-                fitted[k] = j
-        return [candidates[k][fitted[k]] if fitted.get(k) else None for k in range(len(pairs))]
+            if chosen[k] is None and prefix + len(e.ids) <= limit:
+                chosen[k] = candidates[k][j]
+        return chosen
 
     @staticmethod
     def _later_turns(pair: Pair) -> list[Pair]:

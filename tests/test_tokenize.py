@@ -5,7 +5,6 @@ Most tests call the stage in-process (fast); the exit-code and message tests dri
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
@@ -782,12 +781,6 @@ def test_prompt_over_the_limit_loses_its_earliest_turns():
     for pair in (no_turns, last_turn_too_long):
         got = turns.encode([pair])[0]
         assert got == tokens.encode([pair])[0] and got.prompt_truncated and len(got.prompt) == 40
-    # --truncation drop: a pair too long with its prompt cut by tokens fits with its earliest turns left out
-    long_reply = dataclasses.replace(hh, chosen=" a reply that is longer than a few tokens here")
-    drop = [PairEncoder(EncodeSettings(str(DEMO_MODEL), None, False, 60, 40, "drop", prompt_truncation=mode))
-            for mode in ("turns", "tokens")]
-    assert drop[1].encode([long_reply])[0].reason == "too_long"
-    assert drop[0].encode([long_reply])[0].prompt == whole.encode([dataclasses.replace(long_reply, prompt=kept[0].prompt)])[0].prompt
 
 
 def test_default_prompt_limit_keeps_the_pairs_a_long_prompt_used_to_drop(tmp_path, caplog):
