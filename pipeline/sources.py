@@ -1,11 +1,21 @@
 """Preference-data sources: local files and folders, `datasets` folders, hub names, and mixing.
 
 A source is what one ``--data`` names: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet`` file, a
-folder of such files, a folder written by ``datasets.save_to_disk``, or a hub dataset name. A
-``:AMOUNT`` suffix takes part of it, like open-instruct's mixer: ``PATH:0.5`` (a number with a
-decimal point) is that fraction of its rows, ``PATH:1000`` (an integer) that many rows. Rows are
-sampled by a seeded hash of their position, so a sample is the same on every machine and Python
-version, and it is drawn before any filtering.
+folder of such files, a folder written by ``datasets.save_to_disk`` (a Dataset, or a DatasetDict
+whose split is chosen), or a hub dataset name. The whole syntax is ``NAME[#[CONFIG/]SPLIT][:AMOUNT]``:
+
+- ``#SPLIT`` picks a split (``HuggingFaceH4/ultrafeedback_binarized#test_prefs``, ``saved_dict#test``),
+  ``#CONFIG/SPLIT`` a hub config too (``allenai/ai2_arc#ARC-Easy/test``; ``#CONFIG/`` leaves the split
+  to the default below). It reads as the hub's own viewer path (``org/name/viewer/CONFIG/SPLIT``),
+  and a URL fragment is what selects part of a resource; ``@`` is not used because the hub's URLs
+  already mean a revision by it (``hf://datasets/org/name@main``). Without a split, ``--data`` reads
+  ``train``, and ``--eval-data`` reads the one test-like split (test, validation, eval, dev, ...) if
+  exactly one exists and otherwise asks for ``#SPLIT``: an eval split never silently falls back to
+  the training data.
+- ``:AMOUNT`` takes part of it, like open-instruct's mixer: ``NAME:0.5`` (a number with a decimal
+  point) is that fraction of its rows, ``NAME:1000`` (an integer) that many rows. Rows are sampled
+  by a seeded hash of their position, so a sample is the same on every machine and Python version,
+  and it is drawn before any filtering.
 
 Every record keeps where it came from (file and 1-based line, or 0-based row), so an error or a
 reject can point at it.
@@ -35,23 +45,31 @@ _AMOUNT = re.compile(r"^(?P<path>.+):(?P<amount>\d+|\d+\.\d*|\.\d+)$")
 _AMOUNT_ATTEMPT = re.compile(r"^$|^[-+]?[\d.,_]*\d[\d.,_eE+%-]*$")
 AMOUNT_SYNTAX = ("AMOUNT is a row count (a whole number, PATH:1000) or a fraction (with a decimal point, in (0, 1], "
                  "PATH:0.5)")
+SOURCE_SYNTAX = "NAME[#[CONFIG/]SPLIT][:AMOUNT]"
+# Split names as `datasets` allows them; a config name is anything without a slash.
+_FRAGMENT = re.compile(r"^(?:(?P<config>[^/#:]+)/)?(?P<split>\w+(?:\.\w+)*)?$")
+# Split names an eval split defaults to when --eval-data names none (exactly one must exist).
+_TEST_LIKE = re.compile(r"(^|[_.-])(test|validation|valid|val|eval|evaluation|dev)([_.-]|$)")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One ``--data`` (or ``--eval-data``) value: a path or hub name and how much of it to take (None: all).
+    """One ``--data`` (or ``--eval-data``) value: a path or hub name, the hub config and split asked
+    for (None: not given), and how much of it to take (None: all).
 
-    ``PATH:AMOUNT`` is split at the last colon. A file whose name itself contains a colon is read
-    as named when no amount follows (``my:data.jsonl``); to take part of it, put the amount after
-    the whole name (``my:data.jsonl:0.5``). If both readings name existing files (``a.jsonl`` and
-    ``a.jsonl:100``), the amount reading wins; ``a.jsonl:100:1.0`` takes all of the file
-    ``a.jsonl:100``.
+    ``NAME#CONFIG/SPLIT:AMOUNT`` is split at the last colon, then at the last ``#``. A file whose name
+    itself contains a colon or a ``#`` is read as named when no amount follows (``my:data.jsonl``,
+    ``v#2.jsonl``); to take part of it, put the amount after the whole name (``my:data.jsonl:0.5``).
+    If both readings name existing files (``a.jsonl`` and ``a.jsonl:100``), the amount reading wins;
+    ``a.jsonl:100:1.0`` takes all of the file ``a.jsonl:100``.
     """
 
     spec: str
     path: str
     amount: int | float | None
     flag: str = dataclasses.field(default="--data", compare=False)
+    config: str | None = None
+    split: str | None = None
 
     @property
     def named(self) -> str:
@@ -61,26 +79,52 @@ class SourceSpec:
     @classmethod
     def parse(cls, text: str, flag: str = "--data") -> SourceSpec:
         match = _AMOUNT.match(text)
-        if match is None or (not os.path.exists(match["path"]) and os.path.exists(text)):
+        if match is None or (not _names_local(match["path"]) and _names_local(text)):
             head, colon, tail = text.rpartition(":")
-            if colon and not os.path.exists(text) and (
-                    os.path.exists(head) or head.endswith(FILE_SUFFIXES) or _AMOUNT_ATTEMPT.match(tail)):
+            if colon and not _names_local(text) and (
+                    _names_local(head) or head.endswith(FILE_SUFFIXES) or _AMOUNT_ATTEMPT.match(tail)):
                 raise UsageError(
                     f"{flag} {text}: the amount {tail!r} after the last ':' is not one dpo takes; {AMOUNT_SYNTAX}. "
                     f"A file whose name contains a colon is read as named when it exists; add the amount after its "
                     f"whole name (NAME:0.5)"
                 )
-            return cls(text, text, None, flag)
+            return cls._with_split(text, text, None, flag)
         path, raw = match["path"], match["amount"]
         if "." in raw:
             fraction = float(raw)
             if not 0.0 < fraction <= 1.0:
                 raise UsageError(f"{flag} {text}: a fraction must be in (0, 1], got {raw}; {AMOUNT_SYNTAX}")
-            return cls(text, path, None if fraction == 1.0 else fraction, flag)
+            return cls._with_split(text, path, None if fraction == 1.0 else fraction, flag)
         count = int(raw)
         if count <= 0:
             raise UsageError(f"{flag} {text}: a row count must be positive, got {raw}; {AMOUNT_SYNTAX}")
-        return cls(text, path, count, flag)
+        return cls._with_split(text, path, count, flag)
+
+    @classmethod
+    def _with_split(cls, text: str, path: str, amount: int | float | None, flag: str) -> SourceSpec:
+        name, hash_, fragment = path.rpartition("#")
+        if not hash_ or os.path.exists(path):
+            return cls(text, path, amount, flag)
+        match = _FRAGMENT.match(fragment)
+        if not name or match is None or not (match["split"] or match["config"]):
+            raise UsageError(
+                f"{flag} {text}: {fragment!r} after '#' is not a split ('#test') or a config and split "
+                f"('#CONFIG/test'); a source is {SOURCE_SYNTAX}. A file whose name contains '#' is read as named "
+                "when it exists"
+            )
+        return cls(text, name, amount, flag, match["config"], match["split"])
+
+    @property
+    def selector(self) -> str:
+        """The ``#[CONFIG/]SPLIT`` part as given ('' when none was)."""
+        if self.config is None and self.split is None:
+            return ""
+        return "#" + (f"{self.config}/" if self.config is not None else "") + (self.split or "")
+
+
+def _names_local(path: str) -> bool:
+    """Whether ``path`` (possibly ending in ``#SPLIT``) names something on this machine."""
+    return os.path.exists(path) or ("#" in path and os.path.exists(path.rpartition("#")[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,31 +163,37 @@ class Record:
 class Source:
     spec: SourceSpec
     files: list[Path]  # the local files read; empty for a hub dataset
-    kind: str  # "files", "saved-dataset" or "hub"
+    kind: str  # "files", "saved-dataset", "dataset-split" (one split of a saved DatasetDict) or "hub"
+    split: str | None = None  # the split read, for "dataset-split" and "hub" (given or defaulted)
     # .json files that are not one plain list (JSON lines under a .json name, trailing text): read whole,
     # as json.loads judges them, so their records and errors are what they always were.
     _whole: set[Path] = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @property
     def name(self) -> str:
-        return self.spec.path
+        """The source as rows, rejects and stats name it: its path, and the split read where it has splits."""
+        if self.split is None:
+            return self.spec.path
+        return f"{self.spec.path}#{self.spec.config + '/' if self.spec.config else ''}{self.split}"
 
     def content_hash(self) -> str:
-        """sha256 over the files' contents (and names inside a folder source), or the hub fingerprint."""
+        """sha256 over the files' contents (and names inside a folder source), or the hub fingerprint;
+        with the config and split where the source has them, so two splits never share a hash."""
         if self.kind == "hub":
-            return hash_json({"hub": self.spec.path, "fingerprint": _load_hub(self.spec.path)._fingerprint})
+            dataset = _load_hub(self.spec.path, self.spec.config, self.split, self.spec.named)
+            return hash_json({"hub": self.spec.path, "config": self.spec.config, "split": self.split,
+                              "fingerprint": dataset._fingerprint})
         root = Path(self.spec.path)
-        return hash_json(
-            [[str(f.relative_to(root)) if f != root else "", sha256_file(f)] for f in self.files]
-        )
+        files = [[str(f.relative_to(root)) if f != root else "", sha256_file(f)] for f in self.files]
+        return hash_json({"split": self.split, "files": files} if self.kind == "dataset-split" else files)
 
     def read(self) -> list[Record]:
         return list(self.records())
 
     def records(self) -> Iterator[Record]:
         """The records one at a time, read in bounded chunks: memory does not grow with the source."""
-        if self.kind in ("hub", "saved-dataset"):
-            yield from _dataset_records(self._dataset(), self.spec.path)
+        if self.kind != "files":
+            yield from _dataset_records(self._dataset(), self.name)
             return
         for file in self.files:
             yield from _read_file(file, self._whole)
@@ -151,7 +201,7 @@ class Source:
     def count(self) -> int:
         """How many records ``records()`` yields, from metadata where the format has it (Parquet,
         ``datasets``), else by one streaming pass; a file that cannot be read is a DataError here."""
-        if self.kind in ("hub", "saved-dataset"):
+        if self.kind != "files":
             return len(self._dataset())
         total = 0
         for file in self.files:
@@ -169,28 +219,28 @@ class Source:
 
     def _dataset(self):
         if self.kind == "hub":
-            return _load_hub(self.spec.path)
+            return _load_hub(self.spec.path, self.spec.config, self.split, self.spec.named)
         import datasets
 
-        return datasets.load_from_disk(self.spec.path)
+        return datasets.load_from_disk(str(Path(self.spec.path) / (self.split or "")))
 
 
 def resolve_source(text: str, flag: str = "--data") -> Source:
-    """Parse a ``--data`` (or ``--eval-data``, as ``flag`` says) value and find its files; a
-    UsageError if there is nothing to read."""
+    """Parse a ``--data`` (or ``--eval-data``, as ``flag`` says) value, find its files and choose its
+    split; a UsageError if there is nothing to read."""
     spec = SourceSpec.parse(text, flag)
     text = spec.named
     path = Path(spec.path)
+    if spec.selector and not (path.is_dir() and (path / "dataset_dict.json").is_file()) and path.exists():
+        raise UsageError(f"{text}: {spec.selector!r} picks a split of a hub dataset or a saved DatasetDict folder, "
+                         f"and {spec.path} is neither; drop it")
     if path.is_file():
         if not path.name.endswith(FILE_SUFFIXES):
             raise UsageError(f"{text}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
         return Source(spec, [path], "files")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
-            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-            raise UsageError(
-                f"{text}: is a saved DatasetDict; point at one split folder, e.g. {path / (splits or ['train'])[0]}"
-            )
+            return _dataset_dict_split(spec, path)
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             return Source(spec, sorted(p for p in path.rglob("*") if p.is_file()), "saved-dataset")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
@@ -199,21 +249,69 @@ def resolve_source(text: str, flag: str = "--data") -> Source:
         return Source(spec, files, "files")
     if path.name.endswith(FILE_SUFFIXES) or path.is_absolute() or spec.path.startswith("."):
         raise UsageError(f"{text}: no such file or folder")
-    return Source(spec, [], "hub")
+    split = spec.split or _default_split(spec, lambda: _hub_splits(spec))
+    return Source(spec, [], "hub", split)
 
 
-@functools.lru_cache(maxsize=None)
-def _load_hub(name: str):
+def _dataset_dict_split(spec: SourceSpec, root: Path) -> Source:
+    """One split of a folder that ``DatasetDict.save_to_disk`` wrote."""
+    if spec.config is not None:
+        raise UsageError(f"{spec.named}: a saved DatasetDict folder has no configs, only splits; write "
+                         f"{spec.path}#SPLIT")
+    try:
+        splits = list(json.loads((root / "dataset_dict.json").read_text())["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        splits = sorted(p.name for p in root.iterdir() if p.is_dir())
+    split = spec.split or _default_split(spec, lambda: splits)
+    if split not in splits or not (root / split).is_dir():
+        raise UsageError(f"{spec.named}: the saved DatasetDict has no split {split!r}; its splits: "
+                         f"{', '.join(splits) or 'none'} (write {spec.path}#SPLIT)")
+    return Source(spec, sorted(p for p in (root / split).rglob("*") if p.is_file()), "dataset-split", split)
+
+
+def _default_split(spec: SourceSpec, splits) -> str:
+    """The split read when none is given: train for --data; for --eval-data the one test-like split,
+    as a held-out set must never default to the training data. ``splits`` lists them (on demand: for a
+    hub dataset that needs the network)."""
+    if spec.flag != "--eval-data":
+        return "train"
+    names = list(splits())
+    test_like = [name for name in names if _TEST_LIKE.search(name.lower())]
+    if len(test_like) == 1:
+        return test_like[0]
+    which = (f"it has {len(test_like)} test-like splits ({', '.join(test_like)})" if test_like
+             else f"it has no test-like split (its splits: {', '.join(names) or 'none'})")
+    example = f"{spec.path}#{spec.config + '/' if spec.config else ''}{(test_like or names or ['test'])[0]}"
+    raise UsageError(f"{spec.named}: name the eval split, e.g. --eval-data {example}: {which}, and --eval-data "
+                     "never falls back to the train split")
+
+
+def _hub_splits(spec: SourceSpec) -> list[str]:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split="train")
+        return datasets.get_dataset_split_names(spec.path, spec.config)
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated: all mean "cannot read it"
-        raise UsageError(
-            f"--data {name}: not a local file or folder, and loading it as a Hugging Face hub dataset failed "
-            f"({type(exc).__name__}: {exc}). Without network access, download it elsewhere (datasets' "
-            "save_to_disk, or its parquet/jsonl files) and pass the local path"
-        ) from None
+        raise _hub_error(spec, exc) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_hub(name: str, config: str | None, split: str, named: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated: all mean "cannot read it"
+        raise _hub_error(SourceSpec(named, name, None, named.split(" ")[0], config, split), exc) from None
+
+
+def _hub_error(spec: SourceSpec, exc: Exception) -> UsageError:
+    return UsageError(
+        f"{spec.named}: not a local file or folder, and loading it as a Hugging Face hub dataset failed "
+        f"(name {spec.path!r}, config {spec.config!r}, split {spec.split!r}: {type(exc).__name__}: {exc}). "
+        "Without network access, download it elsewhere (datasets' save_to_disk, or its parquet/jsonl files) and "
+        "pass the local path"
+    )
 
 
 ROWS_PER_CHUNK = 1024  # Parquet rows and datasets rows turned into Python objects at a time

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from .formats import Drop, Pair
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep-start", "drop")
+PROMPT_TRUNCATION_MODES = ("turns", "tokens")
+# Where a plain-text prompt's turns start (Anthropic HH-RLHF dialogues).
+_HH_TURN = re.compile(r"\n\nHuman:")
 # Tokens of slack between the tokens a pair can keep of a text and where a huge text is cut before
 # tokenizing (see PairEncoder.bound).
 BOUND_MARGIN = 32
@@ -58,6 +62,7 @@ class EncodeSettings:
     max_prompt_length: int | None
     truncation: str
     chat_template_file: str | None = None  # where --chat-template's text came from, for messages
+    prompt_truncation: str = "tokens"  # how a prompt over max_prompt_length is cut (PROMPT_TRUNCATION_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,8 @@ class Encoded:
     prompt: list[int]
     chosen: list[int]  # response ids, labelled
     rejected: list[int]
-    truncated: bool
+    truncated: bool  # the responses were cut to fit max_seq_length
+    prompt_truncated: bool = False  # the prompt was cut to fit max_prompt_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +222,59 @@ class PairEncoder:
         return (bounded, longest) if longest else (pair, 0)
 
     def encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
+        """Each pair's tokens, or why it makes none. Under ``prompt_truncation`` "turns", a pair whose
+        prompt is over ``max_prompt_length`` is encoded again with its earliest turns left out (the
+        fewest that make it fit); where even its last turn is too long it keeps its latest tokens."""
+        results = self._encode(pairs)
+        if self.settings.prompt_truncation != "turns" or self.settings.max_prompt_length is None:
+            return results
+        cut = [i for i, r in enumerate(results) if isinstance(r, Encoded) and r.prompt_truncated]
+        shorter = self._drop_turns([pairs[i] for i in cut])
+        redo = [(i, pair) for i, pair in zip(cut, shorter) if pair is not None]
+        for (i, _), result in zip(redo, self._encode([pair for _, pair in redo])):
+            if isinstance(result, Encoded):
+                results[i] = dataclasses.replace(result, prompt_truncated=True)
+        return results
+
+    def _drop_turns(self, pairs: list[Pair]) -> list[Pair | None]:
+        """Each pair with the fewest earliest prompt turns left out that brings its prompt within
+        max_prompt_length tokens; None where no turn boundary does (or the prompt has no turns)."""
+        candidates = [self._later_turns(pair) for pair in pairs]
+        texts, owners = [], []
+        for k, options in enumerate(candidates):
+            for j, option in enumerate(options):
+                try:
+                    texts.append(self._render_prompt(option))
+                except Exception:  # noqa: BLE001 - a template that refuses the shortened conversation: not a candidate
+                    continue
+                owners.append((k, j))
+        chosen: list[Pair | None] = [None] * len(pairs)
+        if not texts:
+            return chosen
+        limit = self.settings.max_prompt_length
+        encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        for (k, j), e in zip(owners, encoded):
+            prefix = 0 if self.uses_template(candidates[k][j]) else len(self.text_prefix)
+            if chosen[k] is None and prefix + len(e.ids) <= limit:
+                chosen[k] = candidates[k][j]
+        return chosen
+
+    @staticmethod
+    def _later_turns(pair: Pair) -> list[Pair]:
+        """The pair with 1, 2, ... of its earliest prompt turns left out, longest first. Chat prompts
+        keep their leading system messages and start at a user turn; plain prompts start at a
+        ``\\n\\nHuman:`` turn (HH-RLHF); a prompt without such turns has none."""
+        if pair.is_chat:
+            messages = pair.prompt
+            head = 0
+            while head < len(messages) and messages[head]["role"] in ("system", "developer"):
+                head += 1
+            starts = [i for i in range(head + 1, len(messages)) if messages[i]["role"] == "user"]
+            return [dataclasses.replace(pair, prompt=messages[:head] + messages[i:]) for i in starts]
+        starts = [m.start() for m in _HH_TURN.finditer(pair.prompt) if m.start() > 0]
+        return [dataclasses.replace(pair, prompt=pair.prompt[i:]) for i in starts]
+
+    def _encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
         if not pairs:
             return []
         texts: list[str] = []
@@ -330,12 +389,19 @@ class PairEncoder:
     def _render_text(self, pair: Pair) -> tuple[str, str, str]:
         if not self.uses_template(pair):
             return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
-        prompt = list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
+        prompt = self._messages(pair)
         return (
             self._apply(prompt, add_generation_prompt=True),
             self._apply(prompt + [{"role": "assistant", "content": pair.chosen}]),
             self._apply(prompt + [{"role": "assistant", "content": pair.rejected}]),
         )
+
+    def _render_prompt(self, pair: Pair) -> str:
+        return self._apply(self._messages(pair), add_generation_prompt=True) if self.uses_template(pair) else pair.prompt
+
+    @staticmethod
+    def _messages(pair: Pair) -> list[dict[str, str]]:
+        return list(pair.prompt) if pair.is_chat else [{"role": "user", "content": pair.prompt}]
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -344,6 +410,7 @@ class PairEncoder:
 
     def _split(self, prompt: list[int], chosen: list[int], rejected: list[int], chat: bool) -> Encoded | Drop:
         chosen, rejected = self._finish(chosen, chat), self._finish(rejected, chat)
+        whole = len(prompt)
         prompt = self._cut_prompt(prompt)
         s = self.settings
         truncated = False
@@ -357,7 +424,7 @@ class PairEncoder:
             if chosen == rejected:
                 return Drop("identical_after_truncation",
                             f"chosen and rejected share their first {room} tokens, all that --max-seq-length leaves")
-        return Encoded(prompt, chosen, rejected, truncated)
+        return Encoded(prompt, chosen, rejected, truncated, len(prompt) < whole)
 
     def _finish(self, response: list[int], chat: bool) -> list[int]:
         if chat and self.eos in response:
@@ -373,6 +440,37 @@ class PairEncoder:
         if bos is not None and prompt[0] == bos and limit > 1:
             return [bos] + prompt[len(prompt) - limit + 1 :]
         return prompt[len(prompt) - limit :]
+
+
+# More than this share of the records dropped, or of the pairs cut, is worth a warning at the end of tokenize.
+WARN_SHARE = 0.05
+# What a user changes when pairs are dropped for each reason; a reason not listed lies in the data.
+DROP_REMEDIES = {
+    "no_trainable_tokens": "--max-prompt-length leaves the responses room (0 turns the limit off); or raise --max-seq-length",
+    "too_long": "raise --max-seq-length, or --truncation keep-start keeps such pairs with their responses cut",
+    "identical_after_truncation": "raise --max-seq-length",
+    "prompt_not_token_prefix": "fix the chat template (--chat-template FILE)",
+    "template_error": "fix the chat template (--chat-template FILE) or the data",
+}
+
+
+def data_loss_warnings(records: int, pairs: int, dropped: dict[str, int], truncated: int,
+                       prompt_truncated: int) -> list[str]:
+    """One sentence each for the ways tokenize lost data when more than a few percent of it was lost:
+    records dropped (by reason, with the option that keeps them), responses cut, prompts cut."""
+    warnings = []
+    lost = sum(dropped.values())
+    if records and lost > WARN_SHARE * records:
+        reasons = "; ".join(f"{reason} {n}: {DROP_REMEDIES.get(reason, 'see rejects.jsonl (the data)')}"
+                            for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+        warnings.append(f"{lost} of {records} records ({lost / records:.1%}) were dropped ({reasons})")
+    if pairs and truncated > WARN_SHARE * pairs:
+        warnings.append(f"{truncated} of {pairs} pairs ({truncated / pairs:.1%}) had their responses cut to fit "
+                        "--max-seq-length: raise it (or lower --max-prompt-length), or --truncation drop leaves them out")
+    if pairs and prompt_truncated > WARN_SHARE * pairs:
+        warnings.append(f"{prompt_truncated} of {pairs} pairs ({prompt_truncated / pairs:.1%}) had their prompts cut "
+                        "to --max-prompt-length (how: --prompt-truncation): raise it, or 0 for no limit")
+    return warnings
 
 
 def _jinja_message(exc: Exception) -> str:

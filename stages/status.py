@@ -39,9 +39,11 @@ def _key_stats(manifest: Manifest, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if manifest.kind == "tokenized":
         out["pairs"] = s.get("pairs") or {split: manifest.rows(split) for split in manifest.splits}
-        for key in ("dropped_total", "truncated", "total_tokens"):
+        for key in ("dropped_total", "truncated", "prompt_truncated", "total_tokens"):
             if key in s:
                 out[key] = s[key]
+        for number, warning in enumerate(s.get("warnings", []), 1):
+            out[f"warning {number}"] = warning
     elif manifest.kind == "ref-logps":
         out["pairs"] = {split: manifest.rows(split) for split in manifest.splits}
         out["model"] = manifest.config.get("model")

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from ..artifacts.errors import DataError, DpoError, UsageError
 from ..artifacts.fingerprint import fingerprint, sha256_file
+from ..artifacts.fingerprint import semantic_config as _semantic_options
 from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ShardWriter, arrow_copy_path, committed_shard, file_entry, shard_bounds, shard_path
@@ -47,7 +48,8 @@ from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, ap
 from ..pipeline.logs import progress
 from ..pipeline.sources import Record, Source, fraction_mask, resolve_source, sample_mask
 from ..pipeline.tokenization import (
-    IGNORE_INDEX, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
+    IGNORE_INDEX, PROMPT_TRUNCATION_MODES, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
+    data_loss_warnings,
     read_template_file, tokenizer_fingerprint, tokenizer_info,
 )
 
@@ -77,15 +79,19 @@ SCHEMA = pa.schema([
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenizeConfig(StageOptions):
     # Sources enter the fingerprint as (split, amount, content hash): the same data found at another
-    # path or from another working directory (a requeued job) is the same artifact.
+    # path or from another working directory (a requeued job) is the same artifact. A hub dataset's or
+    # a DatasetDict's content hash covers its config and split.
     data: tuple[str, ...] = option(semantic=False, panel="Data", help=(
-        "Preference data (repeatable): .jsonl/.jsonl.gz/.json/.parquet file or folder, datasets.save_to_disk "
-        "folder, or hub name. PATH:0.5 takes a fraction, PATH:1000 a row count (sampled with --seed)."))
+        "Preference data (repeatable), NAME[#[CONFIG/]SPLIT][:AMOUNT]: a .jsonl/.jsonl.gz/.json/.parquet file or "
+        "folder, a datasets.save_to_disk folder, or a hub name. #SPLIT picks a split of a hub dataset or a saved "
+        "DatasetDict (default train), #CONFIG/SPLIT a hub config too (org/name#test_prefs, allenai/ai2_arc#ARC-Easy/"
+        "test). :0.5 takes a fraction, :1000 a row count (sampled with --seed)."))
     tokenizer: str = option(semantic=False, panel="Data", help=(  # its content fingerprint is an input
         "Tokenizer folder (a model folder works)."))
     out: str = option(semantic=False, panel="Data", help="Output folder of the tokenized artifact.")
     eval_data: tuple[str, ...] = option((), semantic=False, panel="Data", help=(
-        "Sources for the eval split (repeatable, same syntax as --data)."))
+        "Sources for the eval split (repeatable, same syntax as --data). A hub dataset or DatasetDict without "
+        "#SPLIT gives its one test-like split (test, validation, ...); never train."))
     eval_fraction: float = option(0.0, check=fraction(), panel="Data", help=(
         "Hold out this fraction of the --data records (seeded, before filtering) as the eval split."))
     # Not semantic: it changes nothing when no --eval-data pair is also a train pair, and when some
@@ -95,8 +101,15 @@ class TokenizeConfig(StageOptions):
         "Allow --eval-data pairs that are also train pairs (same prompt, chosen and rejected); refused by default."))
     max_seq_length: int = option(1024, check=at_least(2), panel="Tokenization", help=(
         "Most tokens in prompt+response, per side."))
-    max_prompt_length: int | None = option(None, check=at_least(1), panel="Tokenization", help=(
-        "Cut longer prompts from the left, keeping their latest turns (default: no limit)."))
+    # Default half, as TRL's DPOConfig (512 of 1024): a long prompt must not fill --max-seq-length and
+    # leave the responses no tokens (the pair would be dropped).
+    max_prompt_length: int | None = option(None, check=at_least(0), panel="Tokenization", help=(
+        "Most prompt tokens; a longer prompt is cut from the left as --prompt-truncation says, keeping its "
+        "latest turns (default: half of --max-seq-length; 0: no limit)."))
+    prompt_truncation: str = option("turns", choices=PROMPT_TRUNCATION_MODES, panel="Tokenization", help=(
+        "How a prompt over --max-prompt-length is cut: turns (leave out its earliest whole turns, chat messages "
+        "or HH '\\n\\nHuman:' turns, keeping any system message; a prompt without turns, or whose last turn alone "
+        "is too long, keeps its latest tokens) or tokens (keep its latest tokens)."))
     truncation: str = option("keep-start", choices=TRUNCATION_MODES, panel="Tokenization", help=(
         "Pairs over --max-seq-length: keep-start (keep the prompt and the start of the responses) or drop."))
     format: str = option("auto", choices=FORMATS, panel="Data", help=(
@@ -118,11 +131,29 @@ class TokenizeConfig(StageOptions):
     def check(self) -> None:
         if not self.data:
             raise UsageError("--data: give at least one source")
-        if self.max_prompt_length is not None and not self.max_prompt_length < self.max_seq_length:
+        if self.max_prompt_length and not self.max_prompt_length < self.max_seq_length:
             raise UsageError(
-                f"--max-prompt-length must be in [1, --max-seq-length) = [1, {self.max_seq_length}), got {self.max_prompt_length}"
+                f"--max-prompt-length must be in [1, --max-seq-length) = [1, {self.max_seq_length}) or 0 for no limit, "
+                f"got {self.max_prompt_length}"
             )
         parse_columns(self.columns)
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """--max-prompt-length resolved: its default is half of --max-seq-length, 0 means none (None)."""
+        if self.max_prompt_length is None:
+            return self.max_seq_length // 2
+        return self.max_prompt_length or None
+
+
+def semantic_config(cfg: TokenizeConfig) -> dict[str, Any]:
+    """What the fingerprint covers: the semantic options with --max-prompt-length resolved, so a run
+    without a limit (0) keeps the fingerprint runs had when no limit was the default, and
+    --prompt-truncation only where it can change a prompt (tokens is how prompts were cut before it existed)."""
+    semantic = {**_semantic_options(cfg), "max_prompt_length": cfg.prompt_limit}
+    if cfg.prompt_limit is None or cfg.prompt_truncation == "tokens":
+        del semantic["prompt_truncation"]
+    return semantic
 
 
 @dataclasses.dataclass
@@ -144,8 +175,8 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
     template_override = read_template_file(cfg.chat_template)
     settings = EncodeSettings(
         tokenizer=cfg.tokenizer, chat_template=template_override, apply_chat_template=cfg.apply_chat_template,
-        max_seq_length=cfg.max_seq_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-        chat_template_file=cfg.chat_template,
+        max_seq_length=cfg.max_seq_length, max_prompt_length=cfg.prompt_limit, truncation=cfg.truncation,
+        chat_template_file=cfg.chat_template, prompt_truncation=cfg.prompt_truncation,
     )
     encoder = PairEncoder(settings)
     if template_override is not None or cfg.apply_chat_template or cfg.format in CHAT_FORMATS:
@@ -159,7 +190,7 @@ def run(cfg: TokenizeConfig) -> Manifest | None:
               for split, sources in (("train", train_sources), ("eval", eval_sources)) for s in sources] + [tok_fp]
     if template_override is not None:
         inputs.append(sha256_file(cfg.chat_template))
-    fp = fingerprint(STAGE, TOKENIZE_VERSION, cfg, inputs)
+    fp = fingerprint(STAGE, TOKENIZE_VERSION, semantic_config(cfg), inputs)
 
     out = Path(cfg.out)
     inputs = [("--data", s.spec.path) for s in train_sources] + [("--eval-data", s.spec.path) for s in eval_sources]
@@ -394,7 +425,7 @@ def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEnco
                     raise stage_run.preempted(saved)
                 items = (Item(name, record, _normalise(cfg, record, fmt, columns)) for name, record, fmt in taken)
                 writer = ShardWriter(out, shard_path(split, number, count), SCHEMA, arrow_copy=True)
-                part = {"rejects": [], "truncated": 0}
+                part = {"rejects": [], "truncated": 0, "prompt_truncated": 0}
                 rows = 0
                 try:
                     for done in workers.map(_chunked(items), stage_run):
@@ -438,7 +469,7 @@ def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list,
     truncations are added to the shard's ``part``."""
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     rejects: list[dict] = part["rejects"]
-    truncated = 0
+    truncated = prompt_truncated = 0
     results = iter(encoded)
     for item in items:
         result = next(results) if isinstance(item.pair, Pair) else item.pair
@@ -463,7 +494,9 @@ def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list,
             columns[f"{side}_length"].append(len(result.prompt) + len(response))
         columns["prompt_length"].append(len(result.prompt))
         truncated += result.truncated
+        prompt_truncated += result.prompt_truncated
     part["truncated"] += truncated
+    part["prompt_truncated"] += prompt_truncated
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -591,7 +624,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
     pairs: dict[str, dict[str, int]] = {}
     lengths: dict[str, list[np.ndarray]] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
     reject_rows: list[dict] = []
-    truncated = 0
+    truncated = prompt_truncated = 0
     for split, size in sizes.items():
         count = len(shard_bounds(size, cfg.rows_per_shard))
         for number in range(count):
@@ -606,6 +639,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
             part = json.loads((out / _reject_part(split, number, count)).read_text())
             reject_rows.extend(part["rejects"])
             truncated += part["truncated"]
+            prompt_truncated += part["prompt_truncated"]
     write_text_atomic(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reject_rows))
     files.append(dataclasses.replace(file_entry(out, REJECTS), rows=len(reject_rows)))
 
@@ -638,6 +672,7 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
         "dropped": dict(sorted(dropped.items())),
         "dropped_total": sum(dropped.values()),
         "truncated": truncated,
+        "prompt_truncated": prompt_truncated,
         "total_tokens": total_tokens,
         "lengths": {name: _describe(values) for name, values in all_lengths.items()},
         "sources": source_stats,
@@ -651,9 +686,11 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
         "tokenizer_info": tokenizer_info(encoder.tokenizer, tok_fp),
         "chat_template": encoder.template if _uses_template(cfg, source_stats) else None,
     }
+    stats["warnings"] = data_loss_warnings(stats["records_read"], total_pairs, dropped, truncated, prompt_truncated)
     inputs = [InputRef("data", s.spec.spec, source_hashes[id(s)]) for s in train_sources + eval_sources]
     inputs.append(InputRef("tokenizer", cfg.tokenizer, tok_fp))
-    return Manifest(kind=KIND, fingerprint=fp, config=flatten(cfg), inputs=inputs, files=files, stats=stats)
+    config = {**flatten(cfg), "max_prompt_length": cfg.prompt_limit or 0}
+    return Manifest(kind=KIND, fingerprint=fp, config=config, inputs=inputs, files=files, stats=stats)
 
 
 def _uses_template(cfg: TokenizeConfig, source_stats: list[dict]) -> bool:
@@ -684,3 +721,5 @@ def _log_summary(out: Path, manifest: Manifest) -> None:
         out, s["pairs"], s["total_tokens"], s["dropped_total"], s["dropped"] or "",
         t["pairs_per_second"] or 0, t["tokens_per_second"] or 0, t["seconds"], manifest.fingerprint,
     )
+    for warning in s["warnings"]:
+        log.warning("%s", warning)

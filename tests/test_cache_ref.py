@@ -34,8 +34,11 @@ COLUMNS = ["index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "reje
 
 
 def tokenize(out: Path, *extra: str) -> Path:
+    # No prompt limit (the default before it was half of --max-seq-length): the padding bound in
+    # test_manifest_records_lineage_identity_and_throughput was set on these lengths.
     run_dpo("tokenize", "--data", f"{HH_DATA}:48", "--tokenizer", DEMO_MODEL, "--out", out,
-            "--eval-fraction", "0.25", "--max-seq-length", "384", "--quiet", *extra, check=True)
+            "--eval-fraction", "0.25", "--max-seq-length", "384", "--max-prompt-length", "0", "--quiet", *extra,
+            check=True)
     return out
 
 

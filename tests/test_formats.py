@@ -237,3 +237,85 @@ def test_resolve_source_kinds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="has no"):
         resolve_source(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------ splits and configs: NAME#[CONFIG/]SPLIT
+
+
+def test_source_spec_split_config_and_amount():
+    parse = SourceSpec.parse
+    spec = parse("HuggingFaceH4/ultrafeedback_binarized#test_prefs")
+    assert (spec.path, spec.config, spec.split, spec.amount) == ("HuggingFaceH4/ultrafeedback_binarized", None,
+                                                                  "test_prefs", None)
+    spec = parse("allenai/ai2_arc#ARC-Easy/test:0.5", "--eval-data")
+    assert (spec.path, spec.config, spec.split, spec.amount, spec.flag) == ("allenai/ai2_arc", "ARC-Easy", "test", 0.5,
+                                                                             "--eval-data")
+    assert spec.selector == "#ARC-Easy/test" and spec.named == "--eval-data allenai/ai2_arc#ARC-Easy/test:0.5"
+    spec = parse("org/name#v1.0/:1000")
+    assert (spec.config, spec.split, spec.amount) == ("v1.0", None, 1000)
+    assert parse("org/name#train.clean").split == "train.clean"
+    assert parse("org/name:0.25") == SourceSpec("org/name:0.25", "org/name", 0.25)
+    assert (parse("org/name").config, parse("org/name").split) == (None, None)
+    for bad in ("org/name#", "org/name#a/b/c", "org/name#two words", "#test", "org/name#/"):
+        with pytest.raises(UsageError, match=re.escape("a source is NAME[#[CONFIG/]SPLIT][:AMOUNT]")):
+            parse(bad)
+    # the amount is still judged first, after the last colon
+    with pytest.raises(UsageError, match="the amount '1e3' after the last ':'"):
+        parse("org/name#test:1e3")
+    with pytest.raises(UsageError, match=r"a fraction must be in \(0, 1\], got 1.5"):
+        parse("org/name#test:1.5")
+
+
+def test_file_names_with_hashes(tmp_path):
+    odd = tmp_path / "v#2.jsonl"
+    odd.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    assert parse_whole(str(odd)) == (str(odd), None, None, None)
+    assert parse_whole(f"{odd}:0.5") == (str(odd), None, None, 0.5)
+    with pytest.raises(UsageError, match=r"'#test' picks a split of a hub dataset or a saved DatasetDict folder"):
+        resolve_source(f"{tmp_path / 'v#2.jsonl'}#test")
+
+
+def parse_whole(text: str) -> tuple:
+    spec = SourceSpec.parse(text)
+    return spec.path, spec.config, spec.split, spec.amount
+
+
+def _save_dict(root, **splits):
+    import datasets
+
+    rows = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    datasets.DatasetDict({name: datasets.Dataset.from_list([{**rows, "prompt": f"{name} {i}"} for i in range(n)])
+                          for name, n in splits.items()}).save_to_disk(str(root))
+
+
+def test_saved_dataset_dict_splits(tmp_path):
+    root = tmp_path / "dd"
+    _save_dict(root, train=3, test=2)
+    train, evals = resolve_source(str(root)), resolve_source(str(root), "--eval-data")
+    assert (train.kind, train.split, train.name) == ("dataset-split", "train", f"{root}#train")
+    assert evals.split == "test"  # the one test-like split, never train
+    assert [r.data["prompt"] for r in evals.read()] == ["test 0", "test 1"]
+    assert [r.where for r in evals.read()][:1] == [f"{root}#test, row [0]"]
+    picked = resolve_source(f"{root}#test:1")
+    assert (picked.split, picked.spec.amount) == ("test", 1)
+    assert picked.content_hash() == evals.content_hash() != train.content_hash()
+    with pytest.raises(UsageError, match=r"has no split 'dev'; its splits: train, test \(write .*#SPLIT\)"):
+        resolve_source(f"{root}#dev")
+    with pytest.raises(UsageError, match="a saved DatasetDict folder has no configs"):
+        resolve_source(f"{root}#cfg/test")
+
+    two = tmp_path / "two"
+    _save_dict(two, train=1, validation=1, test=1)
+    with pytest.raises(UsageError, match=r"--eval-data .*two: name the eval split, e.g. --eval-data .*two#validation: "
+                                         r"it has 2 test-like splits \(validation, test\), and --eval-data never falls "
+                                         "back to the train split"):
+        resolve_source(str(two), "--eval-data")
+    only_train = tmp_path / "only"
+    _save_dict(only_train, train=1, other=1)
+    with pytest.raises(UsageError, match=r"it has no test-like split \(its splits: train, other\)"):
+        resolve_source(str(only_train), "--eval-data")
+    no_train = tmp_path / "prefs"
+    _save_dict(no_train, train_prefs=1, test_prefs=1)
+    assert resolve_source(str(no_train), "--eval-data").split == "test_prefs"
+    with pytest.raises(UsageError, match=r"no split 'train'; its splits: train_prefs, test_prefs"):
+        resolve_source(str(no_train))

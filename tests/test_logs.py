@@ -107,8 +107,9 @@ def test_stages_log_progress_into_a_batch_log(tmp_path):
     """tokenize, cache-ref and evaluate run as in a Slurm job (stderr to a file): progress lines, no bars."""
     log_file = tmp_path / "slurm-123.out"
     commands = [
+        # No prompt limit, as the default was: its drops keep the pairs (and the test's time) as few as it was sized.
         ["tokenize", "--data", f"{HH_DATA}:300", "--tokenizer", DEMO_MODEL, "--out", tmp_path / "tok",
-         "--max-seq-length", "128", "--eval-fraction", "0.2"],
+         "--max-seq-length", "128", "--max-prompt-length", "0", "--eval-fraction", "0.2"],
         ["cache-ref", "--tokenized", tmp_path / "tok", "--model", DEMO_MODEL, "--out", tmp_path / "ref",
          "--batch-size", "4"],
         ["evaluate", "--model", DEMO_MODEL, "--tokenized", tmp_path / "tok", "--ref-cache", tmp_path / "ref",

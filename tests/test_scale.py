@@ -182,7 +182,8 @@ def mixed(tmp_path_factory) -> Path:
     os.chdir(REPO)
     try:
         run(TokenizeConfig(data=("demo/data/hh-rlhf-harmless-test.jsonl.gz:0.3", "demo/data/llamafactory-dpo-en-demo.json:100"),
-                           tokenizer="demo/model", out=str(out), quiet=True, rows_per_shard=97, eval_fraction=0.1, seed=7))
+                           tokenizer="demo/model", out=str(out), quiet=True, rows_per_shard=97, eval_fraction=0.1, seed=7,
+                           max_prompt_length=0))  # no prompt limit: the default when the bytes were pinned
     finally:
         os.chdir(cwd)
     return out

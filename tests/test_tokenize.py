@@ -23,7 +23,7 @@ from dpo.artifacts.fingerprint import fingerprint
 from dpo.artifacts.lock import ArtifactLock
 from dpo.artifacts.shards import ArtifactReader
 from dpo.artifacts.errors import ArtifactError, DataError, UsageError
-from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run
+from dpo.stages.tokenize import TOKENIZE_VERSION, TokenizeConfig, run, semantic_config
 from refusals import assert_refused, dpo_in_process
 
 HH = str(HH_DATA)
@@ -303,8 +303,9 @@ def test_chat_template_that_refuses_a_later_record_drops_that_record(tmp_path):
 
 
 def test_truncation_keep_start_and_drop(tmp_path):
-    tokenize(tmp_path / "full", f"{HH}:300", max_seq_length=4096)
-    keep = tokenize(tmp_path / "keep", f"{HH}:300", max_seq_length=256)
+    # Without a prompt limit (0; the default limit keeps room for the responses, see the next test).
+    tokenize(tmp_path / "full", f"{HH}:300", max_seq_length=4096, max_prompt_length=0)
+    keep = tokenize(tmp_path / "keep", f"{HH}:300", max_seq_length=256, max_prompt_length=0)
     full = {(r["source"], tuple(r["chosen_input_ids"][: r["prompt_length"]])): r for r in rows(tmp_path / "full")}
     table = rows(tmp_path / "keep")
     assert keep.stats["truncated"] > 0
@@ -317,7 +318,7 @@ def test_truncation_keep_start_and_drop(tmp_path):
             assert row[f"{side}_input_ids"] == whole[f"{side}_input_ids"][:256]
             assert row[f"{side}_labels"] == whole[f"{side}_labels"][:256]
 
-    drop = tokenize(tmp_path / "drop", f"{HH}:300", max_seq_length=256, truncation="drop")
+    drop = tokenize(tmp_path / "drop", f"{HH}:300", max_seq_length=256, truncation="drop", max_prompt_length=0)
     assert drop.stats["truncated"] == 0
     assert drop.stats["dropped"]["too_long"] > 0
     assert max(max(r["chosen_length"], r["rejected_length"]) for r in rows(tmp_path / "drop")) <= 256
@@ -407,7 +408,7 @@ def test_huge_text_cut_changes_no_byte_of_real_data(tmp_path, monkeypatch):
 
 def test_max_prompt_length_keeps_the_end_of_the_prompt(tmp_path):
     tokenize(tmp_path / "full", f"{HH}:50", max_seq_length=4096)
-    tokenize(tmp_path / "cut", f"{HH}:50", max_seq_length=4096, max_prompt_length=64)
+    tokenize(tmp_path / "cut", f"{HH}:50", max_seq_length=4096, max_prompt_length=64, prompt_truncation="tokens")
     for full, cut in zip(rows(tmp_path / "full"), rows(tmp_path / "cut")):
         p, q = full["prompt_length"], cut["prompt_length"]
         assert q == min(p, 64)
@@ -667,13 +668,20 @@ def test_lock_held_by_a_live_job(tmp_path):
 def test_fingerprint_is_pinned_and_ignores_non_semantic_options():
     cfg = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out")
     inputs = ["0" * 64, "dd5de5ed7a1c485f"]
-    fp = fingerprint("tokenize", TOKENIZE_VERSION, cfg, inputs)
-    assert fp == "17e853338a3a93d2"
+    fp = fingerprint("tokenize", TOKENIZE_VERSION, semantic_config(cfg), inputs)
+    # The default prompt limit (half of --max-seq-length, cut at turns) changed it from "17e853338a3a93d2",
+    # which a run without a prompt limit keeps: its output is what the old default made.
+    assert fp == "ce7ac845cfae689e"
+    unlimited = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out", max_prompt_length=0)
+    assert fingerprint("tokenize", TOKENIZE_VERSION, semantic_config(unlimited), inputs) == "17e853338a3a93d2"
+    explicit = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out", max_prompt_length=512)
+    assert fingerprint("tokenize", TOKENIZE_VERSION, semantic_config(explicit), inputs) == fp
     same = TokenizeConfig(data=("/moved/pairs.jsonl:0.5",), tokenizer="/elsewhere/tok", out="other", num_proc=8,
                           quiet=True, lock_timeout=5, overwrite=True)
-    assert fingerprint("tokenize", TOKENIZE_VERSION, same, inputs) == fp
-    assert fingerprint("tokenize", TOKENIZE_VERSION, TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok",
-                                                                    out="out", max_seq_length=512), inputs) != fp
+    assert fingerprint("tokenize", TOKENIZE_VERSION, semantic_config(same), inputs) == fp
+    for other in (dict(max_seq_length=512), dict(prompt_truncation="tokens")):
+        changed = TokenizeConfig(data=("pairs.jsonl:0.5",), tokenizer="tok", out="out", **other)
+        assert fingerprint("tokenize", TOKENIZE_VERSION, semantic_config(changed), inputs) != fp
 
 
 def test_same_data_at_another_path_is_the_same_artifact(tmp_path):
@@ -741,3 +749,137 @@ def test_sigkill_and_rerun_is_byte_identical(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["stats"]["pairs"] == \
         json.loads((reference / "manifest.json").read_text())["stats"]["pairs"]
     assert not (out / ".rejects").exists()
+
+
+# ------------------------------------------------------------------ prompt limit by default, at turns
+
+
+def test_prompt_over_the_limit_loses_its_earliest_turns():
+    """--prompt-truncation turns: the fewest earliest turns are left out (HH '\\n\\nHuman:' turns; chat
+    turns from a user message, the system message kept); a prompt without turns, or whose last turn
+    alone is too long, keeps its latest tokens, as --prompt-truncation tokens does."""
+    from dpo.pipeline.formats import Pair
+    from dpo.pipeline.tokenization import EncodeSettings, PairEncoder
+
+    def encoder(limit, mode):
+        return PairEncoder(EncodeSettings(str(DEMO_MODEL), None, False, 96, limit, "keep-start", prompt_truncation=mode))
+
+    turns, tokens, whole = encoder(40, "turns"), encoder(40, "tokens"), encoder(None, "turns")
+    story = "once upon a time there was a very long story about a cat " * 3
+    hh = Pair(f"\n\nHuman: {story}\n\nAssistant: {story}\n\nHuman: what now?\n\nAssistant:", " a reply", " another")
+    chat = Pair(({"role": "system", "content": "be kind"}, {"role": "user", "content": story},
+                 {"role": "assistant", "content": story}, {"role": "user", "content": "what now?"}), "a reply", "b")
+    kept = [Pair("\n\nHuman: what now?\n\nAssistant:", " a reply", " another"),
+            Pair((chat.prompt[0], chat.prompt[3]), "a reply", "b")]
+    for pair, expected in zip((hh, chat), kept):
+        got, reference = turns.encode([pair])[0], whole.encode([expected])[0]
+        assert got.prompt_truncated and not reference.prompt_truncated
+        assert (got.prompt, got.chosen, got.rejected) == (reference.prompt, reference.chosen, reference.rejected)
+        assert whole.encode([pair])[0].reason == "no_trainable_tokens"  # without a limit the pair is lost
+    no_turns = Pair(story * 2, " a reply", " another")
+    last_turn_too_long = Pair(f"\n\nHuman: {story}\n\nAssistant: ok\n\nHuman: {story}\n\nAssistant:", " a", " b")
+    for pair in (no_turns, last_turn_too_long):
+        got = turns.encode([pair])[0]
+        assert got == tokens.encode([pair])[0] and got.prompt_truncated and len(got.prompt) == 40
+
+
+def test_default_prompt_limit_keeps_the_pairs_a_long_prompt_used_to_drop(tmp_path, caplog):
+    """With the defaults a prompt gets at most half of --max-seq-length, so no pair loses its
+    responses to it; 0 turns the limit off (the old default), and its drops are warned about with the
+    option that keeps them, in the log and the manifest."""
+    caplog.set_level("WARNING", logger="dpo.tokenize")
+    unlimited = tokenize(tmp_path / "unlimited", f"{HH}:300", max_seq_length=128, max_prompt_length=0)
+    lost = unlimited.stats["dropped"]["no_trainable_tokens"]
+    assert lost > 150
+    assert unlimited.config["max_prompt_length"] == 0 and unlimited.stats["prompt_truncated"] == 0
+    [dropped_warning] = [w for w in unlimited.stats["warnings"] if "dropped" in w]
+    assert f"no_trainable_tokens {lost}: --max-prompt-length leaves the responses room" in dropped_warning
+    assert dropped_warning in caplog.text
+
+    m = tokenize(tmp_path / "default", f"{HH}:300", max_seq_length=128)
+    assert m.config["max_prompt_length"] == 64
+    assert "no_trainable_tokens" not in m.stats["dropped"]
+    assert m.stats["pairs"]["train"] == unlimited.stats["pairs"]["train"] + lost
+    table = rows(tmp_path / "default")
+    assert max(r["prompt_length"] for r in table) <= 64
+    assert m.stats["prompt_truncated"] == sum(r["prompt_length"] < full for r, full in zip(
+        table, _prompt_lengths(tmp_path / "full", f"{HH}:300")))
+    assert any("had their prompts cut to --max-prompt-length" in w for w in m.stats["warnings"])
+    assert not any("dropped" in w for w in m.stats["warnings"])  # 3 of 300 records (1%): under the threshold
+
+
+def _prompt_lengths(out: Path, data: str) -> list[int]:
+    tokenize(out, data, max_seq_length=4096, max_prompt_length=0)
+    return [r["prompt_length"] for r in rows(out)]
+
+
+# ------------------------------------------------------------------ splits of saved DatasetDicts and hub datasets
+
+
+def _hh_dataset_dict(root: Path, **splits: slice) -> None:
+    import datasets
+
+    lines = hh_lines()
+    datasets.DatasetDict({name: datasets.Dataset.from_list(lines[part]) for name, part in splits.items()}).save_to_disk(
+        str(root))
+
+
+def test_saved_dataset_dict_by_split_end_to_end(tmp_path):
+    """`dpo tokenize` on a DatasetDict folder: --data reads train, --eval-data the test split; sources
+    are named with their split in rows, stats and lineage, and the split is in the fingerprint."""
+    root = tmp_path / "hh"
+    _hh_dataset_dict(root, train=slice(0, 40), test=slice(40, 52), test_other=slice(52, 60))
+    result = dpo_in_process("tokenize", "--data", f"{root}:30", "--eval-data", f"{root}#test", "--tokenizer",
+                            DEMO_MODEL, "--out", tmp_path / "a", "--max-seq-length", "256")
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["stats"]["records_read"] == 42
+    assert set(m["stats"]["pairs_per_source"]["train"]) == {f"{root}#train"}
+    assert set(m["stats"]["pairs_per_source"]["eval"]) == {f"{root}#test"}
+    assert [i["path"] for i in m["inputs"] if i["kind"] == "data"] == [f"{root}:30", f"{root}#test"]
+    assert {r["source"] for r in rows(tmp_path / "a", "eval")} == {f"{root}#test"}
+    # the eval rows are the test split's dialogues, tokenized
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    first = rows(tmp_path / "a", "eval")[0]
+    assert tok.decode(first["chosen_input_ids"], skip_special_tokens=True).strip() == hh_lines()[40]["chosen"].strip()
+
+    assert_refused(["tokenize", "--data", f"{root}#train", "--eval-data", str(root), "--tokenizer", DEMO_MODEL,
+                    "--out", tmp_path / "b"], f"--eval-data {root}: name the eval split, e.g. --eval-data {root}#test: "
+                   "it has 2 test-like splits (test, test_other)", out=tmp_path / "b", inputs=[root])
+
+    train = tokenize(tmp_path / "train", f"{root}#train:12")
+    other = tokenize(tmp_path / "other", f"{root}#test_other")
+    test = tokenize(tmp_path / "test", f"{root}#test:8")
+    assert len({train.fingerprint, other.fingerprint, test.fingerprint}) == 3
+
+
+def test_hub_dataset_config_and_split_reach_load_dataset(tmp_path, monkeypatch):
+    """No network here: datasets.load_dataset is replaced, and it must be asked for the config and
+    split each --data / --eval-data names (train by default; for --eval-data the one test-like split)."""
+    import datasets
+
+    from dpo.pipeline import sources
+
+    lines = hh_lines()
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        start = {"train_prefs": 0, "train": 0, "test_prefs": 100, "test": 100}[split]
+        return datasets.Dataset.from_list(lines[start : start + 20])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names",
+                        lambda name, config=None: ["train_prefs", "test_prefs", "train_gen"])
+    sources._load_hub.cache_clear()
+    m = tokenize(tmp_path / "a", "HuggingFaceH4/ultrafeedback_binarized#train_prefs:10",
+                 eval_data=("HuggingFaceH4/ultrafeedback_binarized",))
+    assert set(calls) == {("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+                          ("HuggingFaceH4/ultrafeedback_binarized", None, "test_prefs")}
+    assert set(m.stats["pairs_per_source"]["eval"]) == {"HuggingFaceH4/ultrafeedback_binarized#test_prefs"}
+    calls.clear()
+    other = tokenize(tmp_path / "b", "org/arc#ARC-Easy/test:10", "org/plain:5")
+    assert set(calls) == {("org/arc", "ARC-Easy", "test"), ("org/plain", None, "train")}
+    assert set(other.stats["pairs_per_source"]["train"]) == {"org/arc#ARC-Easy/test", "org/plain#train"}
+    assert other.fingerprint != tokenize(tmp_path / "c", "org/arc#ARC-Easy/train:10", "org/plain:5").fingerprint
+    sources._load_hub.cache_clear()

@@ -37,8 +37,9 @@ METRIC_KEYS = {
 def data(tmp_path_factory) -> dict[str, Path]:
     """A tokenized slice of HH-RLHF (train + eval) and its reference cache from the demo model."""
     root = tmp_path_factory.mktemp("train-data")
+    # No prompt limit, as the default was: its drops keep this data (and the test's time) as small as it was sized.
     run_dpo("tokenize", "--data", f"{HH_DATA}:400", "--tokenizer", DEMO_MODEL, "--out", root / "tok",
-            "--max-seq-length", "192", "--eval-fraction", "0.1", check=True)
+            "--max-seq-length", "192", "--max-prompt-length", "0", "--eval-fraction", "0.1", check=True)
     run_dpo("cache-ref", "--tokenized", root / "tok", "--model", DEMO_MODEL, "--out", root / "ref", check=True)
     return {"tok": root / "tok", "ref": root / "ref", "root": root}
 
