@@ -242,8 +242,9 @@ CASES = [
     ("no-verify-still-checks-row-counts", C, ["--out", "{dir}/o", NV],
      edit_json("tok/manifest.json", lambda m: m["files"][0].update(rows=m["files"][0]["rows"] + 1)), 3,
      r"part-00000-of-00003.parquet has 12 rows, the manifest says 13"),
-    ("corrupt-parquet-no-verify", C, ["--out", "{dir}/o", NV], zeros("tok/train/part-00000-of-00003.parquet"), 3,
-     r"part-00000-of-00003.parquet: not a readable Parquet file"),
+    # readers memory-map the Arrow copy of a tokenized shard: that is the file they must find damaged
+    ("corrupt-arrow-copy-no-verify", C, ["--out", "{dir}/o", NV], zeros("tok/train/part-00000-of-00003.arrow"), 3,
+     r"part-00000-of-00003.arrow: not a readable Arrow IPC file"),
     ("corrupt-ref-parquet-no-verify", TR, ["--out", "{dir}/o", NV], zeros("ref/train/part-00000-of-00003.parquet"), 3,
      r"part-00000-of-00003.parquet: not a readable Parquet file"),
     ("corrupt-final-weights-no-verify", E, ["--out", "{dir}/o", NV], zeros("train/final/model.safetensors"), 3,

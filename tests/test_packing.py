@@ -29,7 +29,7 @@ def data(tmp_path_factory):
     """HH pairs of mixed lengths (some truncated, some short) and a GQA Llama with the demo tokenizer."""
     root = tmp_path_factory.mktemp("packing")
     run_dpo("tokenize", "--data", f"{HH_DATA}:96", "--tokenizer", DEMO_MODEL, "--out", root / "tok",
-            "--max-seq-length", "160", "--eval-fraction", "0.25", check=True)
+            "--max-seq-length", "160", "--max-prompt-length", "0", "--eval-fraction", "0.25", check=True)
     run_dpo("cache-ref", "--tokenized", root / "tok", "--model", DEMO_MODEL, "--out", root / "ref", check=True)
     return {"root": root, "tok": root / "tok", "ref": root / "ref", "gqa": build_tiny_llama(root / "gqa")}
 
