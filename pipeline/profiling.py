@@ -44,11 +44,8 @@ class PhaseTimer:
         if not self.active:
             yield
             return
-        self._sync()
-        start = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds["step"] += time.perf_counter() - start
+        with self._timed("step"):
+            yield
         self.steps += 1
         self.active = False
 
@@ -57,6 +54,11 @@ class PhaseTimer:
         if not self.active:
             yield
             return
+        with self._timed(name):
+            yield
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
         self._sync()
         start = time.perf_counter()
         yield
