@@ -432,12 +432,12 @@ def measure_dpo(s: Settings, model: Path, records: Path, folder: Path, packing: 
     m: dict[str, Any] = {"tokenize": {
         "pairs": sum(t["pairs"].values()), "pairs_per_second": t["throughput"]["pairs_per_second"],
         "seconds": t["throughput"]["seconds"], "wall_seconds": p.seconds, "peak_rss_bytes": p.peak_rss_bytes}}
-    variants = {"unpacked": []}
+    variants = {"unpacked": False}
     if packing["available"]:
-        variants["packed"] = ["--packing", "--max-tokens-per-batch", packing["max_tokens_per_batch"]]
-    for name, extra in variants.items():
+        variants["packed"] = True
+    for name, packed in variants.items():
         ref, train = folder / f"ref-{name}", folder / f"train-{name}"
-        ref_extra = extra if packing["cache_ref"] else []
+        ref_extra = (packing["cache_ref"] or []) if packed else []
         try:
             p = run_proc(dpo_cmd("cache-ref", "--tokenized", tok, "--model", model, "--out", ref,
                                  "--batch-size", s.batch_size, "--quiet", *ref_extra), folder / f"cache-ref-{name}.log",
@@ -448,7 +448,7 @@ def measure_dpo(s: Settings, model: Path, records: Path, folder: Path, packing: 
                          "seconds": c["seconds"]["compute"], "wall_seconds": p.seconds,
                          "peak_rss_bytes": p.peak_rss_bytes, "packed": bool(ref_extra),
                          "reported_stats": reported_stats(c)}
-            train_extra = extra if packing["train"] else []
+            train_extra = (packing["train"] or []) if packed else []
             p = run_proc(dpo_cmd(*dpo_train_args(s, tok, ref, model, train, s.steps), *train_extra),
                          folder / f"train-{name}.log", s.threads)
             st = read_manifest(train)["stats"]
@@ -467,7 +467,7 @@ def measure_dpo(s: Settings, model: Path, records: Path, folder: Path, packing: 
                     "tokens_per_second_with_ref": st["tokens"] / (st["train_seconds"] + cache_ref["seconds"] * ref_share),
                     "padding": st.get("padding_fraction", slots),
                     "peak_rss_bytes": p.peak_rss_bytes, "peak_rss_bytes_self_reported": st.get("peak_cpu_rss_bytes"),
-                    "wall_seconds": p.seconds, "time_breakdown": st.get("time_breakdown"),
+                    "wall_seconds": p.seconds, "time_breakdown": phase_seconds(st.get("time_breakdown")),
                     "packed": bool(train_extra), "reported_stats": reported_stats(st),
                 },
             }
@@ -496,13 +496,24 @@ def reported_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if re.search(r"flop|mfu|memory_breakdown", k, re.IGNORECASE)}
 
 
+def phase_seconds(breakdown: dict | None) -> dict | None:
+    """Seconds per phase from train's ``stats.time_breakdown`` ({"seconds": {...}, "share": {...}, ...})."""
+    return breakdown.get("seconds", breakdown) if breakdown else None
+
+
 def packing_support(s: Settings, profile: dict) -> dict:
-    train_help, ref_help = cli_help("train"), cli_help("cache-ref")
-    train = "--packing" in train_help and "--max-tokens-per-batch" in train_help
-    cache_ref = "--packing" in ref_help and "--max-tokens-per-batch" in ref_help
     n = s.max_tokens_per_batch or int(math.ceil(s.batch_size * 2 * profile["mean_tokens_per_side"] / 64) * 64)
     n = max(n, s.max_length * 2)  # a packed batch must hold the longest pair
-    return {"available": train or cache_ref, "train": train, "cache_ref": cache_ref, "max_tokens_per_batch": n}
+
+    def flags(help_text: str) -> list[str] | None:
+        # train packs each micro-batch of pairs (the batch stays fixed in pairs); the forward-only passes
+        # may batch by a token budget instead, where the stage offers one
+        if "--packing" not in help_text:
+            return None
+        return ["--packing"] + (["--max-tokens-per-batch", str(n)] if "--max-tokens-per-batch" in help_text else [])
+
+    train, cache_ref = flags(cli_help("train")), flags(cli_help("cache-ref"))
+    return {"available": bool(train or cache_ref), "train": train, "cache_ref": cache_ref, "max_tokens_per_batch": n}
 
 
 # =============================================================================================
@@ -1119,8 +1130,8 @@ def main() -> None:
         packing = packing_support(s, profile)
         meta["packing"] = packing
         say(f"  {profile['pairs']} pairs, mean {profile['mean_tokens_per_side']:.0f} tokens per side; packing: "
-            + (f"train {packing['train']}, cache-ref {packing['cache_ref']}, --max-tokens-per-batch "
-               f"{packing['max_tokens_per_batch']}" if packing["available"] else "not available in this dpo"))
+            + (f"train {' '.join(packing['train'] or ['off'])}, cache-ref {' '.join(packing['cache_ref'] or ['off'])}"
+               if packing["available"] else "not available in this dpo"))
         libs = {}
         for side in ("dpo", "trl"):
             _, proc = run_worker("imports", {"side": side}, out / "libraries" / side, s.threads)
@@ -1160,8 +1171,8 @@ def main() -> None:
         meta["machine"] = machine()
         results = args.results or (RESULTS if s.full else out / "RESULTS.md")
         history = read_history(results) + [history_entry(sm, meta)]
-        results.write_text(with_other_sections(results, render(sm, meta, history)))
         (out / "summary.json").write_text(json.dumps({"summary": sm, "meta": meta, "runs": runs}, indent=1, default=str))
+        results.write_text(with_other_sections(results, render(sm, meta, history)))
         print_summary(sm)
         say(f"\nwrote {results} ({time.perf_counter() - started:.0f}s in all)")
     except BenchError as exc:
