@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from .batching import length_grouped_batches
+from .batching import full_length_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,19 +30,18 @@ class BatchOrder:
         self.seed = seed
         self.steps_per_epoch = len(self.lengths) // global_batch
         self._epoch = -1
-        self._batches: list[list[int]] = []
+        self._batches = np.zeros((0, global_batch), dtype=np.int64)
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             # Incomplete global batches are dropped: every rank then gets the same number of
             # equal micro-batches, so the accumulated mean equals the big batch's mean exactly.
-            self._batches = length_grouped_batches(self.lengths, self.global_batch, shuffle=True,
-                                                   seed=self.seed * 100_003 + epoch, drop_last=True)
+            self._batches = full_length_groups(self.lengths, self.global_batch, seed=self.seed * 100_003 + epoch)
             self._epoch = epoch
         return self._batches
 
     def batch(self, cursor: Cursor) -> list[int]:
-        return self._epoch_batches(cursor.epoch)[cursor.batches_done]
+        return self._epoch_batches(cursor.epoch)[cursor.batches_done].tolist()
 
     def advance(self, cursor: Cursor) -> Cursor:
         if cursor.batches_done + 1 >= self.steps_per_epoch:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpo.pipeline.batching import length_grouped_batches, pair_lengths
+from dpo.pipeline.batching import full_length_groups, length_grouped_batches, pair_lengths
 from dpo.pipeline.scoring import collate_pairs
 from dpo.artifacts.errors import DataError
 
@@ -74,6 +74,14 @@ def test_shuffled_megabatches_are_seeded_permutations_with_little_padding():
     in_order = [list(range(s, min(s + 8, 1000))) for s in range(0, 1000, 8)]
     assert padding_fraction(lengths, a) < padding_fraction(lengths, in_order) / 4
     assert padding_fraction(lengths, length_grouped_batches(lengths, 8)) <= padding_fraction(lengths, a)
+
+
+def test_the_order_as_one_array_is_the_shuffled_batches_without_the_short_one():
+    lengths = np.random.default_rng(5).integers(1, 40, size=1003)  # 1003 = 125 x 8 + 3: one short batch
+    batches = length_grouped_batches(lengths, 8, shuffle=True, seed=9, megabatch_factor=4, drop_last=True)
+    array = full_length_groups(lengths, 8, seed=9, megabatch_factor=4)
+    assert array.shape == (125, 8) and array.tolist() == batches
+    assert len(set(array.ravel().tolist())) == 1000
 
 
 def test_pair_length_is_the_longer_side():

@@ -35,6 +35,15 @@ def test_a_cursor_resumes_where_an_uninterrupted_run_is():
     assert order.epoch_progress(Cursor(1, 6)) == pytest.approx(1.5)
 
 
+def test_the_order_is_the_one_earlier_versions_saved_checkpoints_with():
+    """A checkpoint stores only the cursor: the order behind it must stay the same across versions (this
+    pins the one the list-of-lists implementation produced before the order became one numpy array)."""
+    order = BatchOrder(LENGTHS, 8, seed=3)
+    assert order.batch(Cursor(0, 0)) == [53, 55, 14, 58, 77, 19, 11, 91]
+    assert order.batch(Cursor(0, 5)) == [3, 92, 48, 82, 93, 31, 8, 65]
+    assert order.batch(Cursor(1, 11)) == [57, 80, 22, 45, 59, 10, 47, 1]
+
+
 @pytest.mark.parametrize("world, grad_accum", [(1, 1), (1, 4), (2, 2), (4, 1)])
 def test_micro_batches_cover_the_global_batch_once_with_neighbouring_lengths(world, grad_accum):
     per_device = 2
