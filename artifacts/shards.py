@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -157,20 +157,28 @@ def file_entry(root: Path, relative: str) -> FileEntry:
 def file_problem(root: Path, manifest: Manifest, verify: bool = True) -> str | None:
     """The first listed file of an artifact that is missing, of another size or (``verify``) with another
     sha256 than its manifest says, as a sentence; None when every file is as listed."""
-    paths = []
+    problem = size_problem(root, manifest)
+    if problem is not None or not verify:
+        return problem
+    return digest_problem(manifest, Hashing(listed_paths(root, manifest)).result())
+
+
+def size_problem(root: Path, manifest: Manifest) -> str | None:
+    """The first listed file that is missing or of another size than the manifest says."""
     for entry in manifest.files:
         path = resolve_inside(root, entry.path)
         if not path.is_file():
             return f"{entry.path} is listed in the manifest but {'is a folder, not a file' if path.is_dir() else 'missing'}"
         if path.stat().st_size != entry.bytes:
             return f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-        paths.append(path)
-    if not verify:
-        return None
-    # Each file is hashed in 1 MiB reads (memory stays flat); hashlib releases the GIL on them, so a
-    # large artifact's shards are hashed on several cores at once.
-    with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(paths) or 1)) as pool:
-        digests = list(pool.map(sha256_file, paths))
+    return None
+
+
+def listed_paths(root: Path, manifest: Manifest) -> list[Path]:
+    return [resolve_inside(root, entry.path) for entry in manifest.files]
+
+
+def digest_problem(manifest: Manifest, digests: list[str]) -> str | None:
     for entry, digest in zip(manifest.files, digests):
         if digest != entry.sha256:
             return (f"{entry.path} fails its sha256 check: it is not the file the manifest lists (changed or corrupt). "
@@ -178,18 +186,71 @@ def file_problem(root: Path, manifest: Manifest, verify: bool = True) -> str | N
     return None
 
 
+class Hashing:
+    """The sha256 of files, computed on daemon threads from the moment it is made.
+
+    Each file is hashed in 1 MiB reads (memory stays flat) and hashlib releases the GIL on them, so a
+    large artifact's files are hashed on several cores at once, while the stage goes on loading its
+    model. Daemon threads: a stage that stops (an error, a pre-emption) exits at once instead of
+    finishing the hashing of gigabytes it will not read.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.digests: list[str | None] = [None] * len(paths)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._next = iter(range(len(paths)))
+        self._lock = threading.Lock()
+        self._running = min(VERIFY_THREADS, len(paths))
+        if not paths:
+            self.done.set()
+        for _ in range(self._running):
+            threading.Thread(target=self._work, name="dpo-verify", daemon=True).start()
+
+    def _work(self) -> None:
+        try:
+            while self.error is None:
+                with self._lock:
+                    k = next(self._next, None)
+                if k is None:
+                    break
+                self.digests[k] = sha256_file(self.paths[k])
+        except BaseException as exc:  # re-raised in the thread that asks for the result
+            self.error = exc
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self.done.set()
+
+    def result(self) -> list[str]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+
 class ArtifactReader:
     """Reads a complete artifact through its manifest's file list, never by globbing.
 
-    The manifest is checked against its schema first; then every listed file must exist with the
-    listed size and, unless ``verify`` is off (``--no-verify``), the listed sha256, before any of
-    it is used: a file replaced by another valid file of the same size is refused, not read.
+    The manifest is checked against its schema and every listed file must exist with the listed size
+    when the reader opens. Unless ``verify`` is off (``--no-verify``), every file must also have the
+    listed sha256 before any of it is used: a file replaced by another valid file of the same size is
+    refused, not read. ``in_background``: the hashing runs on while the stage goes on (loading its
+    model), and every read of a file waits for it (``verified``); else the reader opens verified.
     """
 
-    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = True):
+    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = True,
+                 in_background: bool = False):
         self.root = Path(root)
         self.manifest: Manifest = read_manifest(self.root, kind)
-        self._check_files(verify)
+        problem = size_problem(self.root, self.manifest)
+        if problem is not None:
+            raise ArtifactError(f"{self.root}: {problem}")
+        self._hashing = Hashing(listed_paths(self.root, self.manifest)) if verify else None
+        if not in_background:
+            self.verified()
 
     @property
     def fingerprint(self) -> str:
@@ -199,13 +260,21 @@ class ArtifactReader:
     def splits(self) -> list[str]:
         return self.manifest.splits
 
-    def _check_files(self, verify: bool) -> None:
-        problem = file_problem(self.root, self.manifest, verify)
-        if problem is not None:
-            raise ArtifactError(f"{self.root}: {problem}")
+    def verified(self) -> ArtifactReader:
+        """Waits for the sha256 check of every listed file; raises ArtifactError naming the first that fails."""
+        if self._hashing is not None:
+            try:
+                problem = digest_problem(self.manifest, self._hashing.result())
+            except OSError as exc:
+                problem = f"{exc.filename or 'a listed file'} could not be read to check its sha256 ({exc.strerror or exc})"
+            if problem is not None:
+                raise ArtifactError(f"{self.root}: {problem}")
+            self._hashing = None
+        return self
 
     def path(self, relative: str) -> Path:
         """The checked path of a file the manifest lists."""
+        self.verified()
         if not any(f.path == relative for f in self.manifest.files):
             raise ArtifactError(f"{self.root}: lists no file {relative!r}")
         return resolve_inside(self.root, relative)
@@ -223,6 +292,7 @@ class ArtifactReader:
         """One listed Parquet file, checked against the manifest's row count: memory-mapped from its
         Arrow IPC copy when the manifest lists one (no decompression, nothing copied until a row is
         read), else read from the Parquet file into memory."""
+        self.verified()
         path = resolve_inside(self.root, entry.path)
         copy = arrow_copy_path(entry.path)
         mapped = any(f.path == copy for f in self.manifest.files)

@@ -124,7 +124,7 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
 
 def _require_shared(reader: ArtifactReader, split: str, ref_dir: str | os.PathLike) -> None:
     for entry in reader.manifest.files_of(split):
-        if entry.path.endswith(".parquet") and not set(SHARED_COLUMNS) <= set(pq.read_schema(reader.root / entry.path).names):
+        if entry.path.endswith(".parquet") and not set(SHARED_COLUMNS) <= set(pq.read_schema(reader.path(entry.path)).names):
             raise ArtifactError(
                 f"{ref_dir}: this reference cache has no {' and '.join(SHARED_COLUMNS)} (the reference's log-probs of "
                 "the length both responses share), which --ld-alpha needs: it was made by an earlier dpo cache-ref. "

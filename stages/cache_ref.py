@@ -103,7 +103,7 @@ def run(config: CacheRefConfig) -> None:
 
 def _run(config: CacheRefConfig) -> None:
     started = time.perf_counter()
-    tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs)
+    tokenized = ArtifactReader(config.tokenized, kind="tokenized", verify=config.verify_inputs, in_background=True)
     config = dataclasses.replace(config, splits=_resolve_splits(config, tokenized))
     info = tokenized.manifest.stats.get("tokenizer_info") or {}
     check_vocab(config.model, config.tokenized, tokenized.manifest)
@@ -266,10 +266,10 @@ def _compute(config: CacheRefConfig, tokenized: ArtifactReader, plan: list[Shard
 
 def _compute_shard(config: CacheRefConfig, tokenized: ArtifactReader, task: ShardTask, reference: _Reference,
                    stats: dict, run: StageRun, bar) -> None:
+    scorer = reference.load()  # first: the inputs' sha256 check runs on meanwhile (the read below waits for it)
     t0 = time.perf_counter()
     table = _read_rows(tokenized, task.split, task.start, task.stop)
     stats["read_seconds"] += time.perf_counter() - t0
-    scorer = reference.load()
     _check_ids(table, task, reference.vocab, tokenized.root)
     t0 = time.perf_counter()
     scored = _score_table(scorer, table, config, bar, run)

@@ -215,16 +215,14 @@ def _check_baseline_generation(cfg: EvaluateConfig, baseline: Manifest, prompts:
                     "; ".join(differ))
 
 
-def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Table:
-    if split not in reader.splits:
+def _check_split(manifest: Manifest, split: str, tokenized_dir: str) -> None:
+    if split not in manifest.splits:
         raise UsageError(
-            f"{tokenized_dir} has no split {split!r}; its splits are: {', '.join(reader.splits) or 'none'} "
+            f"{tokenized_dir} has no split {split!r}; its splits are: {', '.join(manifest.splits) or 'none'} "
             "(choose one with --split)"
         )
-    rows = reader.read_split(split, columns=list(PAIR_COLUMNS))
-    if rows.num_rows == 0:
+    if manifest.rows(split) == 0:
         raise DataError(f"{tokenized_dir}: split {split!r} has no pairs to evaluate")
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -233,7 +231,7 @@ def _read_pairs(reader: ArtifactReader, split: str, tokenized_dir: str) -> pa.Ta
 def run(cfg: EvaluateConfig) -> Manifest | None:
     validate(cfg)
     verify = cfg.verify_inputs
-    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=verify)
+    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=verify, in_background=True)
     train_reader = ArtifactReader(cfg.train, kind="train", verify=verify) if cfg.train else None
     baseline_reader = ArtifactReader(cfg.baseline, kind=KIND, verify=verify) if cfg.baseline else None
     train = train_reader.manifest if train_reader else None
@@ -268,6 +266,7 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         _check_baseline_generation(cfg, baseline, next((i for i in inputs if i.kind == "prompts"), None))
     semantic = {**semantic_config(cfg), "objective": objective.fingerprinted()}
     fp = fingerprint(STAGE, VERSION, semantic, [i.fingerprint for i in inputs])
+    _check_split(tokenized.manifest, cfg.split, cfg.tokenized)
 
     input_paths = [("--model", cfg.model), ("--tokenized", cfg.tokenized), ("--ref-cache", cfg.ref_cache),
                    ("--train", cfg.train), ("--baseline", cfg.baseline), ("--prompts", cfg.prompts),
@@ -277,10 +276,10 @@ def run(cfg: EvaluateConfig) -> Manifest | None:
         if stage_run.complete:
             return stage_run.manifest
         started = time.perf_counter()
-        rows = _read_pairs(tokenized, cfg.split, cfg.tokenized)
         # One device: evaluation is a forward pass per batch, fast enough without data parallelism.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = _load_model(model_dir, cfg.dtype).to(device)
+        model = _load_model(model_dir, cfg.dtype).to(device)  # while the data's sha256 check runs on
+        rows = tokenized.read_split(cfg.split, columns=list(PAIR_COLUMNS))
         if cfg.batching.packing:
             enable_packing(model.get_base_model() if hasattr(model, "get_base_model") else model)
         pairs = _score(model, rows, pad_token_id(tokenized.manifest.stats), objective.loss, cfg, stage_run)

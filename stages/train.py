@@ -217,7 +217,7 @@ def _input_paths(cfg: TrainConfig) -> list[tuple[str, str | None]]:
 
 
 def _inputs(cfg: TrainConfig) -> Inputs:
-    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=cfg.verify_inputs)
+    tokenized = ArtifactReader(cfg.tokenized, kind="tokenized", verify=cfg.verify_inputs, in_background=True)
     if cfg.eval_steps and "eval" not in tokenized.splits:
         raise UsageError(f"--eval-steps {cfg.eval_steps}: {cfg.tokenized} has no eval split "
                          "(make one with `dpo tokenize --eval-fraction` or --eval-data)")
@@ -248,10 +248,12 @@ class Trainer:
         self.started = time.perf_counter()
         self.world = accelerator.num_processes
         self.global_batch = cfg.per_device_batch_size * cfg.grad_accum * self.world
+        self._check_data()
+        # The model first: the data's sha256 check runs on meanwhile, and reading the data waits for it.
+        self.policy, self.optimizer, self.n_trainable, self.n_total = self._build_policy()
         self.train_rows, self.eval_rows = self._read_data()
         self.lengths = pair_lengths(self.train_rows)
         self.order = BatchOrder(self.lengths, self.global_batch, cfg.seed)
-        self.policy, self.optimizer, self.n_trainable, self.n_total = self._build_policy()
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.total_steps = cfg.max_steps or cfg.epochs * self.order.steps_per_epoch
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
@@ -302,19 +304,20 @@ class Trainer:
                                    "model_identity": (ref.stats.get("model_identity") or {}).get("sampled_digest")}
         return config
 
-    def _read_data(self):
-        tokenized, cfg = self.inputs.tokenized, self.cfg
-        train_rows = tokenized.read_split("train")
-        eval_rows = tokenized.read_split("eval") if cfg.eval_steps else None
-        if eval_rows is not None and eval_rows.num_rows == 0:
+    def _check_data(self) -> None:
+        manifest, cfg = self.inputs.tokenized.manifest, self.cfg
+        if cfg.eval_steps and manifest.rows("eval") == 0:
             raise UsageError(f"--eval-steps {cfg.eval_steps}: the eval split of {cfg.tokenized} has no pairs "
                              "(all were filtered out?); see its rejects.jsonl, or pass --eval-steps 0")
-        if train_rows.num_rows < self.global_batch:
+        if manifest.rows("train") < self.global_batch:
             raise UsageError(
-                f"{cfg.tokenized}: the train split has {train_rows.num_rows} pairs, fewer than one global batch "
+                f"{cfg.tokenized}: the train split has {manifest.rows('train')} pairs, fewer than one global batch "
                 f"({cfg.per_device_batch_size} per device x {cfg.grad_accum} accumulation x {self.world} processes)"
             )
-        return train_rows, eval_rows
+
+    def _read_data(self):
+        tokenized = self.inputs.tokenized
+        return tokenized.read_split("train"), tokenized.read_split("eval") if self.cfg.eval_steps else None
 
     def _build_policy(self):
         cfg = self.cfg

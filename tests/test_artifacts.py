@@ -231,6 +231,24 @@ def test_reader_verify_catches_a_corrupted_file(tmp_path):
         ArtifactReader(tmp_path)  # the default
 
 
+def test_a_reader_hashing_in_the_background_refuses_every_read_of_a_corrupted_artifact(tmp_path):
+    """Stages open their data with the sha256 check running on while they load the model: opening
+    succeeds, but no byte of the artifact can be read until the check has passed."""
+    manifest = build_artifact(tmp_path)
+    intact = ArtifactReader(tmp_path, in_background=True)
+    assert intact.read_split("train").column("index").to_pylist() == list(range(10))
+    path = tmp_path / manifest.files_of("eval")[0].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reader = ArtifactReader(tmp_path, in_background=True)  # sizes match: the open itself succeeds
+    for read in (lambda: reader.read_split("train"), lambda: reader.read_json("rejects.jsonl"),
+                 lambda: reader.path(manifest.files[0].path), reader.verified):
+        with pytest.raises(ArtifactError, match="eval/part-00000-of-00001.parquet fails its sha256 check"):
+            read()
+    assert ArtifactReader(tmp_path, verify=False, in_background=True).read_split("train").num_rows == 10
+
+
 def test_reader_refuses_a_corrupt_parquet_file_by_name_without_verify(tmp_path):
     manifest = build_artifact(tmp_path)
     path = tmp_path / manifest.files_of("train")[0].path
