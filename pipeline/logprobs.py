@@ -4,8 +4,11 @@ The output layer is by far the widest matmul of a causal LM, and on DPO data mos
 no label (the prompt) or no token (padding). So the model's body runs on the whole batch, and the
 output layer runs only on the hidden states whose next token is a label, in chunks of rows: each
 chunk's logits are cast to float32, the label logit gathered and a logsumexp subtracted, then the
-chunk is dropped. With gradients on, each chunk is recomputed in backward (activation
-checkpointing), so training keeps [N, hidden] per batch instead of [N, vocab].
+chunk is dropped. With gradients on, the forward of a plain linear head already knows the gradient
+of log p(target) with respect to the chunk's logits (one-hot minus softmax): it keeps that for as
+many chunks as KEEP_BYTES holds, so backward is two matmuls per chunk instead of recomputing the
+logits and the softmax; the chunks past that budget are recomputed in backward (activation
+checkpointing), so training never holds more than KEEP_BYTES of [N, vocab].
 
 Models whose head is more than a linear layer (logit soft-capping, logit scaling) get the same
 transform applied here; any other architecture is caught by a one-time check against the model's
@@ -30,6 +33,9 @@ from .tokenization import IGNORE_INDEX
 # 512-vocab one unchunked; on the 16M-parameter GPT-2-vocab bench model a train step peaks at 1.96 GB
 # instead of 2.73 GB with 256 MiB chunks, at the same loss.
 CHUNK_BYTES = 64 << 20
+# float32 logit gradients kept from forward to backward per forward call (the rest is recomputed). On the
+# bench model this saves the recomputed output-layer matmul and softmax of about 8 pairs of 150 tokens.
+KEEP_BYTES = 2 * CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +98,35 @@ def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tenso
     return logp, logp - (torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * lse)
 
 
+class _KeptGradientLogProb(torch.autograd.Function):
+    """log p(target) of each row through a plain linear output layer; forward keeps d logp / d logits
+    (one-hot minus softmax, float32), so backward needs no recompute of the logits."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(rows, weight, bias)
+        ctx.matmul_dtype = logits.dtype  # under autocast, lower than the weight's: backward's matmuls use it too
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        index = targets.unsqueeze(-1)
+        logp = (logits.gather(-1, index) - lse).squeeze(-1)
+        softmax_minus_onehot = logits.sub_(lse).exp_()
+        softmax_minus_onehot.scatter_add_(-1, index, torch.full_like(index, -1.0, dtype=logits.dtype))
+        ctx.save_for_backward(rows, weight, softmax_minus_onehot)
+        ctx.has_bias = bias is not None
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        rows, weight, softmax_minus_onehot = ctx.saved_tensors
+        grad_logits = (softmax_minus_onehot * -grad_logp.unsqueeze(-1)).to(ctx.matmul_dtype)
+        grad_rows = grad_logits @ weight.to(ctx.matmul_dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ rows.to(ctx.matmul_dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_rows, grad_weight, grad_bias, None
+
+
 class LabelLogProbs(nn.Module):
     """``forward(input_ids, attention_mask, labels)`` -> per-sequence summed label log-probs.
 
@@ -102,12 +137,14 @@ class LabelLogProbs(nn.Module):
     the full forward; "body" skips the check; "full" always runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module, head_path: str = "auto", chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, model: nn.Module, head_path: str = "auto", chunk_bytes: int = CHUNK_BYTES,
+                 keep_bytes: int = KEEP_BYTES):
         super().__init__()
         if head_path not in ("auto", "body", "full"):
             raise ValueError(f"head_path must be auto, body or full, not {head_path!r}")
         self.model = model
         self.chunk_bytes = chunk_bytes
+        self.keep_bytes = keep_bytes
         self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         hf, splittable = _unwrap_hf(model)
         self._hf = [hf]  # a list so the same module is not registered twice under two names
@@ -128,6 +165,15 @@ class LabelLogProbs(nn.Module):
     def _head(self, rows: torch.Tensor) -> torch.Tensor:
         logits = self.hf_model.get_output_embeddings()(rows)
         return self._transform(logits) if self._transform is not None else logits
+
+    def _plain_linear_head(self) -> nn.Linear | None:
+        """The output layer when the kept-gradient path may run through it: a plain linear layer with
+        nothing applied to its logits, outside ZeRO-3 (whose partitioned weight exists only inside
+        the module's own calls)."""
+        out = self.hf_model.get_output_embeddings()
+        if type(out) is nn.Linear and self._transform is None and not self._one_head_call:
+            return out
+        return None
 
     def _chunk_rows(self, vocab: int, rows: int) -> int:
         if self._one_head_call:
@@ -191,13 +237,22 @@ class LabelLogProbs(nn.Module):
     def _scores(self, input_ids, attention_mask, labels, use_body: bool, with_wpo: bool = False,
                 packed: PackedLayout | None = None):
         rows, targets, seq, head, mask = self._label_rows(input_ids, attention_mask, labels, use_body, packed)
-        step = self._chunk_rows(self.vocab_size(), rows.shape[0])
-        keep = torch.is_grad_enabled() and rows.requires_grad
+        vocab = self.vocab_size()
+        step = self._chunk_rows(vocab, rows.shape[0])
+        grad = torch.is_grad_enabled() and rows.requires_grad
+        linear = self._plain_linear_head() if grad and use_body and not with_wpo else None
+        kept_bytes = 0
         logps, terms = [], []
         with self.timer.phase("forward_head"):
             for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
-                args = (head, rows[start: start + step], targets[start: start + step], with_wpo)
-                logp, term = checkpoint(_token_logps, *args, use_reentrant=False) if keep else _token_logps(*args)
+                chunk, chunk_targets = rows[start: start + step], targets[start: start + step]
+                if linear is not None and kept_bytes + 4 * vocab * chunk.shape[0] <= self.keep_bytes:
+                    kept_bytes += 4 * vocab * chunk.shape[0]
+                    logp, term = _KeptGradientLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets), None
+                elif grad:
+                    logp, term = checkpoint(_token_logps, head, chunk, chunk_targets, with_wpo, use_reentrant=False)
+                else:
+                    logp, term = _token_logps(head, chunk, chunk_targets, with_wpo)
                 logps.append(logp)
                 terms.append(term)
         if logps:

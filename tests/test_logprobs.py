@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, 
 import pytest
 
 from dpo.pipeline.scoring import PairScorer, collate_pairs
-from dpo.pipeline.logprobs import LabelLogProbs
+from dpo.pipeline.logprobs import LabelLogProbs, _KeptGradientLogProb
 
 from conftest import DEMO_MODEL
 
@@ -143,6 +143,51 @@ def test_output_layer_runs_only_on_label_positions_in_chunks():
     assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [rows, hidden], never [B, T, hidden]
     assert sum(shape[0] for shape in seen) == labelled == int(res.num_tokens.sum())
     assert labelled < batch["input_ids"].numel() / 2  # the prompts and padding were skipped
+
+
+@pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, part kept, all kept
+def test_kept_logit_gradients_match_textbook(kept_chunks):
+    """Training keeps d logp / d logits from forward for as many chunks as keep_bytes holds and
+    recomputes the rest: the gradients are the textbook ones either way."""
+    model = demo_model()
+    rows = random_pairs(3, model.config.vocab_size, seed=4)
+    batch = collate_pairs(rows, pad_token_id=0)
+    chunk = 4 * model.config.vocab_size * 5
+    wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=chunk, keep_bytes=kept_chunks * chunk)
+    weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
+    (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        logp = F.log_softmax(model(input_ids=batch["input_ids"][i: i + 1, :n]).logits[0, :-1].float(), dim=-1)
+        targets = batch["labels"][i, 1:n]
+        keep = targets != -100
+        total = total + weights[i] * logp[keep].gather(-1, targets[keep, None]).sum()
+    total.backward()
+    for name, p in model.named_parameters():
+        assert (ours[name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
+
+
+def test_kept_logit_gradients_with_a_head_bias_and_a_frozen_head():
+    torch.manual_seed(0)
+    rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
+    head = torch.nn.Linear(8, 11)
+    kept = _KeptGradientLogProb.apply(rows, head.weight, head.bias, targets)
+    textbook_logp = F.log_softmax(head(rows), -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(kept, textbook_logp)
+    upstream = torch.randn(6)
+    ours = torch.autograd.grad((kept * upstream).sum(), [rows, head.weight, head.bias])
+    theirs = torch.autograd.grad((textbook_logp * upstream).sum(), [rows, head.weight, head.bias])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    head.requires_grad_(False)  # a LoRA run's frozen head: only the rows get a gradient
+    (grad_rows,) = torch.autograd.grad((_KeptGradientLogProb.apply(rows, head.weight, None, targets) * upstream).sum(),
+                                       [rows])
+    theirs = torch.autograd.grad((F.log_softmax(rows @ head.weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+                                  * upstream).sum(), [rows])[0]
+    torch.testing.assert_close(grad_rows, theirs)
 
 
 def test_gradients_match_textbook_through_chunks():
