@@ -142,10 +142,11 @@ def run_size(work: Path, size: int, model: Path, tokenize_only: bool, limit_s: f
     return result
 
 
-def write_results(results: list[dict], command: str) -> None:
+def write_results(results: list[dict], command: str, load_start: float) -> None:
     lines = [BEGIN, "## Scale: memory and throughput from 10k to 1M pairs (bench/scale.py, issue 11)", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), "
-             f"Python {platform.python_version()}. Command: `{command}`. Synthetic HH-style pairs (distinct text, "
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"Python {platform.python_version()}; load average {load_start:.2f} at the start, "
+             f"{os.getloadavg()[0]:.2f} at the end. Command: `{command}`. Synthetic HH-style pairs (distinct text, "
              f"HH lengths), --max-seq-length 512, --eval-data of {EVAL_PAIRS} pairs, tiny Llama (hidden 32, 2 "
              f"layers), train {TRAIN_STEPS} steps of SimPO at 4 pairs per step; sha256 verification on. Peak RSS: "
              "ru_maxrss (memory-mapped shard pages a process touched count here); private: peak RssAnon.", "",
@@ -200,13 +201,13 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_tiny_llama(args.work / "tiny-llama")
-    results = []
+    results, load_start = [], os.getloadavg()[0]
     for size in sorted(set(args.sizes) | set(args.tokenize_only)):
         results.append(run_size(args.work, size, model, size not in args.sizes, args.limit_s))
         print(json.dumps(results[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-        write_results(results, "python bench/scale.py " + " ".join(sys.argv[1:]))
+        write_results(results, "python bench/scale.py " + " ".join(sys.argv[1:]), load_start)
 
 
 
@@ -216,7 +217,7 @@ def read_probe(root: Path) -> dict:
     import pyarrow as pa
 
     from dpo.artifacts.shards import ArtifactReader
-    from dpo.pipeline.batching import pair_lengths
+    from dpo.pipeline.batching import pair_lengths, take_rows
     from dpo.pipeline.data_order import BatchOrder, Cursor
 
     def anon() -> int:
@@ -228,7 +229,7 @@ def read_probe(root: Path) -> dict:
     verified = time.perf_counter()
     rows = reader.read_split("train")
     order = BatchOrder(pair_lengths(rows), 32, seed=42)
-    first = rows.take(order.batch(Cursor()))
+    first = take_rows(rows, order.batch(Cursor()))  # as train gathers a batch (Table.take copies the split)
     assert first.num_rows == 32
     done = time.perf_counter()
     return {"verify_s": round(verified - started, 2), "map_order_first_batch_s": round(done - verified, 2),
