@@ -43,8 +43,6 @@ def full_length_groups(lengths: Sequence[int] | np.ndarray, batch_size: int, *, 
     """``length_grouped_batches(..., shuffle=True, drop_last=True)`` as one (batches, batch_size) array:
     8 bytes per pair, where lists of Python ints take about 40 (0.4 GB per rank at 10M pairs)."""
     flat, starts, order = _grouped(lengths, batch_size, True, seed, megabatch_factor, True)
-    if not len(order):
-        return np.zeros((0, batch_size), dtype=np.int64)
     return flat[starts[order][:, None] + np.arange(batch_size)]
 
 

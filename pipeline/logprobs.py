@@ -246,8 +246,9 @@ class LabelLogProbs(nn.Module):
         with self.timer.phase("forward_head"):
             for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
                 chunk, chunk_targets = rows[start: start + step], targets[start: start + step]
-                if linear is not None and kept_bytes + 4 * vocab * chunk.shape[0] <= self.keep_bytes:
-                    kept_bytes += 4 * vocab * chunk.shape[0]
+                gradient_bytes = 4 * vocab * chunk.shape[0]
+                if linear is not None and kept_bytes + gradient_bytes <= self.keep_bytes:
+                    kept_bytes += gradient_bytes
                     logp, term = _KeptGradientLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets), None
                 elif grad:
                     logp, term = checkpoint(_token_logps, head, chunk, chunk_targets, with_wpo, use_reentrant=False)
