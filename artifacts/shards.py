@@ -42,7 +42,10 @@ def shard_bounds(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
 
 
 ROW_GROUP_ROWS = 8192
-VERIFY_THREADS = min(8, os.cpu_count() or 1)
+# The CPUs this process may run on (a Slurm job's cgroup, taskset), not the machine's.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# Hashing threads besides the one that waits for the digests (see Hashing).
+VERIFY_THREADS = min(8, CPUS) - 1
 COMPRESSION = "zstd"
 
 
@@ -187,11 +190,14 @@ def digest_problem(manifest: Manifest, digests: list[str]) -> str | None:
 
 
 class Hashing:
-    """The sha256 of files, computed on daemon threads from the moment it is made.
+    """The sha256 of files, computed on daemon threads from the moment it is made, and by the thread
+    that asks for the result, from then on.
 
     Each file is hashed in 1 MiB reads (memory stays flat) and hashlib releases the GIL on them, so a
-    large artifact's files are hashed on several cores at once, while the stage goes on loading its
-    model. Daemon threads: a stage that stops (an error, a pre-emption) exits at once instead of
+    large artifact's files are hashed on several cores at once. One core is left to the stage, which
+    goes on loading its model meanwhile (on 2 cores, a second hashing thread slowed the model's loading
+    by about as much as it sped up the hashing); once it needs the data it hashes what is left instead
+    of waiting. Daemon threads: a stage that stops (an error, a pre-emption) exits at once instead of
     finishing the hashing of gigabytes it will not read.
     """
 
@@ -203,8 +209,6 @@ class Hashing:
         self._next = iter(range(len(paths)))
         self._lock = threading.Lock()
         self._running = min(VERIFY_THREADS, len(paths))
-        if not paths:
-            self.done.set()
         for _ in range(self._running):
             threading.Thread(target=self._work, name="dpo-verify", daemon=True).start()
 
@@ -225,6 +229,9 @@ class Hashing:
                     self.done.set()
 
     def result(self) -> list[str]:
+        with self._lock:
+            self._running += 1
+        self._work()
         self.done.wait()
         if self.error is not None:
             raise self.error

@@ -202,6 +202,17 @@ def zero_stage_of(accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
 
 
+def unwrap(accelerator, model):
+    """The module that was given to ``accelerator.prepare``. A single process gets its module back as
+    it was (unless compiled); Accelerate's own ``unwrap_model`` imports DeepSpeed to test for its
+    engine even then, which costs 0.7 s of a stage's start-up on a machine with DeepSpeed installed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.NO and not hasattr(model, "_orig_mod"):
+        return model
+    return accelerator.unwrap_model(model)
+
+
 def offloads_optimizer(accelerator) -> bool:
     """True under ZeRO-Offload, where DeepSpeed wants its own CPU Adam (see make_adamw)."""
     if zero_stage_of(accelerator) is None:

@@ -130,18 +130,38 @@ def take_rows(table: pa.Table, positions: Sequence[int] | np.ndarray) -> pa.Tabl
     positions = np.asarray(positions, dtype=np.int64)
     batches = table.to_batches()
     if len(batches) <= 1:
-        return table.take(positions)
+        return table.take(arrow_indices(positions))
     starts = np.cumsum([0] + [len(b) for b in batches])
     chunk = np.searchsorted(starts, positions, side="right") - 1
     order = np.argsort(chunk, kind="stable")
-    pieces = [batches[c].take(pa.array(positions[order][chunk[order] == c] - starts[c])) for c in np.unique(chunk)]
+    pieces = [batches[c].take(arrow_indices(positions[order][chunk[order] == c] - starts[c])) for c in np.unique(chunk)]
     gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
-    return gathered.take(np.argsort(order, kind="stable"))
+    return gathered.take(arrow_indices(np.argsort(order, kind="stable")))
+
+
+# Between Arrow and numpy through the buffers: pyarrow's own conversions (pa.array, to_numpy) import
+# pandas to look for its types, a third of a second of the start-up of a stage that never uses it.
+
+def arrow_indices(positions: np.ndarray) -> pa.Array:
+    """Row positions as an Arrow int64 array for ``take``."""
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(positions), [None, pa.py_buffer(positions)])
+
+
+def as_numpy(column: pa.Array | pa.ChunkedArray, dtype=np.int64) -> np.ndarray:
+    """A numeric column without nulls as one numpy array of ``dtype``."""
+    parts = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if not (pa.types.is_integer(chunk.type) or pa.types.is_floating(chunk.type)) or chunk.null_count:
+            raise ValueError(f"expected numbers without nulls, got {chunk.type} with {chunk.null_count} nulls")
+        parts.append(np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(), count=len(chunk),
+                                   offset=chunk.offset * chunk.type.byte_width))
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
 
 
 def pair_indices(table: pa.Table) -> np.ndarray:
     """The pairs' ``index`` column as a (writable) int64 array."""
-    return np.array(table.column("index").to_numpy(), dtype=np.int64)
+    return np.array(as_numpy(table.column("index")), dtype=np.int64)
 
 
 def pair_lengths(rows: pa.Table | Sequence[Mapping], combined: bool = False) -> np.ndarray:
@@ -154,15 +174,14 @@ def pair_lengths(rows: pa.Table | Sequence[Mapping], combined: bool = False) -> 
     table = as_table(rows)
     sides = [table.column(f"{side}_length") if f"{side}_length" in table.column_names
              else pc.list_value_length(table.column(f"{side}_input_ids")) for side in SIDES]
-    chosen, rejected = (np.asarray(s.to_numpy(zero_copy_only=False), dtype=np.int64) for s in sides)
+    chosen, rejected = (as_numpy(s) for s in sides)
     return chosen + rejected if combined else np.maximum(chosen, rejected)
 
 
 def sequence_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(every chosen and rejected sequence's tokens, its label tokens), from the length columns."""
-    column = lambda name: np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)  # noqa: E731
-    prompt = column("prompt_length")
-    lengths = np.concatenate([column("chosen_length"), column("rejected_length")])
+    prompt = as_numpy(table.column("prompt_length"))
+    lengths = np.concatenate([as_numpy(table.column("chosen_length")), as_numpy(table.column("rejected_length"))])
     return lengths, lengths - np.concatenate([prompt, prompt])
 
 
@@ -181,9 +200,7 @@ def scored_label_tokens(table: pa.Table, side: str, rows_per_chunk: int = 4096) 
 def ragged(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (all values in row order, each row's length), as numpy arrays."""
     values = table.column(column)
-    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.asarray(flat, dtype=np.int64), lengths
+    return as_numpy(pc.list_flatten(values)), as_numpy(pc.list_value_length(values))
 
 
 def pad_ragged(flat: np.ndarray, lengths: np.ndarray, value: int, width: int) -> np.ndarray:

@@ -43,7 +43,7 @@ from ..artifacts.faults import fault_point
 from ..artifacts.fingerprint import canonical, sha256_file
 from ..artifacts.manifest import InputRef, fsync_path, write_json_atomic
 from ..artifacts.runner import on_main
-from .accel import zero_stage_of
+from .accel import unwrap, zero_stage_of
 from .distributed import COLLECTIVE
 from ..artifacts.errors import ArtifactError
 
@@ -93,7 +93,7 @@ def save_model(accelerator, model: torch.nn.Module, folder: str | os.PathLike, t
     folder = Path(folder)
     state_dict = accelerator.get_state_dict(model) if zero_stage_of(accelerator) == 3 else None
     if accelerator.is_main_process:
-        inner, prefix = _pretrained_of(accelerator.unwrap_model(model))
+        inner, prefix = _pretrained_of(unwrap(accelerator, model))
         kwargs = {}
         if state_dict is not None:
             kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -514,7 +514,7 @@ class CheckpointManager:
             if loaded is None:
                 raise ArtifactError(f"{path}/state/deepspeed: DeepSpeed could not load its checkpoint")
         else:
-            load_model_weights(acc.unwrap_model(model), path / "model")
+            load_model_weights(unwrap(acc, model), path / "model")
             optimizer.load_state_dict(_torch_load(path / "state" / "optimizer.pt"))
         scheduler.load_state_dict(_torch_load(path / "state" / "scheduler.pt"))
         if getattr(acc, "scaler", None) is not None and (path / "state" / "scaler.pt").is_file():

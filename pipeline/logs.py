@@ -62,9 +62,15 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     # transformers draws its own bars (loading and saving weights) even into log files.
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
+        from huggingface_hub.utils import disable_progress_bars
 
-        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+        # transformers takes the Hub's setting when it is imported; importing it here only to switch
+        # its bars off would add a second to every stage's start-up, before its inputs are opened.
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     # DeepSpeed warns on import that it fell back to the CPU; on a machine without CUDA that is
     # the expected case, so name the CPU accelerator up front.
     if "DS_ACCELERATOR" not in os.environ and not _cuda_available():

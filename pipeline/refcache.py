@@ -21,6 +21,7 @@ import torch
 from ..artifacts.manifest import Manifest, read_manifest
 from ..artifacts.shards import ArtifactReader
 from ..artifacts.errors import ArtifactError
+from .batching import as_numpy
 
 KIND = "ref-logps"
 COLUMNS = ("index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens")
@@ -95,7 +96,7 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
         if shared:
             _require_shared(reader, split, ref_dir)
         table = reader.read_split(split, columns=list(columns))
-        index = table.column("index").to_numpy()
+        index = as_numpy(table.column("index"))
         if len(index) and (index.min() < 0 or index.max() >= total):
             raise ArtifactError(
                 f"{ref_dir}: split {split!r} has pair index {int(index.max())} outside 0..{total - 1} of {tok_name}"
@@ -109,7 +110,7 @@ def load_reference(ref_dir: str | os.PathLike, tokenized_manifest: Manifest | st
             )
         present[index] = True
         for name in columns[1:]:
-            values[name][index] = table.column(name).to_numpy().astype(np.float32)
+            values[name][index] = as_numpy(table.column(name), np.float32)
     return ReferenceLogProbs(
         **{name: torch.from_numpy(v) for name, v in values.items()},
         present=torch.from_numpy(present),

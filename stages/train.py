@@ -33,7 +33,7 @@ from ..artifacts.runner import StageRun
 from ..artifacts.shards import ArtifactReader, file_entry
 from ..pipeline import distributed as dist
 from ..pipeline import metrics
-from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw
+from ..pipeline.accel import DistributedConfig, build_accelerator, make_adamw, unwrap
 from ..pipeline.batching import (
     length_grouped_batches, pad_token_id, pair_indices, pair_lengths, scored_label_tokens, sequence_lengths, take_rows,
 )
@@ -272,7 +272,7 @@ class Trainer:
                                  with_wpo_term=cfg.loss.needs_wpo_term, agree=dist.COLLECTIVE,
                                  with_shared=cfg.loss.needs_shared_logps)
         self.timer = PhaseTimer(accelerator.device)
-        self.scorer.timer = accelerator.unwrap_model(self.policy).timer = self.timer
+        self.scorer.timer = unwrap(accelerator, self.policy).timer = self.timer
         self.tracker = Tracker(stage_run.dir, cfg.tracking, is_main=accelerator.is_main_process,
                                resume_step=self.state.step, run_id=self.state.wandb_run_id,
                                config=self._tracker_config() if accelerator.is_main_process else {})
@@ -537,7 +537,7 @@ class Trainer:
             "wandb_run_id": self.tracker.run_id if "wandb" in self.cfg.tracking.destinations else None,
             "time_breakdown": self.timer.breakdown(),
         }
-        flops = model_flops_per_token(self.accelerator.unwrap_model(self.policy).hf_model,
+        flops = model_flops_per_token(unwrap(self.accelerator, self.policy).hf_model,
                                       *sequence_lengths(self.train_rows), backward=True)
         stats.update(flops, model_flops_per_second=flops["model_flops_per_token"] * stats["tokens_per_second"])
         if self._loss_state():

@@ -249,6 +249,25 @@ def test_a_reader_hashing_in_the_background_refuses_every_read_of_a_corrupted_ar
     assert ArtifactReader(tmp_path, verify=False, in_background=True).read_split("train").num_rows == 10
 
 
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_the_thread_that_asks_for_the_digests_hashes_what_is_left(tmp_path, monkeypatch, threads):
+    """Hashing leaves one core to the stage until it asks for the result, then hashes with the others:
+    with no hashing threads at all (one CPU) the asking thread hashes every file itself."""
+    from dpo.artifacts import shards
+
+    paths = []
+    for k in range(7):
+        paths.append(tmp_path / f"f{k}")
+        paths[-1].write_bytes(os.urandom(3000 + k))
+    monkeypatch.setattr(shards, "VERIFY_THREADS", threads)
+    hashing = shards.Hashing(paths)
+    assert hashing.result() == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert hashing.result() == [sha256_file(p) for p in paths]  # asked again: the same, nothing redone
+    missing = shards.Hashing([*paths, tmp_path / "gone"])
+    with pytest.raises(FileNotFoundError):
+        missing.result()
+
+
 def test_reader_refuses_a_corrupt_parquet_file_by_name_without_verify(tmp_path):
     manifest = build_artifact(tmp_path)
     path = tmp_path / manifest.files_of("train")[0].path

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from dpo.pipeline.batching import full_length_groups, length_grouped_batches, pair_lengths
+from dpo.pipeline.batching import arrow_indices, as_numpy, full_length_groups, length_grouped_batches, pair_lengths, take_rows
 from dpo.pipeline.scoring import collate_pairs
 from dpo.artifacts.errors import DataError
 
@@ -86,3 +90,40 @@ def test_the_order_as_one_array_is_the_shuffled_batches_without_the_short_one():
 
 def test_pair_length_is_the_longer_side():
     assert pair_lengths(ROWS).tolist() == [4, 5]
+
+
+def test_columns_reach_numpy_through_their_buffers_as_arrow_would_convert_them():
+    chunked = pa.chunked_array([pa.array([5, 6, 7, 8], pa.int32()).slice(1), pa.array([9], pa.int32())])
+    assert as_numpy(chunked).tolist() == [6, 7, 8, 9] and as_numpy(chunked).dtype == np.int64
+    floats = pa.array([0.5, -1.25, 3.0], pa.float32()).slice(1, 2)
+    assert as_numpy(floats, np.float32).tolist() == [-1.25, 3.0]
+    assert as_numpy(pa.chunked_array([], pa.int64())).tolist() == []
+    with pytest.raises(ValueError, match="without nulls"):
+        as_numpy(pa.array([1, None]))
+    table = pa.Table.from_batches([pa.record_batch({"x": pa.array(range(k, k + 3))}) for k in (0, 3, 6)])
+    assert take_rows(table, [7, 0, 4, 4]).column("x").to_pylist() == [7, 0, 4, 4]
+    assert table.take(arrow_indices(np.array([8, 1]))).column("x").to_pylist() == [8, 1]
+
+
+def test_reading_lengths_and_batches_does_not_import_pandas(tmp_path):
+    """pyarrow's own conversions import pandas (a third of a second of every stage's start-up)."""
+    ids = pa.array([[1, 2, 3], [4, 5]], pa.list_(pa.int32()))
+    lengths = pa.array([3, 2], pa.int32())
+    batch = pa.RecordBatch.from_arrays([ids, ids, lengths, lengths, pa.array([1, 1], pa.int32())], [
+        "chosen_input_ids", "rejected_input_ids", "chosen_length", "rejected_length", "prompt_length"])
+    with pa.ipc.new_file(tmp_path / "pairs.arrow", batch.schema) as writer:  # as tokenize writes its copies
+        writer.write_batch(batch)
+        writer.write_batch(batch)
+    code = f"""
+import sys, pyarrow as pa
+from dpo.pipeline.batching import pair_lengths, sequence_lengths, take_rows, ragged
+table = pa.ipc.open_file(pa.memory_map({str(tmp_path / "pairs.arrow")!r})).read_all()
+assert "pandas" not in sys.modules
+assert pair_lengths(table).tolist() == [3, 2, 3, 2]
+assert sequence_lengths(table)[1].tolist() == [2, 1, 2, 1, 2, 1, 2, 1]
+assert take_rows(table, [3, 0]).column("chosen_length").to_pylist() == [2, 3]
+assert ragged(table, "chosen_input_ids")[0].tolist() == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+assert "pandas" not in sys.modules, "pandas was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,3 +221,18 @@ def test_shipped_deepspeed_configs_match_the_generated_ones():
         ds_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
         if ds_file:
             assert (REPO / ds_file).is_file(), path
+
+
+def test_a_single_process_unwraps_without_importing_deepspeed():
+    """Accelerate's unwrap_model imports DeepSpeed (0.7 s) to test for its engine, even in a plain run."""
+    code = """
+import sys, torch
+from dpo.pipeline.accel import build_accelerator, unwrap
+accelerator = build_accelerator(cpu=True)
+model = torch.nn.Linear(2, 2)
+prepared = accelerator.prepare(model)
+assert unwrap(accelerator, prepared) is model
+assert "deepspeed" not in sys.modules, "deepspeed was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

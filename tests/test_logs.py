@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -92,6 +93,23 @@ def test_a_terminal_gets_the_bar_and_transformers_bars_are_off_under_it(monkeypa
     assert hf_logging.is_progress_bar_enabled()  # restored
     assert messages == []
     assert "evaluate: 100%" in sys.stderr.getvalue() and "pairs/s" in sys.stderr.getvalue()
+
+
+def test_logging_setup_leaves_transformers_unimported_and_its_bars_off_once_it_is():
+    """Importing transformers costs a second; a stage opens its inputs (and starts hashing them)
+    before it loads a model, so setting up logging must not import it to switch its bars off."""
+    code = """
+import sys
+from dpo.pipeline.logs import setup_logging
+setup_logging(quiet=True)
+assert "transformers" not in sys.modules, "setup_logging imported transformers"
+from transformers.utils import logging as hf_logging
+from huggingface_hub.utils import are_progress_bars_disabled
+assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def test_log_records_go_above_an_open_bar(monkeypatch):
