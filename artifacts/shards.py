@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,13 @@ class ShardWriter:
     """One shard written from pieces as they come, a row group at a time, so memory holds one row
     group, not the shard. Fixed writer options and row groups of ROW_GROUP_ROWS (the whole table
     when smaller): the bytes depend only on the rows, never on how they were cut into pieces, so
-    reruns are byte-identical."""
+    reruns are byte-identical. ``arrow_copy``: also an uncompressed Arrow IPC copy (arrow_copy_path)
+    of the ``copy_columns`` (all when None): readers map the copy and derive what it leaves out."""
 
-    def __init__(self, root: Path, relative: str, schema: pa.Schema, arrow_copy: bool = False):
+    def __init__(self, root: Path, relative: str, schema: pa.Schema, arrow_copy: bool = False,
+                 copy_columns: Sequence[str] | None = None):
         self.root, self.relative, self.schema = root, relative, schema
+        self.copy_columns = list(copy_columns) if copy_columns is not None else schema.names
         self.target = root / relative
         self.tmp = self.target.with_name(self.target.name + ".tmp")
         self.pending: list[pa.Table] = []
@@ -79,7 +83,7 @@ class ShardWriter:
             self.copy_tmp = self.copy_target.with_name(self.copy_target.name + ".tmp")
             self.copy_target.parent.mkdir(parents=True, exist_ok=True)
             self.copy_sink = pa.OSFile(str(self.copy_tmp), "wb")
-            self.copy = pa.ipc.new_file(self.copy_sink, schema)
+            self.copy = pa.ipc.new_file(self.copy_sink, pa.schema([schema.field(n) for n in self.copy_columns]))
 
     def write(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -92,7 +96,7 @@ class ShardWriter:
                 self.writer = pq.ParquetWriter(self.sink, self.schema, compression=COMPRESSION)
             self.writer.write_table(rows.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
             if self.copy is not None:
-                self.copy.write_table(rows.slice(0, ROW_GROUP_ROWS))
+                self.copy.write_table(rows.slice(0, ROW_GROUP_ROWS).select(self.copy_columns))
             self.pending = [rows.slice(ROW_GROUP_ROWS)]
             self.pending_rows -= ROW_GROUP_ROWS
             self.rows += ROW_GROUP_ROWS
@@ -116,7 +120,9 @@ class ShardWriter:
         self.rows += rest.num_rows
         if self.writer is None:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(rest, self.tmp, compression=COMPRESSION, row_group_size=max(1, rest.num_rows))
+            self.sink = pa.OSFile(str(self.tmp), "wb")
+            pq.write_table(rest, self.sink, compression=COMPRESSION, row_group_size=max(1, rest.num_rows))
+            self.sink.close()
         else:
             if rest.num_rows:
                 self.writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
@@ -125,7 +131,7 @@ class ShardWriter:
         if self.copy is not None:
             # The copy is durable under its name before the shard is: a committed shard has its copy.
             if rest.num_rows:
-                self.copy.write_table(rest)
+                self.copy.write_table(rest.select(self.copy_columns))
             self.copy.close()
             self.copy_sink.close()
             with open(self.copy_tmp, "rb+") as f:
@@ -140,13 +146,20 @@ class ShardWriter:
                          sha256=sha256_file(self.target))
 
 
-def committed_shard(root: Path, relative: str) -> FileEntry | None:
-    """The entry of a shard a previous run committed, or None if it must be (re)written."""
+def committed_shard(root: Path, relative: str, copy_columns: Sequence[str] | None = None) -> FileEntry | None:
+    """The entry of a shard a previous run committed, or None if it must be (re)written: also when
+    ``copy_columns`` are given and its Arrow copy does not hold exactly those (a partial run of an
+    earlier version, whose copies would not concatenate with this one's)."""
     target = root / relative
     if not target.is_file():
         return None
     try:
         rows = pq.ParquetFile(target).metadata.num_rows
+        if copy_columns is not None:
+            # Read, not mapped: a mapping would outlive the check (and keep the file system busy).
+            with pa.OSFile(str(root / arrow_copy_path(relative))) as source:
+                if pa.ipc.open_file(source).schema.names != list(copy_columns):
+                    return None
     except (pa.ArrowInvalid, OSError):
         return None  # torn by a crash that beat the rename's durability: redo it
     return FileEntry(path=relative, rows=rows, bytes=target.stat().st_size, sha256=sha256_file(target))

@@ -271,7 +271,7 @@ def write_probe_artifact(size: int, work: Path) -> Path:
 
     from dpo.artifacts.manifest import Manifest, write_manifest
     from dpo.artifacts.shards import ShardWriter, arrow_copy_path, file_entry, shard_bounds, shard_path
-    from dpo.stages.tokenize import SCHEMA
+    from dpo.stages.tokenize import MAPPED_COLUMNS, SCHEMA
 
     root = work / f"probe{size}"
     shutil.rmtree(root, ignore_errors=True)
@@ -282,7 +282,8 @@ def write_probe_artifact(size: int, work: Path) -> Path:
         n = b - a
         prompt = np.clip(rng.lognormal(5.0, 0.8, n), 4, 400).astype(np.int32)
         sides = {s: prompt + np.clip(rng.lognormal(4.2, 0.9, n), 1, 511 - 400).astype(np.int32) for s in ("chosen", "rejected")}
-        writer = ShardWriter(root, shard_path("train", k, len(bounds)), SCHEMA, arrow_copy=True)
+        writer = ShardWriter(root, shard_path("train", k, len(bounds)), SCHEMA, arrow_copy=True,
+                             copy_columns=MAPPED_COLUMNS)
         for start in range(0, n, 4096):
             stop = min(n, start + 4096)
             columns = {"index": pa.array(np.arange(a + start, a + stop)), "source": pa.array(["synthetic"] * (stop - start))}

@@ -185,9 +185,19 @@ def sequence_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return lengths, lengths - np.concatenate([prompt, prompt])
 
 
-def scored_label_tokens(table: pa.Table, side: str, rows_per_chunk: int = 4096) -> np.ndarray:
-    """Per pair, the label tokens of ``side`` that carry a log-prob: labels != -100 past position 0
-    (position t's logits predict token t + 1), as LabelLogProbs counts them. Known before any forward."""
+def scored_label_tokens(table: pa.Table, side: str, positions: Sequence[int] | np.ndarray | None = None,
+                        rows_per_chunk: int = 4096) -> np.ndarray:
+    """Per pair (of ``positions``, else of all), the label tokens of ``side`` that carry a log-prob:
+    labels != -100 past position 0 (position t's logits predict token t + 1), as LabelLogProbs counts
+    them. Known before any forward; without a label column (see side_tokens), every position from the
+    prompt's end on is scored."""
+    labelled = f"{side}_labels" in table.column_names
+    table = table.select([f"{side}_labels"] if labelled else [f"{side}_length", "prompt_length"])
+    if positions is not None:
+        table = take_rows(table, positions)
+    if not labelled:
+        lengths = as_numpy(table.column(f"{side}_length"))
+        return np.maximum(lengths - np.maximum(as_numpy(table.column("prompt_length")), 1), 0)
     counts = []
     for start in range(0, table.num_rows, rows_per_chunk):
         labels, lengths = ragged(table.slice(start, rows_per_chunk), f"{side}_labels")
@@ -219,8 +229,16 @@ def padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
 
 
 def side_tokens(table: pa.Table, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input ids, labels, lengths) of one side of every pair, checked to align."""
+    """(input ids, labels, lengths) of one side of every pair, checked to align.
+
+    Labels come from the ``{side}_labels`` column where the table has one, else they are the input
+    ids with the first ``prompt_length`` masked, as tokenize makes them (its memory-mapped Arrow
+    copies leave the label columns out)."""
     ids, lengths = ragged(table, f"{side}_input_ids")
+    if f"{side}_labels" not in table.column_names:
+        prompt = np.repeat(as_numpy(table.column("prompt_length")), lengths)
+        position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return ids, np.where(position < prompt, IGNORE_INDEX, ids), lengths
     labels, label_lengths = ragged(table, f"{side}_labels")
     bad = np.nonzero(lengths != label_lengths)[0]
     if len(bad):

@@ -44,7 +44,7 @@ from ..pipeline.scoring import FORWARDS, PairScorer, forward_mode
 STAGE = "cache-ref"
 # 2: the shared-prefix columns (LD-DPO) joined the layout; a version-1 cache serves every other loss.
 VERSION = 2
-INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "labels", "length")]
+INPUT_COLUMNS = ["index", "prompt_length"] + [f"{s}_{c}" for s in SIDES for c in ("input_ids", "length")]
 SCHEMA = pa.schema([
     ("index", pa.int64()),
     ("chosen_logps", pa.float32()), ("rejected_logps", pa.float32()),

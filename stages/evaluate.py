@@ -42,15 +42,15 @@ from ..pipeline.refcache import load_reference
 from ..pipeline.packing import PackingConfig, enable_packing
 from ..pipeline.scoring import PairScorer, forward_mode
 from ..pipeline.sources import not_utf8, read_lines
-from ..pipeline.tokenization import IGNORE_INDEX, tokenizer_with_template
+from ..pipeline.tokenization import tokenizer_with_template
 
 STAGE = "evaluate"
 VERSION = 1
 KIND = "eval"
 OWNS = ("pairs.parquet", "metrics.json", "report.md", "generations.jsonl", "training_curves.png", "margins.png",
         "logp_shift.png", "generation_lengths.png")  # what a run writes
-PAIR_COLUMNS = ("index", "source", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
-                "rejected_labels", "prompt_length", "chosen_length", "rejected_length")
+PAIR_COLUMNS = ("index", "source", "chosen_input_ids", "rejected_input_ids", "prompt_length", "chosen_length",
+                "rejected_length")
 log = logging.getLogger(__name__)
 
 
@@ -380,7 +380,7 @@ def _add_rewards(pairs: dict[str, np.ndarray], rows: pa.Table, objective: Object
     reference = {f"{s}_{kind}": t[f"ref_{s}_{kind}"] for s in SIDES for kind in ("logps", "shared_logps")
                  if f"ref_{s}_{kind}" in t}
     inputs = LossInputs.of(side("chosen"), side("rejected"), reference)
-    chosen_tokens = float(scored_label_tokens(rows.select(["chosen_labels"]), "chosen").sum())
+    chosen_tokens = float(scored_label_tokens(rows, "chosen").sum())
     context = BatchContext(float(rows.num_rows), chosen_tokens, objective.reward_shift)
     groups = [list(range(rows.num_rows))]
     if objective.loss.sorts_micro_batch:
@@ -486,16 +486,16 @@ def _read_prompts(path: str, tokenizer, limit: int, layout: str) -> list[dict[st
 
 
 def _held_out_prompts(rows: pa.Table, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` pairs by index; the prompt is the shared prefix before the response labels."""
+    """The first ``limit`` pairs by index; the prompt is the shared prefix before the responses."""
     chosen = rows.take(np.argsort(pair_indices(rows), kind="stable")[:limit]).to_pylist()
     out = []
     for row in chosen:
         length = int(row["prompt_length"])
         out.append({
             "index": row["index"], "source": row["source"], "prompt_ids": list(row["chosen_input_ids"][:length]),
-            "chosen_tokens": sum(1 for t in row["chosen_labels"] if t != IGNORE_INDEX),
-            "rejected_tokens": sum(1 for t in row["rejected_labels"] if t != IGNORE_INDEX),
-            "chosen_ids": [t for t in row["chosen_labels"] if t != IGNORE_INDEX],
+            "chosen_tokens": int(row["chosen_length"]) - length,
+            "rejected_tokens": int(row["rejected_length"]) - length,
+            "chosen_ids": list(row["chosen_input_ids"][length:]),
         })
     return out
 

@@ -74,6 +74,10 @@ SCHEMA = pa.schema([
     ("chosen_length", pa.int32()),
     ("rejected_length", pa.int32()),
 ])
+# The memory-mapped Arrow copies that train, cache-ref and evaluate read leave the labels out: they are
+# the input ids with the prompt masked (pipeline/batching.py derives them), and without them the copies
+# are half the size to hash, map and cache. The Parquet shards keep every column.
+MAPPED_COLUMNS = [name for name in SCHEMA.names if not name.endswith("_labels")]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -424,7 +428,8 @@ def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEnco
                 if stage_run.stop_requested():
                     raise stage_run.preempted(saved)
                 items = (Item(name, record, _normalise(cfg, record, fmt, columns)) for name, record, fmt in taken)
-                writer = ShardWriter(out, shard_path(split, number, count), SCHEMA, arrow_copy=True)
+                writer = ShardWriter(out, shard_path(split, number, count), SCHEMA, arrow_copy=True,
+                                     copy_columns=MAPPED_COLUMNS)
                 part = {"rejects": [], "truncated": 0, "prompt_truncated": 0}
                 rows = 0
                 try:
@@ -451,8 +456,8 @@ def _write_shards(cfg: TokenizeConfig, out: Path, plan: _Plan, encoder: PairEnco
 
 def _is_committed(out: Path, split: str, number: int, count: int) -> bool:
     shard = shard_path(split, number, count)
-    return ((out / _reject_part(split, number, count)).is_file() and (out / arrow_copy_path(shard)).is_file()
-            and committed_shard(out, shard) is not None)
+    return ((out / _reject_part(split, number, count)).is_file()
+            and committed_shard(out, shard, MAPPED_COLUMNS) is not None)
 
 
 def _chunked(items: Iterator[Item]) -> Iterator[list[Item]]:

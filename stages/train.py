@@ -403,9 +403,7 @@ class Trainer:
         """
         chosen_tokens = 0.0
         if self.cfg.loss.needs_token_count:
-            labels = rows.select(["chosen_labels"])
-            chosen_tokens = float(scored_label_tokens(labels if positions is None else take_rows(labels, positions),
-                                                      "chosen").sum())
+            chosen_tokens = float(scored_label_tokens(rows, "chosen", positions).sum())
         shift = self.reward_shift.value if self.reward_shift is not None else 0.0
         return BatchContext(float(rows.num_rows if positions is None else len(positions)), chosen_tokens, shift)
 

@@ -19,7 +19,7 @@ from dpo.artifacts.errors import DataError
 from dpo.artifacts.shards import ROW_GROUP_ROWS, ArtifactReader, ShardWriter, arrow_copy_path
 from dpo.pipeline import sources
 from dpo.pipeline.sources import fraction_mask, resolve_source, sample_mask
-from dpo.stages.tokenize import TokenizeConfig, run
+from dpo.stages.tokenize import MAPPED_COLUMNS, TokenizeConfig, run
 
 REPO = DEMO.parent
 
@@ -202,10 +202,30 @@ def test_reader_memory_maps_the_arrow_copies(mixed):
     train = reader.read_split("train")
     assert pa.total_allocated_bytes() - before < 4096  # the rows stay in the mapped files, not in memory
     parquet = pa.concat_tables(pq.read_table(mixed / p) for p in sorted(PINNED) if p.startswith("train/"))
-    assert train.equals(parquet)
+    assert train.column_names == MAPPED_COLUMNS and train.equals(parquet.select(MAPPED_COLUMNS))
     picked = train.take([0, 400, 17])
     assert picked.column("index").to_pylist() == [0, 400, 17]
-    assert picked.equals(parquet.take([0, 400, 17]))
+    assert picked.equals(parquet.select(MAPPED_COLUMNS).take([0, 400, 17]))
+
+
+def test_labels_derived_from_the_arrow_copies_are_the_parquet_shards_labels(mixed):
+    """The copies leave the labels out; what the stages derive from ids and prompt length is what
+    tokenize wrote, for every pair of both splits and both sides (real HH and Alpaca-style records)."""
+    from dpo.pipeline.batching import scored_label_tokens, side_tokens
+
+    reader = ArtifactReader(mixed, kind="tokenized", verify=True)
+    for split in ("train", "eval"):
+        mapped = reader.read_split(split)
+        parquet = pa.concat_tables(pq.read_table(mixed / p) for p in sorted(PINNED) if p.startswith(f"{split}/"))
+        assert "chosen_labels" not in mapped.column_names and mapped.num_rows == parquet.num_rows > 0
+        for side in ("chosen", "rejected"):
+            derived, written = side_tokens(mapped, side), side_tokens(parquet, side)
+            for a, b in zip(derived, written):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(scored_label_tokens(mapped, side), scored_label_tokens(parquet, side))
+            positions = [3, 0, mapped.num_rows - 1]
+            np.testing.assert_array_equal(scored_label_tokens(mapped, side, positions),
+                                          scored_label_tokens(parquet, side, positions))
 
 
 def test_take_rows_reads_only_the_batches_it_needs_and_keeps_the_order(mixed):

@@ -98,10 +98,15 @@ def submit(run_file: Path, *options: str, env: dict[str, str], cwd: Path) -> sub
                           text=True, cwd=cwd, timeout=120)
 
 
+STEPS = 96
+
+
 def test_the_chain_survives_preemption_on_a_real_slurm(cluster, tmp_path):
     model = build_tiny_llama(tmp_path / "base", hidden=64)
     run = tmp_path / "run"
-    train = {"max_steps": 24, "per_device_batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+    # Four epochs, about 4 s: a resumed train still runs when the test signals it 3 steps later (with
+    # one epoch, a resumed run finished its 13 remaining steps in half a second, before the signal came).
+    train = {"max_steps": STEPS, "per_device_batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
              "logging_steps": 1, "save_every": "100000"}
     spec = {
         "run_dir": str(run), "model": str(model),
@@ -186,6 +191,6 @@ def test_the_chain_survives_preemption_on_a_real_slurm(cluster, tmp_path):
     assert len(re.findall(r"resuming from step \d+", text["train"])) == 2, text["train"]
     a = [json.loads(line) for line in (tmp_path / "reference" / "train" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 25))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-6)
     assert json.loads((run / "model" / "manifest.json").read_text())["kind"] == "model"

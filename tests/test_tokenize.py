@@ -35,7 +35,11 @@ def tokenize(out: Path, *data: str, tokenizer: Path = DEMO_MODEL, **options):
 
 
 def rows(out: Path, split: str = "train") -> list[dict]:
-    return ArtifactReader(out, kind="tokenized", verify=True).read_split(split).to_pylist()
+    """The pairs as tokenize wrote them: its Parquet shards, every column (the Arrow copies that stages
+    read leave the labels out)."""
+    reader = ArtifactReader(out, kind="tokenized", verify=True)
+    shards = [e for e in reader.manifest.files_of(split) if e.path.endswith(".parquet")]
+    return [row for e in shards for row in pq.read_table(reader.path(e.path)).to_pylist()]
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -749,6 +753,25 @@ def test_sigkill_and_rerun_is_byte_identical(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["stats"]["pairs"] == \
         json.loads((reference / "manifest.json").read_text())["stats"]["pairs"]
     assert not (out / ".rejects").exists()
+
+
+def test_a_shard_whose_arrow_copy_an_earlier_version_wrote_is_redone_on_resume(tmp_path):
+    """Earlier versions' copies held the label columns; a partial run of one, resumed by this version,
+    gets every copy rewritten that does not hold this version's columns, so the split reads as one table."""
+    args = ["tokenize", "--data", HH, "--tokenizer", str(DEMO_MODEL), "--rows-per-shard", "100", "--max-seq-length", "512"]
+    reference = tmp_path / "reference"
+    run_dpo(*args, "--out", reference, check=True)
+    out = tmp_path / "partial"
+    killed = run_dpo(*args, "--out", out, env=dpo_env(DPO_TEST_FAULT="shard-write:4"))
+    assert killed.returncode != 0 and not (out / "manifest.json").exists()
+    old = out / "train" / "part-00001-of-00024.arrow"
+    whole = pq.read_table(out / "train" / "part-00001-of-00024.parquet")
+    with pa.ipc.new_file(old, whole.schema) as writer:  # a copy as an earlier version wrote it
+        writer.write_table(whole)
+    time.sleep(1.5)
+    run_dpo(*args, "--out", out, "--lock-timeout", "1", check=True)
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert "chosen_labels" not in ArtifactReader(out, kind="tokenized").read_split("train").column_names
 
 
 # ------------------------------------------------------------------ prompt limit by default, at turns
