@@ -152,6 +152,8 @@ def as_numpy(column: pa.Array | pa.ChunkedArray, dtype=np.int64) -> np.ndarray:
     """A numeric column without nulls as one numpy array of ``dtype``."""
     parts = []
     for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if not len(chunk):  # an empty chunk may have no data buffer at all
+            continue
         if not (pa.types.is_integer(chunk.type) or pa.types.is_floating(chunk.type)) or chunk.null_count:
             raise ValueError(f"expected numbers without nulls, got {chunk.type} with {chunk.null_count} nulls")
         parts.append(np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(), count=len(chunk),

@@ -98,6 +98,8 @@ def test_columns_reach_numpy_through_their_buffers_as_arrow_would_convert_them()
     floats = pa.array([0.5, -1.25, 3.0], pa.float32()).slice(1, 2)
     assert as_numpy(floats, np.float32).tolist() == [-1.25, 3.0]
     assert as_numpy(pa.chunked_array([], pa.int64())).tolist() == []
+    bufferless = pa.Array.from_buffers(pa.int32(), 0, [None, None])
+    assert as_numpy(pa.chunked_array([bufferless, pa.array([4], pa.int32())])).tolist() == [4]
     with pytest.raises(ValueError, match="without nulls"):
         as_numpy(pa.array([1, None]))
     table = pa.Table.from_batches([pa.record_batch({"x": pa.array(range(k, k + 3))}) for k in (0, 3, 6)])
