@@ -156,7 +156,7 @@ def committed_shard(root: Path, relative: str, copy_columns: Sequence[str] | Non
     try:
         rows = pq.ParquetFile(target).metadata.num_rows
         if copy_columns is not None:
-            # Read, not mapped: a mapping would outlive the check (and keep the file system busy).
+            # Only the footer's schema is needed: a plain read, closed here, maps nothing.
             with pa.OSFile(str(root / arrow_copy_path(relative))) as source:
                 if pa.ipc.open_file(source).schema.names != list(copy_columns):
                     return None

@@ -146,9 +146,13 @@ def test_output_layer_runs_only_on_label_positions_in_chunks():
 
 
 @pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, part kept, all kept
-def test_kept_logit_gradients_match_textbook(kept_chunks):
+def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
     """Training keeps d logp / d logits from forward for as many chunks as keep_bytes holds and
     recomputes the rest: the gradients are the textbook ones either way."""
+    from dpo.pipeline import logprobs
+
+    kept, apply = [], _KeptGradientLogProb.apply
+    monkeypatch.setattr(logprobs._KeptGradientLogProb, "apply", lambda *args: kept.append(1) or apply(*args))
     model = demo_model()
     rows = random_pairs(3, model.config.vocab_size, seed=4)
     batch = collate_pairs(rows, pad_token_id=0)
@@ -156,6 +160,8 @@ def test_kept_logit_gradients_match_textbook(kept_chunks):
     wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=chunk, keep_bytes=kept_chunks * chunk)
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
     (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
+    chunks = -(-int((batch["labels"][:, 1:] != -100).sum()) // 5)
+    assert len(kept) == min(kept_chunks, chunks) and chunks > 1  # the kept path ran, for as many chunks as fit
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0.0
