@@ -4,6 +4,7 @@
     python bench/vs_trl.py                       # full run: 30 steps, median of 3 interleaved runs -> bench/RESULTS.md
     python bench/vs_trl.py --quick               # smoke run: 2 steps, 1 run, 64 pairs -> runs/bench-vs-trl/RESULTS.md
     python bench/vs_trl.py --steps 2 --runs 1 --pairs 64
+    python bench/vs_trl.py --tokenize-only       # the tokenize goal alone, 5 interleaved runs -> its section of RESULTS.md
 
 build    one model both sides load (a ~16M-parameter Llama, hidden 256, 4 layers, intermediate 688, 4 heads,
          tied embeddings, the real GPT-2 vocabulary, fixed seed) and the HH-RLHF harmless pairs as plain
@@ -66,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 HH_DATA = REPO / "demo" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 GPT2_TOKENIZER = REPO / "demo" / "gpt2-tokenizer"
 RESULTS = REPO / "bench" / "RESULTS.md"
+TOKENIZE_BEGIN, TOKENIZE_END = "<!-- tokenize:begin -->", "<!-- tokenize:end -->"
 HH_ASSISTANT = "\n\nAssistant:"
 TOLERANCE = 1e-5  # relative difference allowed between dpo's and TRL's step-1 loss and gradient norm
 CHECK_PAIRS = 8
@@ -422,16 +424,57 @@ def measure_trl(s: Settings, mode: str, model: Path, records: Path, folder: Path
     return m
 
 
+def measure_dpo_tokenize(s: Settings, tokenizer: Path, records: Path, out: Path, log: Path) -> dict:
+    """``dpo tokenize`` of the records: its own throughput (reading the file, encoding, writing Parquet)."""
+    p = run_proc(dpo_cmd("tokenize", "--data", records, "--tokenizer", tokenizer, "--out", out,
+                         "--max-seq-length", s.max_length, "--format", "text", "--quiet"), log, s.threads)
+    t = read_manifest(out)["stats"]
+    return {"pairs": sum(t["pairs"].values()), "pairs_per_second": t["throughput"]["pairs_per_second"],
+            "seconds": t["throughput"]["seconds"], "wall_seconds": p.seconds, "peak_rss_bytes": p.peak_rss_bytes}
+
+
+def tokenize_only(s: Settings, out: Path, results: Path) -> None:
+    """The tokenize goal alone (minutes, not hours): ``dpo tokenize`` against TRL's own preparation
+    (``DPOTrainer._prepare_dataset``, as timed inside TRL (a) in the full run) of the same records with
+    the same tokenizer, interleaved, ``s.runs`` times; writes the ``tokenize`` section of ``results``."""
+    records = write_jsonl(out / "pairs.jsonl", hh_pairs()[: s.pairs] if s.pairs else hh_pairs())
+    count = len(read_jsonl(records))
+    rows = []
+    for r in range(1, s.runs + 1):
+        folder = out / "tokenize-only" / f"run-{r}"
+        shutil.rmtree(folder, ignore_errors=True)
+        trl, _ = run_worker("trl-prepare", {"model": str(GPT2_TOKENIZER), "records": str(records),
+                                            "max_length": s.max_length}, folder / "trl", s.threads)
+        dpo = measure_dpo_tokenize(s, GPT2_TOKENIZER, records, folder / "tokenized", folder / "tokenize.log")
+        rows.append((count / trl["seconds"], dpo["pairs_per_second"]))
+        say(f"run {r}/{s.runs}: TRL's preparation {rows[-1][0]:.0f} pairs/s, dpo tokenize {rows[-1][1]:.0f} pairs/s")
+    trl_median, dpo_median = (statistics.median(x) for x in zip(*rows))
+    v, load = versions(), os.getloadavg()[0]
+    lines = [TOKENIZE_BEGIN, "## Tokenize alone (`bench/vs_trl.py --tokenize-only`)", "",
+             f"{datetime.datetime.now():%Y-%m-%d %H:%M}, dpo {v['dpo_commit']}, tokenizers {v['tokenizers']}, trl "
+             f"{v['trl']}, {machine()['cpu']}, {s.threads} threads, load average {load:.2f} at the end. The "
+             f"{count:,} HH pairs and the GPT-2 tokenizer of the full run, --max-seq-length {s.max_length}; "
+             f"median of {s.runs} interleaved runs (TRL's preparation, then dpo tokenize, in each).", "",
+             "| run | TRL's preparation pairs/s | dpo tokenize pairs/s | dpo / TRL |", "|---|---:|---:|---:|",
+             *[f"| {r} | {t:,.0f} | {d:,.0f} | {d / t:.2f}x |" for r, (t, d) in enumerate(rows, 1)],
+             f"| median | {trl_median:,.0f} | {dpo_median:,.0f} | **{dpo_median / trl_median:.2f}x** (goal >= 3x) |",
+             TOKENIZE_END]
+    text = results.read_text() if results.is_file() else ""
+    section = "\n".join(lines) + "\n"
+    if TOKENIZE_BEGIN in text and TOKENIZE_END in text:
+        text = text[: text.index(TOKENIZE_BEGIN)] + section + text[text.index(TOKENIZE_END) + len(TOKENIZE_END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+    say(f"tokenize: dpo {dpo_median:.0f} pairs/s, TRL's preparation {trl_median:.0f}: {dpo_median / trl_median:.2f}x; "
+        f"wrote {results}")
+
+
 def measure_dpo(s: Settings, model: Path, records: Path, folder: Path, packing: dict) -> dict:
     """dpo tokenize -> cache-ref -> train, unpacked, then packed where this dpo has --packing."""
     shutil.rmtree(folder, ignore_errors=True)
     tok = folder / "tokenized"
-    p = run_proc(dpo_cmd("tokenize", "--data", records, "--tokenizer", model, "--out", tok,
-                         "--max-seq-length", s.max_length, "--format", "text", "--quiet"), folder / "tokenize.log", s.threads)
-    t = read_manifest(tok)["stats"]
-    m: dict[str, Any] = {"tokenize": {
-        "pairs": sum(t["pairs"].values()), "pairs_per_second": t["throughput"]["pairs_per_second"],
-        "seconds": t["throughput"]["seconds"], "wall_seconds": p.seconds, "peak_rss_bytes": p.peak_rss_bytes}}
+    m: dict[str, Any] = {"tokenize": measure_dpo_tokenize(s, model, records, tok, folder / "tokenize.log")}
     variants = {"unpacked": False}
     if packing["available"]:
         variants["packed"] = True
@@ -1099,6 +1142,9 @@ def main() -> None:
                         help="TRL's own default; off by default so both sides do the same computation")
     parser.add_argument("--render", type=Path, metavar="SUMMARY_JSON",
                         help="only write the report again from a run's summary.json (to --results, else bench/RESULTS.md)")
+    parser.add_argument("--tokenize-only", action="store_true",
+                        help="measure only dpo tokenize against TRL's preparation (--runs, default 5) and write its "
+                             "section of the report")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1110,6 +1156,8 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.runs, args.pairs = 2, 1, args.pairs or 64
+    if args.tokenize_only and "--runs" not in sys.argv:
+        args.runs = 5
     s = Settings(steps=args.steps, runs=args.runs, pairs=args.pairs, threads=args.threads,
                  max_tokens_per_batch=args.max_tokens_per_batch,
                  trl_gradient_checkpointing=args.trl_gradient_checkpointing)
@@ -1120,6 +1168,12 @@ def main() -> None:
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.tokenize_only:
+        try:
+            tokenize_only(s, out, args.results or RESULTS)
+        except BenchError as exc:
+            sys.exit(f"bench: {exc}")
+        return
     meta: dict[str, Any] = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "load_start": os.getloadavg(),
                             "settings": {**dataclasses.asdict(s), "full": s.full}, "versions": versions()}
     try:

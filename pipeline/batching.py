@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from ..artifacts.errors import DataError, UsageError
+from .arrays import arrow_indices, as_numpy
 from .tokenization import IGNORE_INDEX
 
 SIDES = ("chosen", "rejected")
@@ -141,25 +142,6 @@ def take_rows(table: pa.Table, positions: Sequence[int] | np.ndarray) -> pa.Tabl
 
 # Between Arrow and numpy through the buffers: pyarrow's own conversions (pa.array, to_numpy) import
 # pandas to look for its types, a third of a second of the start-up of a stage that never uses it.
-
-def arrow_indices(positions: np.ndarray) -> pa.Array:
-    """Row positions as an Arrow int64 array for ``take``."""
-    positions = np.ascontiguousarray(positions, dtype=np.int64)
-    return pa.Array.from_buffers(pa.int64(), len(positions), [None, pa.py_buffer(positions)])
-
-
-def as_numpy(column: pa.Array | pa.ChunkedArray, dtype=np.int64) -> np.ndarray:
-    """A numeric column without nulls as one numpy array of ``dtype``."""
-    parts = []
-    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if not len(chunk):  # an empty chunk may have no data buffer at all
-            continue
-        if not (pa.types.is_integer(chunk.type) or pa.types.is_floating(chunk.type)) or chunk.null_count:
-            raise ValueError(f"expected numbers without nulls, got {chunk.type} with {chunk.null_count} nulls")
-        parts.append(np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(), count=len(chunk),
-                                   offset=chunk.offset * chunk.type.byte_width))
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-
 
 def pair_indices(table: pa.Table) -> np.ndarray:
     """The pairs' ``index`` column as a (writable) int64 array."""

@@ -21,7 +21,7 @@ import torch
 from ..artifacts.manifest import Manifest, read_manifest
 from ..artifacts.shards import ArtifactReader
 from ..artifacts.errors import ArtifactError
-from .batching import as_numpy
+from .arrays import as_numpy
 
 KIND = "ref-logps"
 COLUMNS = ("index", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens")

@@ -12,13 +12,15 @@ How a pair becomes tokens:
   layout); BOS only if the tokenizer adds one to plain text.
 
 Prompt and conversation are tokenized whole, so the response's ids are the ones the model sees in
-context, and the prompt's ids are kept as its prefix. Where a tokenizer merges across the boundary
-(a prompt ending in a space or a template ending in '>' that BPE joins with the response's first
-character), the response text after the prompt is tokenized on its own and appended, as TRL does:
-the prompt's ids stay identical in chosen and rejected by construction. A template whose rendering
-of the prompt is not even a text prefix of the conversation (it renders the prompt differently once
-the answer follows) cannot be split without mis-masking, so that pair is reported as
-`PrefixMismatch` instead.
+context, and the prompt's ids are kept as its prefix. (Where the tokenizer provably splits the
+conversation at the prompt's end, the response is tokenized on its own instead of the whole
+conversation: the same ids, without tokenizing the prompt three times; see `SplitPoints`.) Where a
+tokenizer merges across the boundary (a prompt ending in a space or a template ending in '>' that BPE
+joins with the response's first character), the response text after the prompt is tokenized on its
+own and appended, as TRL does: the prompt's ids stay identical in chosen and rejected by construction.
+A template whose rendering of the prompt is not even a text prefix of the conversation (it renders
+the prompt differently once the answer follows) cannot be split without mis-masking, so that pair is
+reported as `PrefixMismatch` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import dataclasses
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +164,93 @@ def template_file(tokenizer: str) -> str:
     return tokenizer
 
 
+# Onig's \s (Unicode White_Space), which the patterns below mean by a space; Python's isspace() also
+# takes U+001C-U+001F, which these patterns count as symbols.
+WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(map(chr, range(0x2000, 0x200B)))
+# Pre-tokenizer patterns (Split regexes, and ByteLevel's own, GPT-2's) that never look behind a position,
+# with the spaces that no piece of theirs holds after a non-space character. GPT-2's (two spellings):
+# a space only leads a piece or is in a piece of spaces, letters, digits and symbols are followed in a
+# piece only by more of their kind; the one lookahead, (?!\S), follows spaces. Llama 3's (OpenAI's
+# cl100k) and Qwen2's: the same, except that symbols take line breaks after them.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's use_regex
+SPLIT_PATTERNS = {
+    GPT2_PATTERN: WHITESPACE,
+    r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": WHITESPACE,
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        WHITESPACE - {"\r", "\n"},
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        WHITESPACE - {"\r", "\n"},
+}
+
+
+class SplitPoints:
+    """Where a text tokenizes as its two parts do, each on its own: ``ids(text) == ids(text[:at]) +
+    ids(text[at:])``, said only where it is certain.
+
+    The tokenizer splits text at its added tokens, normalises the rest, cuts it into pieces with its
+    pre-tokenizer and encodes every piece on its own. So the equation holds where no added token lies
+    near ``at``, the normaliser leaves the two sides apart, and the pre-tokenizer cuts the text at
+    ``at`` into the pieces the two sides make alone. That is certain for the pre-tokenizers made of
+    SPLIT_PATTERNS (and digit splits, and ByteLevel's byte mapping) where a non-space character is
+    followed by one of the pattern's spaces: no piece spans the two, a piece before them is decided by
+    the same characters in either text (that space stops each as the end of the text does), and a piece
+    after them cannot look back. With no normaliser or NFC (no character composes with a following
+    space). A tokenizer of any other kind gets None from ``of``: every text is tokenized whole."""
+
+    def __init__(self, spaces: frozenset[str], added: list[str], nfc: bool):
+        self.spaces = spaces
+        self.added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
+        self.reach = max(map(len, added), default=0)
+        self.nfc = nfc
+
+    @classmethod
+    def of(cls, backend) -> SplitPoints | None:
+        normalizer = backend.normalizer and json.loads(backend.normalizer.__getstate__())
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            return None
+        spaces = backend.pre_tokenizer and _split_spaces(json.loads(backend.pre_tokenizer.__getstate__()))
+        if not spaces:
+            return None
+        if getattr(backend.model, "dropout", None):  # BPE-dropout encodes at random
+            return None
+        return cls(spaces, [token.content for token in backend.get_added_tokens_decoder().values()], normalizer is not None)
+
+    def splits(self, text: str, at: int) -> bool:
+        if not 0 < at < len(text) or text[at] not in self.spaces or text[at - 1].isspace():
+            return False
+        if self.added is None:
+            return True
+        # Any added token within reach of ``at`` (a token next to it may strip or need the space): not certain.
+        window = text[max(0, at - self.reach): at + self.reach]
+        if self.added.search(window):
+            return False
+        return not (self.nfc and self.added.search(unicodedata.normalize("NFC", window)))
+
+
+def _split_spaces(pre_tokenizer: dict) -> frozenset[str]:
+    """The spaces before which the pre-tokenizer always splits after a non-space character (empty: none
+    certain, e.g. for a step not known here, or no step that splits text at all)."""
+    steps = pre_tokenizer["pretokenizers"] if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    spaces, splitting = WHITESPACE, False
+    for k, step in enumerate(steps):
+        kind = step.get("type")
+        if kind == "Digits":
+            continue
+        if kind == "ByteLevel" and k == len(steps) - 1:  # last: later steps would see its byte characters
+            if step.get("add_prefix_space"):  # a text not starting with a space gets one
+                spaces &= {" "}
+            if step.get("use_regex", True):
+                spaces &= SPLIT_PATTERNS[GPT2_PATTERN]
+                splitting = True
+            continue
+        pattern = step.get("pattern", {}).get("Regex") if kind == "Split" else None
+        if pattern not in SPLIT_PATTERNS or step.get("behavior") != "Isolated" or step.get("invert"):
+            return frozenset()
+        spaces &= SPLIT_PATTERNS[pattern]
+        splitting = True
+    return spaces if splitting else frozenset()
+
+
 class PairEncoder:
     """Turns Pairs into token ids in batches; one per process."""
 
@@ -170,6 +260,12 @@ class PairEncoder:
         self.context = self.tokenizer.model_max_length
         # Lengths are enforced by --max-seq-length below; silence transformers' per-call length warning.
         self.tokenizer.model_max_length = sys.maxsize
+        backend = self.tokenizer.backend_tokenizer
+        # Encoding calls the Rust tokenizer directly, which pads and truncates as its tokenizer.json says
+        # (transformers resets that per call of its own): dpo enforces lengths itself.
+        backend.no_truncation()
+        backend.no_padding()
+        self.split_points = SplitPoints.of(backend)
         self.template = effective_template(self.tokenizer, settings.chat_template)
         self._compiled = False
         self.eos = self.tokenizer.eos_token_id
@@ -225,38 +321,61 @@ class PairEncoder:
         """Each pair's tokens, or why it makes none. Under ``prompt_truncation`` "turns", a pair whose
         prompt is over ``max_prompt_length`` is encoded again with its earliest turns left out (the
         fewest that make it fit); where even its last turn is too long it keeps its latest tokens."""
-        results = self._encode(pairs)
+        known: dict[str, list[int]] = {}  # text -> ids, so the second pass encodes nothing twice
+        results = self._encode(pairs, known)
         if self.settings.prompt_truncation != "turns" or self.settings.max_prompt_length is None:
             return results
         cut = [i for i, r in enumerate(results) if isinstance(r, Encoded) and r.prompt_truncated]
-        shorter = self._drop_turns([pairs[i] for i in cut])
+        shorter = self._drop_turns([pairs[i] for i in cut], known)
         redo = [(i, pair) for i, pair in zip(cut, shorter) if pair is not None]
-        for (i, _), result in zip(redo, self._encode([pair for _, pair in redo])):
+        for (i, _), result in zip(redo, self._encode([pair for _, pair in redo], known)):
             if isinstance(result, Encoded):
                 results[i] = dataclasses.replace(result, prompt_truncated=True)
         return results
 
-    def _drop_turns(self, pairs: list[Pair]) -> list[Pair | None]:
+    def _drop_turns(self, pairs: list[Pair], known: dict[str, list[int]]) -> list[Pair | None]:
         """Each pair with the fewest earliest prompt turns left out that brings its prompt within
-        max_prompt_length tokens; None where no turn boundary does (or the prompt has no turns)."""
+        max_prompt_length tokens; None where no turn boundary does (or the prompt has no turns). The
+        chosen prompts' ids go into ``known``."""
         candidates = [self._later_turns(pair) for pair in pairs]
+        chosen: list[Pair | None] = [None] * len(pairs)
+        limit = self.settings.max_prompt_length
+        # A plain prompt that splits at every turn (SplitPoints) is encoded once, turn by turn: each
+        # candidate's ids are the ids of its turns.
+        turns: dict[int, list[str]] = {}
+        for k, (pair, options) in enumerate(zip(pairs, candidates)):
+            starts = [len(pair.prompt) - len(option.prompt) for option in options] if options else []
+            if (options and not self.uses_template(pair) and self.split_points is not None
+                    and all(self.split_points.splits(pair.prompt, at) for at in starts)):
+                turns[k] = [pair.prompt[a:b] for a, b in zip([0, *starts], [*starts, len(pair.prompt)])]
+        pieces = [text for k in turns for text in turns[k][1:]]
+        encoded = iter(self.tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False))
+        for k, texts in turns.items():
+            ids = [next(encoded).ids for _ in texts[1:]]
+            for j in range(len(ids)):
+                prompt = [token for piece in ids[j:] for token in piece]
+                if len(self.text_prefix) + len(prompt) <= limit:
+                    chosen[k] = candidates[k][j]
+                    known[chosen[k].prompt] = prompt
+                    break
         texts, owners = [], []
         for k, options in enumerate(candidates):
+            if k in turns:
+                continue
             for j, option in enumerate(options):
                 try:
                     texts.append(self._render_prompt(option))
                 except Exception:  # noqa: BLE001 - a template that refuses the shortened conversation: not a candidate
                     continue
                 owners.append((k, j))
-        chosen: list[Pair | None] = [None] * len(pairs)
         if not texts:
             return chosen
-        limit = self.settings.max_prompt_length
         encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        for (k, j), e in zip(owners, encoded):
+        for (k, j), text, e in zip(owners, texts, encoded):
             prefix = 0 if self.uses_template(candidates[k][j]) else len(self.text_prefix)
             if chosen[k] is None and prefix + len(e.ids) <= limit:
                 chosen[k] = candidates[k][j]
+                known[text] = e.ids
         return chosen
 
     @staticmethod
@@ -274,10 +393,14 @@ class PairEncoder:
         starts = [m.start() for m in _HH_TURN.finditer(pair.prompt) if m.start() > 0]
         return [dataclasses.replace(pair, prompt=pair.prompt[i:]) for i in starts]
 
-    def _encode(self, pairs: list[Pair]) -> list[Encoded | Drop | PrefixMismatch]:
+    def _encode(self, pairs: list[Pair], known: dict[str, list[int]]) -> list[Encoded | Drop | PrefixMismatch]:
+        """Each pair's tokens, or why it makes none; texts in ``known`` are not encoded again, and every
+        text encoded here is added to it."""
         if not pairs:
             return []
-        texts: list[str] = []
+        texts: list[str] = []  # per pair: prompt, prompt+chosen, prompt+rejected (rendered)
+        encode: list[str] = []  # what is tokenized: the same, or a response alone where SplitPoints allows
+        split: set[tuple[int, int]] = set()
         chat: list[bool] = []
         failed: dict[int, Drop] = {}
         cuts: dict[int, int] = {}
@@ -288,9 +411,21 @@ class PairEncoder:
                 failed[i] = rendered
                 rendered = ("", "", "")
             texts.extend(rendered)
+            encode.append(rendered[0])
+            for side in (1, 2):
+                whole, at = rendered[side], len(rendered[0])
+                points = self.split_points
+                if points is not None and points.splits(whole, at) and whole.startswith(rendered[0]):
+                    encode.append(whole[at:])
+                    split.add((i, side))
+                else:
+                    encode.append(whole)
             chat.append(pair.is_chat or self.settings.apply_chat_template)
         # The Rust tokenizer directly, without offsets: the same ids as tokenizer(texts), about twice as fast.
-        ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        new = list(dict.fromkeys(text for text in encode if text not in known))
+        known.update(zip(new, (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
+            new, add_special_tokens=False))))
+        ids = [known[text] for text in encode]
         results: list[Encoded | Drop | PrefixMismatch | None] = []
         prompts = [(self.text_prefix if not c else []) + ids[3 * i] for i, c in enumerate(chat)]
         responses: dict[tuple[int, int], list[int]] = {}
@@ -302,6 +437,9 @@ class PairEncoder:
             prompt_text, prompt = texts[3 * i], prompts[i]
             results.append(None)
             for side in (1, 2):
+                if (i, side) in split:  # the whole text's ids are the prompt's followed by these
+                    responses[i, side] = ids[3 * i + side]
+                    continue
                 full = (self.text_prefix if not chat[i] else []) + ids[3 * i + side]
                 if full[: len(prompt)] == prompt:
                     responses[i, side] = full[len(prompt):]

@@ -43,12 +43,13 @@ from ..artifacts.fingerprint import semantic_config as _semantic_options
 from ..artifacts.manifest import FileEntry, InputRef, Manifest, write_json_atomic, write_text_atomic
 from ..artifacts.runner import StageRun
 from ..artifacts.shards import ShardWriter, arrow_copy_path, committed_shard, file_entry, shard_bounds, shard_path
+from ..pipeline.arrays import as_arrow, as_arrow_strings, as_numpy
 from ..pipeline.config import StageOptions, at_least, flatten, fraction, option, validate
 from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, apply_columns, detect_format, normalise, parse_columns
 from ..pipeline.logs import progress
 from ..pipeline.sources import Record, Source, fraction_mask, resolve_source, sample_mask
 from ..pipeline.tokenization import (
-    IGNORE_INDEX, PROMPT_TRUNCATION_MODES, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
+    IGNORE_INDEX, PROMPT_TRUNCATION_MODES, Encoded, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
     data_loss_warnings,
     read_template_file, tokenizer_fingerprint, tokenizer_info,
 )
@@ -268,7 +269,7 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
     depend only on counts, can be drawn); a second one normalises every sampled record, so a
     malformed one stops the run before any shard is committed (shards are committed one by one as
     the unit of resume, so the check cannot wait for the end), and finds the first chat pair to
-    render; with --eval-data, a third one compares the train pairs to the eval pairs' digests."""
+    render, and compares the train pairs with the --eval-data pairs' digests."""
     columns = parse_columns(cfg.columns)
     inputs: list[_Input] = []
     for split, sources in (("train", train_sources), ("eval", eval_sources)):
@@ -295,12 +296,16 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
         sizes["eval"] = eval_count
     plan = _Plan(inputs, held_out, sizes)
 
-    stats = []
     first_chat: dict[str, tuple[Pair, str]] = {}  # the first chat pair of train, held out, --eval-data
+    # The --eval-data pairs are read first, so the train pairs are compared with them in the same pass.
     eval_keys: list[tuple[bytes, str]] = []
-    position = 0
-    for given in inputs:
+    twins: dict[bytes, str] = {}  # eval pair digest -> the first train record with the same pair
+    wanted: set[bytes] = set()
+    starts = itertools.accumulate((g.count if g.split == "train" else 0 for g in inputs), initial=0)
+    train_start = {id(given): start for given, start in zip(inputs, starts)}  # its first position in held_out
+    for given in sorted(inputs, key=lambda g: g.split != "eval"):
         given.fmt = _source_format(cfg, given, columns, encoder)
+        position = train_start[id(given)]
         for record in given.records():
             pair = _normalise(cfg, record, given.fmt, columns)
             part = given.split
@@ -310,14 +315,18 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
             if isinstance(pair, Pair):
                 if part not in first_chat and encoder.uses_template(pair):
                     first_chat[part] = (pair, record.where)
-                if part == "eval" and eval_sources:
+                if part == "eval":
                     eval_keys.append((_pair_digest(pair), record.where))
-        stats.append({"data": given.source.spec.spec, "split": given.split, "format": given.fmt, "records": given.count})
+                elif part == "train" and wanted and (key := _pair_digest(pair)) in wanted:
+                    twins.setdefault(key, record.where)
+        if given.split == "eval":
+            wanted = {key for key, _ in eval_keys}
     chat = next((first_chat[part] for part in ("train", "held", "eval") if part in first_chat), None)
     if chat is not None:
         encoder.check_renders(*chat)
-    if eval_sources:
-        _check_overlap(cfg, plan, columns, eval_keys)
+    _check_overlap(cfg, inputs, eval_keys, twins)
+    stats = [{"data": given.source.spec.spec, "split": given.split, "format": given.fmt, "records": given.count}
+             for given in inputs]
     return plan, stats
 
 
@@ -326,23 +335,16 @@ def _pair_digest(pair: Pair) -> bytes:
     return hashlib.blake2b(json.dumps([prompt, pair.chosen, pair.rejected]).encode(), digest_size=16).digest()
 
 
-def _check_overlap(cfg: TokenizeConfig, plan: _Plan, columns: dict[str, str], eval_keys: list[tuple[bytes, str]]) -> None:
+def _check_overlap(cfg: TokenizeConfig, inputs: list[_Input], eval_keys: list[tuple[bytes, str]],
+                   twins: dict[bytes, str]) -> None:
     """--eval-data pairs that are also train pairs (the same normalised prompt, chosen and rejected)
     would be scored as held out while the model trained on them: refused unless --allow-overlap.
     Pairs are compared by 16-byte digests, so only the eval side is held, never the train pairs."""
-    wanted = {key for key, _ in eval_keys}
-    twins: dict[bytes, str] = {}
-    for _, record, fmt in plan.items("train"):
-        pair = _normalise(cfg, record, fmt, columns)
-        if isinstance(pair, Pair):
-            key = _pair_digest(pair)
-            if key in wanted:
-                twins.setdefault(key, record.where)
     shared = [(where, twins[key]) for key, where in eval_keys if key in twins]
     if not shared:
         return
     where, twin = shared[0]
-    total = sum(g.count for g in plan.inputs if g.split == "eval")
+    total = sum(g.count for g in inputs if g.split == "eval")
     what = (f"{len(shared)} of the {total} --eval-data records are also train pairs (the same prompt, chosen and "
             f"rejected), e.g. {where} is {twin}")
     if not cfg.allow_overlap:
@@ -472,9 +474,9 @@ def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list,
               part: dict) -> pa.Table:
     """The rows of a chunk (in input order, densely indexed from ``first_index``); its rejects and
     truncations are added to the shard's ``part``."""
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     rejects: list[dict] = part["rejects"]
-    truncated = prompt_truncated = 0
+    kept: list[Encoded] = []
+    sources: list[str] = []
     results = iter(encoded)
     for item in items:
         result = next(results) if isinstance(item.pair, Pair) else item.pair
@@ -490,19 +492,26 @@ def _assemble(cfg: TokenizeConfig, split: str, items: list[Item], encoded: list,
             rejects.append({"split": split, "source": item.source, **item.record.location,
                             "reason": result.reason, "detail": result.detail})
             continue
-        prompt_ignore = [IGNORE_INDEX] * len(result.prompt)
-        columns["index"].append(first_index + len(columns["index"]))
-        columns["source"].append(item.source)
-        for side, response in (("chosen", result.chosen), ("rejected", result.rejected)):
-            columns[f"{side}_input_ids"].append(result.prompt + response)
-            columns[f"{side}_labels"].append(prompt_ignore + response)
-            columns[f"{side}_length"].append(len(result.prompt) + len(response))
-        columns["prompt_length"].append(len(result.prompt))
-        truncated += result.truncated
-        prompt_truncated += result.prompt_truncated
-    part["truncated"] += truncated
-    part["prompt_truncated"] += prompt_truncated
-    return pa.table(columns, schema=SCHEMA)
+        kept.append(result)
+        sources.append(item.source)
+    part["truncated"] += sum(r.truncated for r in kept)
+    part["prompt_truncated"] += sum(r.prompt_truncated for r in kept)
+    prompt_length = np.fromiter((len(r.prompt) for r in kept), np.int32, len(kept))
+    columns = {"index": as_arrow(np.arange(first_index, first_index + len(kept), dtype=np.int64)),
+               "source": as_arrow_strings(sources), "prompt_length": as_arrow(prompt_length)}
+    for side in ("chosen", "rejected"):
+        length = prompt_length + np.fromiter((len(getattr(r, side)) for r in kept), np.int32, len(kept))
+        offsets = np.zeros(len(kept) + 1, np.int32)
+        np.cumsum(length, out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
+            (r.prompt, getattr(r, side)) for r in kept)), np.int32, int(offsets[-1]))
+        # Labels are the ids with each row's first prompt_length positions masked.
+        position = np.arange(len(ids), dtype=np.int32) - np.repeat(offsets[:-1], length)
+        labels = np.where(position < np.repeat(prompt_length, length), np.int32(IGNORE_INDEX), ids)
+        columns[f"{side}_input_ids"] = pa.ListArray.from_arrays(as_arrow(offsets), as_arrow(ids))
+        columns[f"{side}_labels"] = pa.ListArray.from_arrays(as_arrow(offsets), as_arrow(labels))
+        columns[f"{side}_length"] = as_arrow(length)
+    return pa.table([columns[name] for name in SCHEMA.names], schema=SCHEMA)
 
 
 def _reject_part(split: str, number: int, count: int) -> str:
@@ -635,12 +644,14 @@ def _close(cfg: TokenizeConfig, out: Path, fp: str, sizes: dict[str, int], encod
         for number in range(count):
             entry = committed_shard(out, shard_path(split, number, count))
             files += [entry, file_entry(out, arrow_copy_path(entry.path))]  # rows: the shard's, counted once
-            table = pq.read_table(out / entry.path, columns=["source", *lengths])
+            # Not pq.read_table: it goes through pyarrow.dataset, which imports pandas (a third of a second).
+            with pq.ParquetFile(out / entry.path) as shard:
+                table = shard.read(columns=["source", *lengths])
             for counted in pc.value_counts(table["source"]).to_pylist():
                 pairs.setdefault(split, {}).setdefault(counted["values"], 0)
                 pairs[split][counted["values"]] += counted["counts"]
             for name in lengths:
-                lengths[name].append(table[name].to_numpy())
+                lengths[name].append(as_numpy(table[name], np.int32))
             part = json.loads((out / _reject_part(split, number, count)).read_text())
             reject_rows.extend(part["rejects"])
             truncated += part["truncated"]

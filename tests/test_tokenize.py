@@ -209,6 +209,119 @@ def test_token_merge_across_the_prompt_boundary_keeps_prompt_ids_and_response_te
         assert tok.decode(labelled(row["rejected_input_ids"], row["rejected_labels"])) == rejected + tok.eos_token
 
 
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_level_variants():
+    """GPT-2's byte-level BPE as it ships (ByteLevel's own regex), and under Llama 3's Split pattern
+    with Qwen2's NFC normaliser and added tokens that strip spaces or need a word: SplitPoints' kinds."""
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+
+    gpt2 = AutoTokenizer.from_pretrained(GPT2_TOKENIZER).backend_tokenizer
+    llama3 = AutoTokenizer.from_pretrained(GPT2_TOKENIZER).backend_tokenizer
+    llama3.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama3.normalizer = normalizers.NFC()
+    llama3.add_special_tokens([AddedToken("<|im_start|>", rstrip=True), AddedToken("<|end|>", lstrip=True),
+                               AddedToken("zz", single_word=True, normalized=True)])
+    return {"gpt2": gpt2, "llama3": llama3}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3"])
+def test_split_points_are_exact_where_they_are_taken(kind):
+    """Where SplitPoints says a text splits at a position, the text's ids are the two parts' ids, on
+    random texts of letters, digits, symbols, apostrophes, spaces, line breaks, accents (composing
+    under NFC), no-break and other Unicode spaces, and added tokens around the junction."""
+    import random
+
+    from dpo.pipeline.tokenization import WHITESPACE, SplitPoints
+
+    backend = byte_level_variants()[kind]
+    points = SplitPoints.of(backend)
+    assert points is not None
+    alphabet = ["a", "b", "Z", "é", "e\u0301", "\u0301", "7", "12345", ".", ":", "'", "'s", "'ll", "?!", "-",
+                " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x1c", "\x1f", "<|endoftext|>",
+                "<|im_start|>", "<|end|>", "zz", "Human:", " Assistant:", "\n\nHuman:", *sorted(WHITESPACE)]
+    rng = random.Random(0)
+    taken = 0
+    for _ in range(8000):
+        prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        response = rng.choice(sorted(WHITESPACE)) * rng.randint(0, 2) + "".join(
+            rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        text = prompt + response
+        if not points.splits(text, len(prompt)):
+            continue
+        taken += 1
+        whole, left, right = (e.ids for e in backend.encode_batch_fast([text, prompt, response], add_special_tokens=False))
+        assert whole == left + right, (prompt, response)
+    assert taken > 1000  # the check was put to the test, not just refused
+    assert not points.splits("ab", 1) and not points.splits("a  b", 2) and not points.splits("a:\n b", 3)
+    assert points.splits("a. \nb", 2) and points.splits("a.\nb", 2) == (kind == "gpt2")  # Llama 3: ".\n" is one piece
+
+
+def test_split_points_are_not_claimed_for_other_tokenizers():
+    """SentencePiece-style tokenizers prepend a space marker to a text's start, other patterns and
+    normalisers may join across a space: those are tokenized whole."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from dpo.pipeline.tokenization import SplitPoints
+
+    assert SplitPoints.of(AutoTokenizer.from_pretrained(DEMO_MODEL).backend_tokenizer) is None
+    other = AutoTokenizer.from_pretrained(GPT2_TOKENIZER).backend_tokenizer
+    other.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S+\s?"), "isolated")
+    assert SplitPoints.of(other) is None
+    other = AutoTokenizer.from_pretrained(GPT2_TOKENIZER).backend_tokenizer
+    other.normalizer = normalizers.Lowercase()
+    assert SplitPoints.of(other) is None
+    other.normalizer = None
+    other.pre_tokenizer = pre_tokenizers.Sequence([  # the Split would see ByteLevel's characters
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated")])
+    assert SplitPoints.of(other) is None
+    other.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert SplitPoints.of(other) is not None
+
+
+def test_responses_tokenized_alone_give_the_whole_texts_ids(tmp_path, monkeypatch):
+    """The stage's output with split points taken is byte for byte the output of tokenizing every
+    conversation whole (real HH data, GPT-2's tokenizer; plain pairs and a chat template; long prompts
+    losing their earliest turns)."""
+    from dpo.pipeline.tokenization import SplitPoints
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    outputs = {}
+    for taken in (True, False):
+        if not taken:
+            monkeypatch.setattr(SplitPoints, "of", classmethod(lambda cls, backend: None))
+        for name, options in (("plain", {}), ("chat", {"apply_chat_template": True, "chat_template": str(template)})):
+            out = tmp_path / f"{name}-{taken}"
+            manifest = tokenize(out, f"{HH}:300", tokenizer=GPT2_TOKENIZER, max_seq_length=256, **options)
+            assert manifest.stats["prompt_truncated"] > 30  # prompts lose turns: their turns are split points too
+            outputs[name, taken] = shard_bytes(out)
+    for name in ("plain", "chat"):
+        assert outputs[name, True] == outputs[name, False]
+
+
+def test_tokenizer_json_padding_and_truncation_do_not_reach_the_ids(tmp_path):
+    """A tokenizer.json saved with padding or truncation switched on: the Rust tokenizer would pad or
+    cut every text it encodes; dpo's lengths are its own options, so the ids are the plain ones."""
+    tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    tok.save_pretrained(tmp_path / "configured")
+    config = json.loads((tmp_path / "configured" / "tokenizer.json").read_text())
+    config["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    config["padding"] = {"strategy": {"Fixed": 600}, "direction": "Right", "pad_to_multiple_of": None,
+                         "pad_id": 0, "pad_type_id": 0, "pad_token": "!"}
+    (tmp_path / "configured" / "tokenizer.json").write_text(json.dumps(config))
+    tokenize(tmp_path / "plain", f"{HH}:20", tokenizer=GPT2_TOKENIZER)
+    tokenize(tmp_path / "configured-out", f"{HH}:20", tokenizer=tmp_path / "configured")
+    assert rows(tmp_path / "configured-out") == rows(tmp_path / "plain")
+
+
 def test_pair_whose_responses_agree_within_the_length_limit_is_dropped(tmp_path):
     """keep-start would leave chosen == rejected: a pair with no preference signal, so it is dropped."""
     data = tmp_path / "pairs.jsonl"
