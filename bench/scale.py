@@ -36,10 +36,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from report import write_section  # noqa: E402 - bench/ is on the path as this script's folder
 HH = REPO / "demo" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 DPO = str(Path(sys.executable).parent / "dpo")
 RESULTS = REPO / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 EVAL_PAIRS = 256
 TRAIN_STEPS = 3
 
@@ -143,7 +143,7 @@ def run_size(work: Path, size: int, model: Path, tokenize_only: bool, limit_s: f
 
 
 def write_results(results: list[dict], command: str, load_start: float) -> None:
-    lines = [BEGIN, "## Scale: memory and throughput from 10k to 1M pairs (bench/scale.py, issue 11)", "",
+    lines = ["## Scale: memory and throughput from 10k to 1M pairs (bench/scale.py, issue 11)", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
              f"Python {platform.python_version()}; load average {load_start:.2f} at the start, "
              f"{os.getloadavg()[0]:.2f} at the end. Command: `{command}`. Synthetic HH-style pairs (distinct text, "
@@ -162,14 +162,7 @@ def write_results(results: list[dict], command: str, load_start: float) -> None:
     lines += ["", "| pairs | input JSONL MiB | Parquet shards MiB | Arrow copies MiB | tokens |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['size']:,} | {r['data_mib']} | {r['artifact']['.parquet']} | {r['artifact']['.arrow']} | "
               f"{r['tokens']:,} |" for r in results if "artifact" in r]
-    lines.append(END)
-    text = RESULTS.read_text() if RESULTS.is_file() else ""
-    section = "\n".join(lines) + "\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(RESULTS, "scale", lines)
 
 
 def main() -> None:

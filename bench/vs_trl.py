@@ -63,11 +63,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 HH_DATA = REPO / "demo" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 GPT2_TOKENIZER = REPO / "demo" / "gpt2-tokenizer"
 RESULTS = REPO / "bench" / "RESULTS.md"
-TOKENIZE_BEGIN, TOKENIZE_END = "<!-- tokenize:begin -->", "<!-- tokenize:end -->"
 HH_ASSISTANT = "\n\nAssistant:"
 TOLERANCE = 1e-5  # relative difference allowed between dpo's and TRL's step-1 loss and gradient norm
 CHECK_PAIRS = 8
@@ -450,22 +451,15 @@ def tokenize_only(s: Settings, out: Path, results: Path) -> None:
         say(f"run {r}/{s.runs}: TRL's preparation {rows[-1][0]:.0f} pairs/s, dpo tokenize {rows[-1][1]:.0f} pairs/s")
     trl_median, dpo_median = (statistics.median(x) for x in zip(*rows))
     v, load = versions(), os.getloadavg()[0]
-    lines = [TOKENIZE_BEGIN, "## Tokenize alone (`bench/vs_trl.py --tokenize-only`)", "",
+    lines = ["## Tokenize alone (`bench/vs_trl.py --tokenize-only`)", "",
              f"{datetime.datetime.now():%Y-%m-%d %H:%M}, dpo {v['dpo_commit']}, tokenizers {v['tokenizers']}, trl "
              f"{v['trl']}, {machine()['cpu']}, {s.threads} threads, load average {load:.2f} at the end. The "
              f"{count:,} HH pairs and the GPT-2 tokenizer of the full run, --max-seq-length {s.max_length}; "
              f"median of {s.runs} interleaved runs (TRL's preparation, then dpo tokenize, in each).", "",
              "| run | TRL's preparation pairs/s | dpo tokenize pairs/s | dpo / TRL |", "|---|---:|---:|---:|",
              *[f"| {r} | {t:,.0f} | {d:,.0f} | {d / t:.2f}x |" for r, (t, d) in enumerate(rows, 1)],
-             f"| median | {trl_median:,.0f} | {dpo_median:,.0f} | **{dpo_median / trl_median:.2f}x** (goal >= 3x) |",
-             TOKENIZE_END]
-    text = results.read_text() if results.is_file() else ""
-    section = "\n".join(lines) + "\n"
-    if TOKENIZE_BEGIN in text and TOKENIZE_END in text:
-        text = text[: text.index(TOKENIZE_BEGIN)] + section + text[text.index(TOKENIZE_END) + len(TOKENIZE_END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+             f"| median | {trl_median:,.0f} | {dpo_median:,.0f} | **{dpo_median / trl_median:.2f}x** (goal >= 3x) |"]
+    write_section(results, "tokenize", lines)
     say(f"tokenize: dpo {dpo_median:.0f} pairs/s, TRL's preparation {trl_median:.0f}: {dpo_median / trl_median:.2f}x; "
         f"wrote {results}")
 
