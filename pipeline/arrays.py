@@ -1,5 +1,6 @@
-"""Numbers between numpy and Arrow through their buffers: pyarrow's own conversions import pandas
-(a third of a second at start-up), and these copy nothing where they need not."""
+"""Columns between Python/numpy and Arrow through their buffers: pyarrow's own conversions (pa.array,
+pa.table, to_numpy) import pandas to look for its types, a third of a second of the start-up of a
+stage that never uses it; these also copy nothing where they need not."""
 
 from __future__ import annotations
 

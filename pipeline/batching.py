@@ -140,9 +140,6 @@ def take_rows(table: pa.Table, positions: Sequence[int] | np.ndarray) -> pa.Tabl
     return gathered.take(arrow_indices(np.argsort(order, kind="stable")))
 
 
-# Between Arrow and numpy through the buffers: pyarrow's own conversions (pa.array, to_numpy) import
-# pandas to look for its types, a third of a second of the start-up of a stage that never uses it.
-
 def pair_indices(table: pa.Table) -> np.ndarray:
     """The pairs' ``index`` column as a (writable) int64 array."""
     return np.array(as_numpy(table.column("index")), dtype=np.int64)

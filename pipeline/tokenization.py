@@ -26,6 +26,7 @@ reported as `PrefixMismatch` instead.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import sys
@@ -341,23 +342,23 @@ class PairEncoder:
         chosen: list[Pair | None] = [None] * len(pairs)
         limit = self.settings.max_prompt_length
         # A plain prompt that splits at every turn (SplitPoints) is encoded once, turn by turn: each
-        # candidate's ids are the ids of its turns.
-        turns: dict[int, list[str]] = {}
+        # candidate's ids are the ids of the turns it keeps.
+        turns: dict[int, list[str]] = {}  # pair -> the texts of its prompt's turns after the first
         for k, (pair, options) in enumerate(zip(pairs, candidates)):
-            starts = [len(pair.prompt) - len(option.prompt) for option in options] if options else []
-            if (options and not self.uses_template(pair) and self.split_points is not None
-                    and all(self.split_points.splits(pair.prompt, at) for at in starts)):
-                turns[k] = [pair.prompt[a:b] for a, b in zip([0, *starts], [*starts, len(pair.prompt)])]
-        pieces = [text for k in turns for text in turns[k][1:]]
-        encoded = iter(self.tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False))
+            if not options or self.uses_template(pair) or self.split_points is None:
+                continue
+            starts = [len(pair.prompt) - len(option.prompt) for option in options]
+            if all(self.split_points.splits(pair.prompt, at) for at in starts):
+                turns[k] = [pair.prompt[a:b] for a, b in zip(starts, [*starts[1:], len(pair.prompt)])]
+        encoded = iter(self.tokenizer.backend_tokenizer.encode_batch_fast(
+            [text for texts in turns.values() for text in texts], add_special_tokens=False))
         for k, texts in turns.items():
-            ids = [next(encoded).ids for _ in texts[1:]]
-            for j in range(len(ids)):
-                prompt = [token for piece in ids[j:] for token in piece]
-                if len(self.text_prefix) + len(prompt) <= limit:
-                    chosen[k] = candidates[k][j]
-                    known[chosen[k].prompt] = prompt
-                    break
+            ids = [next(encoded).ids for _ in texts]
+            kept = list(itertools.accumulate(map(len, reversed(ids))))[::-1]  # tokens from turn j on
+            j = next((j for j, n in enumerate(kept) if len(self.text_prefix) + n <= limit), None)
+            if j is not None:
+                chosen[k] = candidates[k][j]
+                known[chosen[k].prompt] = [token for piece in ids[j:] for token in piece]
         texts, owners = [], []
         for k, options in enumerate(candidates):
             if k in turns:
@@ -404,6 +405,7 @@ class PairEncoder:
         chat: list[bool] = []
         failed: dict[int, Drop] = {}
         cuts: dict[int, int] = {}
+        points = self.split_points
         for i, pair in enumerate(pairs):
             pair, cuts[i] = self.bound(pair)
             rendered = self._render(pair)
@@ -414,7 +416,6 @@ class PairEncoder:
             encode.append(rendered[0])
             for side in (1, 2):
                 whole, at = rendered[side], len(rendered[0])
-                points = self.split_points
                 if points is not None and points.splits(whole, at) and whole.startswith(rendered[0]):
                     encode.append(whole[at:])
                     split.add((i, side))

@@ -49,7 +49,7 @@ from ..pipeline.formats import CHAT_FORMATS, FORMATS, Drop, FieldError, Pair, ap
 from ..pipeline.logs import progress
 from ..pipeline.sources import Record, Source, fraction_mask, resolve_source, sample_mask
 from ..pipeline.tokenization import (
-    IGNORE_INDEX, PROMPT_TRUNCATION_MODES, Encoded, TRUNCATION_MODES, EncodeSettings, PairEncoder, PrefixMismatch,
+    IGNORE_INDEX, PROMPT_TRUNCATION_MODES, TRUNCATION_MODES, Encoded, EncodeSettings, PairEncoder, PrefixMismatch,
     data_loss_warnings,
     read_template_file, tokenizer_fingerprint, tokenizer_info,
 )
@@ -299,8 +299,8 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
     first_chat: dict[str, tuple[Pair, str]] = {}  # the first chat pair of train, held out, --eval-data
     # The --eval-data pairs are read first, so the train pairs are compared with them in the same pass.
     eval_keys: list[tuple[bytes, str]] = []
+    wanted: set[bytes] = set()  # their digests
     twins: dict[bytes, str] = {}  # eval pair digest -> the first train record with the same pair
-    wanted: set[bytes] = set()
     starts = itertools.accumulate((g.count if g.split == "train" else 0 for g in inputs), initial=0)
     train_start = {id(given): start for given, start in zip(inputs, starts)}  # its first position in held_out
     for given in sorted(inputs, key=lambda g: g.split != "eval"):
@@ -316,11 +316,10 @@ def _read_items(cfg: TokenizeConfig, train_sources: list[Source], eval_sources: 
                 if part not in first_chat and encoder.uses_template(pair):
                     first_chat[part] = (pair, record.where)
                 if part == "eval":
-                    eval_keys.append((_pair_digest(pair), record.where))
+                    eval_keys.append((key := _pair_digest(pair), record.where))
+                    wanted.add(key)
                 elif part == "train" and wanted and (key := _pair_digest(pair)) in wanted:
                     twins.setdefault(key, record.where)
-        if given.split == "eval":
-            wanted = {key for key, _ in eval_keys}
     chat = next((first_chat[part] for part in ("train", "held", "eval") if part in first_chat), None)
     if chat is not None:
         encoder.check_renders(*chat)
