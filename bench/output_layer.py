@@ -1,6 +1,6 @@
 """The output layer's backward with the logit gradients kept from forward, against recomputing them.
 
-`pipeline/logprobs.py` keeps d logp / d logits (one-hot minus softmax, float32) for up to KEEP_BYTES of
+`pipeline/logprobs.py` keeps d logp / d logits (one-hot minus softmax, up to a per-row scale) for up to KEEP_BYTES of
 label rows per forward, so backward is two matmuls per chunk instead of recomputing the logits and the
 softmax (activation checkpointing). This runs the same training steps (concatenated forward of the
 pairs' summed label log-probs, backward, AdamW) both ways, each in its own process, interleaved

@@ -5,10 +5,11 @@ no label (the prompt) or no token (padding). So the model's body runs on the who
 output layer runs only on the hidden states whose next token is a label, in chunks of rows: each
 chunk's logits are cast to float32, the label logit gathered and a logsumexp subtracted, then the
 chunk is dropped. With gradients on, the forward of a plain linear head already knows the gradient
-of log p(target) with respect to the chunk's logits (one-hot minus softmax): it keeps that for as
-many chunks as KEEP_BYTES holds, so backward is two matmuls per chunk instead of recomputing the
-logits and the softmax; the chunks past that budget are recomputed in backward (activation
-checkpointing), so training never holds more than KEEP_BYTES of [N, vocab].
+of log p(target) with respect to the chunk's logits (one-hot minus softmax, up to a per-row scale):
+it keeps that for as many chunks as KEEP_BYTES holds, so backward is two matmuls per chunk instead of
+recomputing the logits and the softmax; the chunks past that budget are recomputed in backward (activation
+checkpointing), so training never holds more than KEEP_BYTES of [N, vocab]. The logits of a plain
+linear head are written into reused buffers (LogitBuffers).
 
 Models whose head is more than a linear layer (logit soft-capping, logit scaling) get the same
 transform applied here; any other architecture is caught by a one-time check against the model's
@@ -88,7 +89,7 @@ def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
                  with_wpo: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row log p(target) (and the WPO weight term) of one chunk, in float32."""
+    """Per-row log p(target) (and the WPO weight term) of one chunk, in float32, through any head."""
     logits = head(rows).float()
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
@@ -98,33 +99,112 @@ def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tenso
     return logp, logp - (torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * lse)
 
 
-class _KeptGradientLogProb(torch.autograd.Function):
-    """log p(target) of each row through a plain linear output layer; forward keeps d logp / d logits
-    (one-hot minus softmax, float32), so backward needs no recompute of the logits."""
+class LogitBuffers:
+    """Reusable float32 [rows, vocab] logit buffers for a plain linear head.
+
+    On the CPU a fresh buffer of a chunk's size (tens of MiB, past glibc's mmap threshold) is mapped
+    and page-faulted in on every allocation: on the bench model that made the output layer's forward
+    matmul run at 64 instead of 86 GFLOP/s. A buffer is lent out for one chunk and given back when
+    its logits are no longer needed (after the chunk's backward, when they are kept for it); one that
+    is never given back (a graph dropped without backward) is simply freed by its last owner."""
+
+    def __init__(self, limit: int):
+        self.limit = limit  # buffers held while idle
+        self._idle: list[torch.Tensor] = []
+
+    def take(self, rows: int, vocab: int, device: torch.device, at_least: int) -> torch.Tensor:
+        inference = torch.is_inference_mode_enabled()
+        for i, buffer in enumerate(self._idle):
+            # One made under inference_mode cannot be written to outside it.
+            usable = inference or not buffer.is_inference()
+            if usable and buffer.device == device and buffer.shape[1] == vocab and buffer.shape[0] >= rows:
+                return self._idle.pop(i)
+        return torch.empty(max(rows, at_least), vocab, device=device)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        if len(self._idle) < self.limit:
+            self._idle.append(buffer)
+
+
+def _linear_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   buffers: LogitBuffers | None, at_least: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
+    """float32 logits of ``rows``, the buffer they were written to (if one was lent) and the matmul's dtype
+    (lower than float32 under autocast or with a low-precision model)."""
+    if (buffers is None or torch.is_autocast_enabled(rows.device.type) or rows.dtype != torch.float32
+            or weight.dtype != torch.float32):
+        logits = nn.functional.linear(rows, weight, bias)
+        return logits.float(), None, logits.dtype
+    buffer = buffers.take(rows.shape[0], weight.shape[0], rows.device, at_least)
+    logits = torch.mm(rows, weight.t(), out=buffer[: rows.shape[0]])
+    if bias is not None:
+        logits.add_(bias)
+    return logits, buffer, torch.float32
+
+
+def _shifted_exp(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) per row; ``logits`` become exp(z - max z) in place. Returns (logp, row max, row sum of exp).
+
+    The same arithmetic as log_softmax in four passes over [rows, vocab] and no temporary of that
+    size: torch.logsumexp allocates one and, with the softmax after it, took 3x as long."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    target_logits = logits.gather(-1, targets.unsqueeze(-1))
+    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    return (target_logits - peak - total.log()).squeeze(-1), peak, total
+
+
+class _LinearLabelLogProb(torch.autograd.Function):
+    """log p(target) of each row through a plain linear output layer, with a backward that does no
+    elementwise pass over [rows, vocab].
+
+    With e = exp(z - max z), s = sum e and g = d loss / d logp per row, d loss / d z = g (onehot - e/s)
+    = -(g/s) (e - s onehot). So forward turns its logits into E = e - s onehot (a scatter of one
+    element per row) and backward needs only E @ W and E^T @ rows, each scaled per row by -(g/s) on
+    its small side. ``keep``: E stays in memory until backward; otherwise backward recomputes it from
+    the rows (activation checkpointing), with the same max and sum."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(rows, weight, bias)
-        ctx.matmul_dtype = logits.dtype  # under autocast, lower than the weight's: backward's matmuls use it too
-        logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        index = targets.unsqueeze(-1)
-        logp = (logits.gather(-1, index) - lse).squeeze(-1)
-        softmax_minus_onehot = logits.sub_(lse).exp_()
-        softmax_minus_onehot.scatter_add_(-1, index, torch.full_like(index, -1.0, dtype=logits.dtype))
-        ctx.save_for_backward(rows, weight, softmax_minus_onehot)
-        ctx.has_bias = bias is not None
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                keep: bool, buffers: LogitBuffers | None, chunk_rows: int) -> torch.Tensor:
+        logits, buffer, ctx.matmul_dtype = _linear_logits(rows, weight, bias, buffers, chunk_rows)
+        logp, peak, total = _shifted_exp(logits, targets)
+        ctx.buffers, ctx.chunk_rows, ctx.peak, ctx.total = buffers, chunk_rows, peak, total
+        ctx.kept = ctx.kept_buffer = None
+        if keep:
+            ctx.kept = logits.scatter_add_(-1, targets.unsqueeze(-1), -total)
+            ctx.kept_buffer = buffer
+        elif buffer is not None:
+            buffers.give(buffer)
+        ctx.save_for_backward(rows, weight, bias, targets)
+        ctx.backward_done = False
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor):
-        rows, weight, softmax_minus_onehot = ctx.saved_tensors
-        grad_logits = (softmax_minus_onehot * -grad_logp.unsqueeze(-1)).to(ctx.matmul_dtype)
-        grad_rows = grad_logits @ weight.to(ctx.matmul_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ rows.to(ctx.matmul_dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_rows, grad_weight, grad_bias, None
+        if ctx.backward_done:
+            raise RuntimeError("the output layer's log-prob gradients cannot be backpropagated twice (retain_graph)")
+        ctx.backward_done = True
+        rows, weight, bias, targets = ctx.saved_tensors
+        dtype = ctx.matmul_dtype
+        shifted, buffer = ctx.kept, ctx.kept_buffer
+        ctx.kept = ctx.kept_buffer = None
+        if shifted is None:
+            # The forward's matmul again, in its dtype (autocast, if it was on then, is cast out explicitly).
+            with torch.autocast(rows.device.type, enabled=False):
+                logits, buffer, _ = _linear_logits(rows.to(dtype), weight.to(dtype),
+                                                   None if bias is None else bias.to(dtype), ctx.buffers, ctx.chunk_rows)
+            shifted = logits.sub_(ctx.peak).exp_().scatter_add_(-1, targets.unsqueeze(-1), -ctx.total)
+        scale = (-grad_logp.float() / ctx.total.squeeze(-1)).unsqueeze(-1)
+        grad = shifted if dtype == torch.float32 else shifted.to(dtype)
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = ((grad @ weight.to(dtype)) * scale).to(rows.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t() @ (rows.to(dtype) * scale.to(dtype))).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = (grad.t() @ scale.squeeze(-1).to(dtype)).to(bias.dtype)
+        if buffer is not None:
+            ctx.buffers.give(buffer)
+        return grad_rows, grad_weight, grad_bias, None, None, None, None
 
 
 class LabelLogProbs(nn.Module):
@@ -145,6 +225,7 @@ class LabelLogProbs(nn.Module):
         self.model = model
         self.chunk_bytes = chunk_bytes
         self.keep_bytes = keep_bytes
+        self.logit_buffers = LogitBuffers(limit=keep_bytes // chunk_bytes + 1)
         self.timer = NULL_TIMER  # a stage that reports where its time goes sets its own
         hf, splittable = _unwrap_hf(model)
         self._hf = [hf]  # a list so the same module is not registered twice under two names
@@ -167,11 +248,12 @@ class LabelLogProbs(nn.Module):
         return self._transform(logits) if self._transform is not None else logits
 
     def _plain_linear_head(self) -> nn.Linear | None:
-        """The output layer when the kept-gradient path may run through it: a plain linear layer with
+        """The output layer when _LinearLabelLogProb may run through it: a plain linear layer with
         nothing applied to its logits, outside ZeRO-3 (whose partitioned weight exists only inside
-        the module's own calls)."""
+        the module's own calls), and without hooks (which only a call of the module runs)."""
         out = self.hf_model.get_output_embeddings()
-        if type(out) is nn.Linear and self._transform is None and not self._one_head_call:
+        hooked = bool(getattr(out, "_forward_hooks", None) or getattr(out, "_forward_pre_hooks", None))
+        if type(out) is nn.Linear and not hooked and self._transform is None and not self._one_head_call:
             return out
         return None
 
@@ -240,16 +322,19 @@ class LabelLogProbs(nn.Module):
         vocab = self.vocab_size()
         step = self._chunk_rows(vocab, rows.shape[0])
         grad = torch.is_grad_enabled() and rows.requires_grad
-        linear = self._plain_linear_head() if grad and use_body and not with_wpo else None
+        linear = self._plain_linear_head() if use_body and not with_wpo else None
         kept_bytes = 0
         logps, terms = [], []
         with self.timer.phase("forward_head"):
             for start in range(0, max(rows.shape[0], 1 if self._one_head_call else 0), step):
                 chunk, chunk_targets = rows[start: start + step], targets[start: start + step]
                 gradient_bytes = 4 * vocab * chunk.shape[0]
-                if linear is not None and kept_bytes + gradient_bytes <= self.keep_bytes:
-                    kept_bytes += gradient_bytes
-                    logp, term = _KeptGradientLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets), None
+                if linear is not None:
+                    keep = grad and kept_bytes + gradient_bytes <= self.keep_bytes
+                    kept_bytes += gradient_bytes if keep else 0
+                    logp = _LinearLabelLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets, keep,
+                                                     self.logit_buffers, step)
+                    term = None
                 elif grad:
                     logp, term = checkpoint(_token_logps, head, chunk, chunk_targets, with_wpo, use_reentrant=False)
                 else:

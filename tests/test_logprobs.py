@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, 
 import pytest
 
 from dpo.pipeline.scoring import PairScorer, collate_pairs
-from dpo.pipeline.logprobs import LabelLogProbs, _KeptGradientLogProb
+from dpo.pipeline.logprobs import LabelLogProbs, LogitBuffers, _LinearLabelLogProb
 
 from conftest import DEMO_MODEL
 
@@ -129,20 +129,33 @@ def test_concatenated_and_separate_agree():
         assert abs(a[key][0] - b[key][0]) <= 1e-5 * abs(a[key][0])
 
 
-def test_output_layer_runs_only_on_label_positions_in_chunks():
+@pytest.mark.parametrize("through", ["module call", "plain linear"])
+def test_output_layer_runs_only_on_label_positions_in_chunks(through, monkeypatch):
+    """Through the head module's own call (taken when it has a hook) or its weight (a plain linear layer)."""
+    from dpo.pipeline import logprobs
+
     model = demo_model()
     rows = random_pairs(4, model.config.vocab_size, seed=2)
     batch = collate_pairs(rows, pad_token_id=0)
     seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    if through == "module call":
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    else:
+        linear_logits = logprobs._linear_logits
+        monkeypatch.setattr(logprobs, "_linear_logits",
+                            lambda rows, *args: seen.append(tuple(rows.shape)) or linear_logits(rows, *args))
     wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=4 * model.config.vocab_size * 7)
     with torch.no_grad():
         res = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    hook.remove()
+    if through == "module call":
+        hook.remove()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [rows, hidden], never [B, T, hidden]
     assert sum(shape[0] for shape in seen) == labelled == int(res.num_tokens.sum())
     assert labelled < batch["input_ids"].numel() / 2  # the prompts and padding were skipped
+    expected = run_batches(LabelLogProbs(model, head_path="full"), rows, 4)
+    for i, row in enumerate(rows):
+        assert abs(res.logps[i].item() - expected[(row["index"], "chosen")][0]) <= 1e-5 * abs(res.logps[i].item())
 
 
 @pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, part kept, all kept
@@ -151,8 +164,8 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
     recomputes the rest: the gradients are the textbook ones either way."""
     from dpo.pipeline import logprobs
 
-    kept, apply = [], _KeptGradientLogProb.apply
-    monkeypatch.setattr(logprobs._KeptGradientLogProb, "apply", lambda *args: kept.append(1) or apply(*args))
+    kept, apply = [], _LinearLabelLogProb.apply
+    monkeypatch.setattr(logprobs._LinearLabelLogProb, "apply", lambda *args: kept.append(args[4]) or apply(*args))
     model = demo_model()
     rows = random_pairs(3, model.config.vocab_size, seed=4)
     batch = collate_pairs(rows, pad_token_id=0)
@@ -161,7 +174,7 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
     (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
     chunks = -(-int((batch["labels"][:, 1:] != -100).sum()) // 5)
-    assert len(kept) == min(kept_chunks, chunks) and chunks > 1  # the kept path ran, for as many chunks as fit
+    assert kept == [i < kept_chunks for i in range(chunks)] and chunks > 1  # kept for as many chunks as fit
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0.0
@@ -176,24 +189,69 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
         assert (ours[name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
 
 
-def test_kept_logit_gradients_with_a_head_bias_and_a_frozen_head():
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("buffers", [None, LogitBuffers(limit=2)])
+def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers):
     torch.manual_seed(0)
     rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
     head = torch.nn.Linear(8, 11)
-    kept = _KeptGradientLogProb.apply(rows, head.weight, head.bias, targets)
+    ours_logp = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, keep, buffers, 4)
     textbook_logp = F.log_softmax(head(rows), -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(kept, textbook_logp)
+    torch.testing.assert_close(ours_logp, textbook_logp)
     upstream = torch.randn(6)
-    ours = torch.autograd.grad((kept * upstream).sum(), [rows, head.weight, head.bias])
+    ours = torch.autograd.grad((ours_logp * upstream).sum(), [rows, head.weight, head.bias])
     theirs = torch.autograd.grad((textbook_logp * upstream).sum(), [rows, head.weight, head.bias])
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     head.requires_grad_(False)  # a LoRA run's frozen head: only the rows get a gradient
-    (grad_rows,) = torch.autograd.grad((_KeptGradientLogProb.apply(rows, head.weight, None, targets) * upstream).sum(),
-                                       [rows])
+    logp = _LinearLabelLogProb.apply(rows, head.weight, None, targets, keep, buffers, 4)
+    (grad_rows,) = torch.autograd.grad((logp * upstream).sum(), [rows])
     theirs = torch.autograd.grad((F.log_softmax(rows @ head.weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
                                   * upstream).sum(), [rows])[0]
     torch.testing.assert_close(grad_rows, theirs)
+
+
+def test_linear_head_buffers_are_reused_only_once_given_back():
+    """A chunk's buffer is lent until its backward: a second forward before it must not write into it."""
+    torch.manual_seed(0)
+    buffers = LogitBuffers(limit=2)
+    head = torch.nn.Linear(8, 11)
+    rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
+    other = torch.randn(6, 8, requires_grad=True)
+    first = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, True, buffers, 6)
+    second = _LinearLabelLogProb.apply(other, head.weight, head.bias, targets, True, buffers, 6)
+    (grad_rows,) = torch.autograd.grad(first.sum(), [rows])
+    textbook = F.log_softmax(head(rows), -1).gather(-1, targets[:, None]).sum()
+    torch.testing.assert_close(grad_rows, torch.autograd.grad(textbook, [rows])[0])
+    assert len(buffers._idle) == 1  # the first chunk's buffer came back after its backward
+    second.sum().backward()
+    assert len(buffers._idle) == 2
+    reused = buffers._idle[0]
+    again = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, False, buffers, 6)
+    torch.testing.assert_close(again, first.detach())
+    assert any(b is reused for b in buffers._idle)  # lent for the no-keep forward and given straight back
+
+
+def test_linear_head_buffers_from_inference_mode_are_not_written_outside_it():
+    model = demo_model()
+    rows = random_pairs(2, model.config.vocab_size, seed=5)
+    batch = collate_pairs(rows, pad_token_id=0)
+    wrapper = LabelLogProbs(model, head_path="body")
+    with torch.inference_mode():
+        first = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps.clone()
+    assert wrapper.logit_buffers._idle and wrapper.logit_buffers._idle[0].is_inference()
+    again = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    again.sum().backward()
+    torch.testing.assert_close(again.detach(), first)
+
+
+def test_linear_head_refuses_a_second_backward():
+    head = torch.nn.Linear(8, 11)
+    rows, targets = torch.randn(3, 8, requires_grad=True), torch.randint(0, 11, (3,))
+    logp = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, True, LogitBuffers(limit=1), 3)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        logp.sum().backward()
 
 
 def test_gradients_match_textbook_through_chunks():
