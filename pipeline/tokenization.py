@@ -345,15 +345,11 @@ class PairEncoder:
         # candidate's ids are the ids of the turns it keeps.
         turns: dict[int, list[str]] = {}  # pair -> the texts of its prompt's turns after the first
         for k, (pair, options) in enumerate(zip(pairs, candidates)):
-            if not options or self.uses_template(pair) or self.split_points is None:
-                continue
-            starts = [len(pair.prompt) - len(option.prompt) for option in options]
-            if all(self.split_points.splits(pair.prompt, at) for at in starts):
-                turns[k] = [pair.prompt[a:b] for a, b in zip(starts, [*starts[1:], len(pair.prompt)])]
-        encoded = iter(self.tokenizer.backend_tokenizer.encode_batch_fast(
-            [text for texts in turns.values() for text in texts], add_special_tokens=False))
+            if options and not self.uses_template(pair) and (pieces := self._plain_turns(pair.prompt)) is not None:
+                turns[k] = pieces[1:]
+        self._encode_new([text for texts in turns.values() for text in texts], known)
         for k, texts in turns.items():
-            ids = [next(encoded).ids for _ in texts]
+            ids = [known[text] for text in texts]
             kept = list(itertools.accumulate(map(len, reversed(ids))))[::-1]  # tokens from turn j on
             j = next((j for j, n in enumerate(kept) if len(self.text_prefix) + n <= limit), None)
             if j is not None:
@@ -378,6 +374,24 @@ class PairEncoder:
                 chosen[k] = candidates[k][j]
                 known[text] = e.ids
         return chosen
+
+    def _plain_turns(self, prompt: str) -> list[str] | None:
+        """A plain prompt cut where its later ``\\n\\nHuman:`` turns start, when the tokenizer certainly
+        splits at each of those points (SplitPoints), so the prompt's ids are its pieces' ids in a row;
+        else None."""
+        if self.split_points is None:
+            return None
+        starts = [m.start() for m in _HH_TURN.finditer(prompt) if m.start() > 0]
+        if not starts or not all(self.split_points.splits(prompt, at) for at in starts):
+            return None
+        return [prompt[a:b] for a, b in zip([0, *starts], [*starts, len(prompt)])]
+
+    def _encode_new(self, texts: list[str], known: dict[str, list[int]]) -> None:
+        """Add the ids of each of ``texts`` not in ``known`` to it, encoding each distinct text once."""
+        new = list(dict.fromkeys(text for text in texts if text not in known))
+        # The Rust tokenizer directly, without offsets: the same ids as tokenizer(texts), about twice as fast.
+        known.update(zip(new, (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
+            new, add_special_tokens=False))))
 
     @staticmethod
     def _later_turns(pair: Pair) -> list[Pair]:
@@ -422,10 +436,19 @@ class PairEncoder:
                 else:
                     encode.append(whole)
             chat.append(pair.is_chat or self.settings.apply_chat_template)
-        # The Rust tokenizer directly, without offsets: the same ids as tokenizer(texts), about twice as fast.
-        new = list(dict.fromkeys(text for text in encode if text not in known))
-        known.update(zip(new, (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
-            new, add_special_tokens=False))))
+        # A plain prompt that may be over max_prompt_length tokens (it has more characters: a loose bound, only
+        # a cost) is encoded turn by turn where that gives its ids: if its earliest turns have to be left out,
+        # the turns' ids are then known (see _drop_turns), and the prompt is not tokenized a second time.
+        pieces: dict[str, list[str]] = {}
+        if self.settings.prompt_truncation == "turns" and self.settings.max_prompt_length is not None:
+            for i in range(len(pairs)):
+                prompt_text = encode[3 * i]
+                if (not chat[i] and len(prompt_text) > self.settings.max_prompt_length and prompt_text not in known
+                        and (turns := self._plain_turns(prompt_text)) is not None):
+                    pieces[prompt_text] = turns
+        self._encode_new([piece for text in encode for piece in pieces.get(text, [text])], known)
+        for text, turns in pieces.items():
+            known[text] = [token for piece in turns for token in known[piece]]
         ids = [known[text] for text in encode]
         results: list[Encoded | Drop | PrefixMismatch | None] = []
         prompts = [(self.text_prefix if not c else []) + ids[3 * i] for i, c in enumerate(chat)]
