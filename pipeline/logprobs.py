@@ -113,13 +113,13 @@ class LogitBuffers:
         self._idle: list[torch.Tensor] = []
 
     def take(self, rows: int, vocab: int, device: torch.device, at_least: int) -> torch.Tensor:
-        inference = torch.is_inference_mode_enabled()
-        for i, buffer in enumerate(self._idle):
+        if not torch.is_inference_mode_enabled():
             # One made under inference_mode cannot be written to outside it.
-            usable = inference or not buffer.is_inference()
-            if usable and buffer.device == device and buffer.shape[1] == vocab and buffer.shape[0] >= rows:
+            self._idle = [buffer for buffer in self._idle if not buffer.is_inference()]
+        for i, buffer in enumerate(self._idle):
+            if buffer.device == device and buffer.shape[1] == vocab and buffer.shape[0] >= rows:
                 return self._idle.pop(i)
-        return torch.empty(max(rows, at_least), vocab, device=device)
+        return torch.empty(max(rows, at_least), vocab, device=device, dtype=torch.float32)
 
     def give(self, buffer: torch.Tensor) -> None:
         if len(self._idle) < self.limit:
@@ -194,14 +194,21 @@ class _LinearLabelLogProb(torch.autograd.Function):
                                                    None if bias is None else bias.to(dtype), ctx.buffers, ctx.chunk_rows)
             shifted = logits.sub_(ctx.peak).exp_().scatter_add_(-1, targets.unsqueeze(-1), -ctx.total)
         scale = (-grad_logp.float() / ctx.total.squeeze(-1)).unsqueeze(-1)
-        grad = shifted if dtype == torch.float32 else shifted.to(dtype)
+        if dtype == torch.float32:
+            grad, row_scale = shifted, scale
+        else:
+            # A lower-precision matmul gets d loss / d logits itself, scaled in float32: E's target entry
+            # (about -1/p_max) and g/s can fall outside float16's range, the gradient's entries cannot.
+            grad, row_scale = (shifted * scale).to(dtype), None
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = ((grad @ weight.to(dtype)) * scale).to(rows.dtype)
+            grad_rows = grad @ weight.to(dtype)
+            grad_rows = (grad_rows if row_scale is None else grad_rows * row_scale).to(rows.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad.t() @ (rows.to(dtype) * scale.to(dtype))).to(weight.dtype)
+            scaled_rows = rows.to(dtype) if row_scale is None else rows * row_scale
+            grad_weight = (grad.t() @ scaled_rows).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = (grad.t() @ scale.squeeze(-1).to(dtype)).to(bias.dtype)
+            grad_bias = (grad.sum(0) if row_scale is None else grad.t() @ row_scale.squeeze(-1)).to(bias.dtype)
         if buffer is not None:
             ctx.buffers.give(buffer)
         return grad_rows, grad_weight, grad_bias, None, None, None, None

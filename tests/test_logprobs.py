@@ -211,6 +211,26 @@ def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers)
     torch.testing.assert_close(grad_rows, theirs)
 
 
+@pytest.mark.parametrize("vocab, upstream, zero_weights, tolerance", [(70000, 1.0, True, 0.05), (8000, 1e-2, False, 2e-3)])
+def test_linear_head_float16_gradients_stay_in_range(vocab, upstream, zero_weights, tolerance):
+    """float16 holds neither e - s onehot's target entry (about -vocab for flat logits: past 65504)
+    nor a small g/s: its matmuls get the scaled gradient, as the textbook computes it."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, vocab, bias=False)
+    if zero_weights:
+        torch.nn.init.zeros_(head.weight)
+    rows, targets = torch.randn(4, 8), torch.randint(0, vocab, (4,))
+    half_rows, half_weight = rows.half().requires_grad_(), head.weight.detach().half().requires_grad_()
+    logp = _LinearLabelLogProb.apply(half_rows, half_weight, None, targets, True, None, 4)
+    (logp * upstream).sum().backward()
+    full_rows, full_weight = half_rows.detach().float().requires_grad_(), half_weight.detach().float().requires_grad_()
+    textbook = F.log_softmax(full_rows @ full_weight.t(), -1).gather(-1, targets[:, None]).sum() * upstream
+    textbook.backward()
+    for ours, theirs in ((half_rows.grad, full_rows.grad), (half_weight.grad, full_weight.grad)):
+        assert torch.isfinite(ours).all()
+        assert (ours.float() - theirs).norm() <= tolerance * theirs.norm()
+
+
 def test_linear_head_buffers_are_reused_only_once_given_back():
     """A chunk's buffer is lent until its backward: a second forward before it must not write into it."""
     torch.manual_seed(0)
@@ -243,6 +263,7 @@ def test_linear_head_buffers_from_inference_mode_are_not_written_outside_it():
     again = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
     again.sum().backward()
     torch.testing.assert_close(again.detach(), first)
+    assert not any(buffer.is_inference() for buffer in wrapper.logit_buffers._idle)  # it held no slot after
 
 
 def test_linear_head_refuses_a_second_backward():
