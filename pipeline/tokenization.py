@@ -337,7 +337,7 @@ class PairEncoder:
     def _drop_turns(self, pairs: list[Pair], known: dict[str, list[int]]) -> list[Pair | None]:
         """Each pair with the fewest earliest prompt turns left out that brings its prompt within
         max_prompt_length tokens; None where no turn boundary does (or the prompt has no turns). The
-        chosen prompts' ids go into ``known``."""
+        ids of every prompt it encodes go into ``known``."""
         candidates = [self._later_turns(pair) for pair in pairs]
         chosen: list[Pair | None] = [None] * len(pairs)
         limit = self.settings.max_prompt_length
@@ -365,14 +365,11 @@ class PairEncoder:
                 except Exception:  # noqa: BLE001 - a template that refuses the shortened conversation: not a candidate
                     continue
                 owners.append((k, j))
-        if not texts:
-            return chosen
-        encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        for (k, j), text, e in zip(owners, texts, encoded):
+        self._encode_new(texts, known)
+        for (k, j), text in zip(owners, texts):
             prefix = 0 if self.uses_template(candidates[k][j]) else len(self.text_prefix)
-            if chosen[k] is None and prefix + len(e.ids) <= limit:
+            if chosen[k] is None and prefix + len(known[text]) <= limit:
                 chosen[k] = candidates[k][j]
-                known[text] = e.ids
         return chosen
 
     def _plain_turns(self, prompt: str) -> list[str] | None:
@@ -476,8 +473,8 @@ class PairEncoder:
                     break
         if retokenize:
             tails = [texts[3 * i + side][len(texts[3 * i]):] for i, side in retokenize]
-            encoded = self.tokenizer.backend_tokenizer.encode_batch_fast(tails, add_special_tokens=False)
-            responses.update({key: e.ids for key, e in zip(retokenize, encoded)})
+            self._encode_new(tails, known)
+            responses.update({key: known[tail] for key, tail in zip(retokenize, tails)})
         for i in range(len(pairs)):
             if results[i] is None:
                 results[i] = self._split(prompts[i], responses[i, 1], responses[i, 2], chat[i])
