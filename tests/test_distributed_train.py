@@ -29,6 +29,10 @@ COMMON = ["--model", DEMO_MODEL, "--learning-rate", "1e-3", "--lr-scheduler", "c
           "--logging-steps", "1", "--seed", "3", "--quiet"]
 STEPS = 6
 MULTI_TOL = 2e-5  # 2 processes sum the same numbers in another order
+# ZeRO-3 also scores through the output layer's module call (one whole-vocabulary logsumexp), the
+# single process through vocabulary blocks: both within 6e-7 of float64 gradients, which Adam at lr 1e-3
+# turns into loss differences of up to 2.5e-5 by step 6.
+ZERO3_TOL = 5e-5
 EXACT_TOL = 1e-6
 
 
@@ -144,7 +148,7 @@ def test_zero3_matches_and_saves_a_loadable_model(inputs, reference, tmp_path):
     out = tmp_path / "train"
     train(inputs, out, "--per-device-batch-size", "2", "--max-steps", STEPS, "--save-every", "3",
           "--deepspeed-config", tmp_path / "zero3.json", procs=2)
-    assert_curves_match(losses(out), reference, MULTI_TOL)
+    assert_curves_match(losses(out), reference, ZERO3_TOL)
     from transformers import AutoModelForCausalLM
 
     # Gathered from the partitions: full tensors, not ZeRO-3's empty placeholders.

@@ -70,6 +70,15 @@ def run_batches(wrapper, rows, batch_size, mode="concatenated", with_wpo=False):
     return out
 
 
+def use_vocab_blocks(monkeypatch, columns: int | None) -> None:
+    """Make the output layer work through the vocabulary ``columns`` at a time (None: its default)."""
+    from dpo.pipeline import logprobs
+
+    if columns is not None:
+        monkeypatch.setattr(logprobs, "BLOCK_BYTES", 0)
+        monkeypatch.setattr(logprobs, "MIN_BLOCK_COLUMNS", columns)
+
+
 def demo_model():
     return AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
 
@@ -129,11 +138,13 @@ def test_concatenated_and_separate_agree():
         assert abs(a[key][0] - b[key][0]) <= 1e-5 * abs(a[key][0])
 
 
-@pytest.mark.parametrize("through", ["module call", "plain linear"])
-def test_output_layer_runs_only_on_label_positions_in_chunks(through, monkeypatch):
-    """Through the head module's own call (taken when it has a hook) or its weight (a plain linear layer)."""
+@pytest.mark.parametrize("through, columns", [("module call", None), ("plain linear", None), ("plain linear", 100)])
+def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, monkeypatch):
+    """Through the head module's own call (taken when it has a hook) or its weight (a plain linear layer,
+    whole or in vocabulary blocks)."""
     from dpo.pipeline import logprobs
 
+    use_vocab_blocks(monkeypatch, columns)
     model = demo_model()
     rows = random_pairs(4, model.config.vocab_size, seed=2)
     batch = collate_pairs(rows, pad_token_id=0)
@@ -141,16 +152,20 @@ def test_output_layer_runs_only_on_label_positions_in_chunks(through, monkeypatc
     if through == "module call":
         hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     else:
-        linear_logits = logprobs._linear_logits
-        monkeypatch.setattr(logprobs, "_linear_logits",
-                            lambda rows, *args: seen.append(tuple(rows.shape)) or linear_logits(rows, *args))
+        apply = logprobs._LinearLabelLogProb.apply
+        monkeypatch.setattr(logprobs._LinearLabelLogProb, "apply",
+                            lambda rows, *args: seen.append(tuple(rows.shape)) or apply(rows, *args))
     wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=4 * model.config.vocab_size * 7)
     with torch.no_grad():
         res = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"])
     if through == "module call":
         hook.remove()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [rows, hidden], never [B, T, hidden]
+    assert all(len(shape) == 2 for shape in seen)  # [rows, hidden], never [B, T, hidden]
+    if through == "module call":
+        assert all(shape[0] <= 7 for shape in seen)  # [rows, vocab] logits: in chunks
+    else:
+        assert len(seen) == 1  # on the CPU in vocabulary blocks, with nothing kept for backward: one call
     assert sum(shape[0] for shape in seen) == labelled == int(res.num_tokens.sum())
     assert labelled < batch["input_ids"].numel() / 2  # the prompts and padding were skipped
     expected = run_batches(LabelLogProbs(model, head_path="full"), rows, 4)
@@ -158,14 +173,17 @@ def test_output_layer_runs_only_on_label_positions_in_chunks(through, monkeypatc
         assert abs(res.logps[i].item() - expected[(row["index"], "chosen")][0]) <= 1e-5 * abs(res.logps[i].item())
 
 
+@pytest.mark.parametrize("columns", [None, 100])
 @pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, part kept, all kept
-def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
+def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
     """Training keeps d logp / d logits from forward for as many chunks as keep_bytes holds and
-    recomputes the rest: the gradients are the textbook ones either way."""
+    recomputes the rest: the gradients are the textbook ones either way, whole or in vocabulary blocks."""
     from dpo.pipeline import logprobs
 
+    use_vocab_blocks(monkeypatch, columns)
     kept, apply = [], _LinearLabelLogProb.apply
-    monkeypatch.setattr(logprobs._LinearLabelLogProb, "apply", lambda *args: kept.append(args[4]) or apply(*args))
+    monkeypatch.setattr(logprobs._LinearLabelLogProb, "apply",
+                        lambda *args: kept.append((args[0].shape[0], args[4])) or apply(*args))
     model = demo_model()
     rows = random_pairs(3, model.config.vocab_size, seed=4)
     batch = collate_pairs(rows, pad_token_id=0)
@@ -173,8 +191,11 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
     wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=chunk, keep_bytes=kept_chunks * chunk)
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
     (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
-    chunks = -(-int((batch["labels"][:, 1:] != -100).sum()) // 5)
-    assert kept == [i < kept_chunks for i in range(chunks)] and chunks > 1  # kept for as many chunks as fit
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    kept_rows = min(labelled, 5 * kept_chunks)
+    # Kept chunks of 5 rows for as many as fit, then the rest in one call (on the CPU nothing else holds [rows, vocab]).
+    expected = [(min(5, kept_rows - i), True) for i in range(0, kept_rows, 5)]
+    assert kept == expected + ([(labelled - kept_rows, False)] if labelled > kept_rows else []) and labelled > 10
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0.0
@@ -189,9 +210,11 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, monkeypatch):
         assert (ours[name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
 
 
+@pytest.mark.parametrize("columns", [None, 3])
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("buffers", [None, LogitBuffers(limit=2)])
-def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers):
+def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers, columns, monkeypatch):
+    use_vocab_blocks(monkeypatch, columns)  # 11 columns: blocks of 3, 3, 3 and 2
     torch.manual_seed(0)
     rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
     head = torch.nn.Linear(8, 11)
@@ -211,10 +234,12 @@ def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers)
     torch.testing.assert_close(grad_rows, theirs)
 
 
+@pytest.mark.parametrize("columns", [None, 4096])
 @pytest.mark.parametrize("vocab, upstream, zero_weights, tolerance", [(70000, 1.0, True, 0.05), (8000, 1e-2, False, 2e-3)])
-def test_linear_head_float16_gradients_stay_in_range(vocab, upstream, zero_weights, tolerance):
-    """float16 holds neither e - s onehot's target entry (about -vocab for flat logits: past 65504)
-    nor a small g/s: its matmuls get the scaled gradient, as the textbook computes it."""
+def test_linear_head_float16_gradients_stay_in_range(vocab, upstream, zero_weights, tolerance, columns, monkeypatch):
+    """float16 holds neither a flat softmax's 1/s (s is about the vocabulary size: past 65504) nor a
+    small g/s: its matmuls get the scaled gradient, as the textbook computes it."""
+    use_vocab_blocks(monkeypatch, columns)
     torch.manual_seed(0)
     head = torch.nn.Linear(8, vocab, bias=False)
     if zero_weights:
@@ -252,18 +277,18 @@ def test_linear_head_buffers_are_reused_only_once_given_back():
     assert any(b is reused for b in buffers._idle)  # lent for the no-keep forward and given straight back
 
 
-def test_linear_head_buffers_from_inference_mode_are_not_written_outside_it():
+def test_a_forward_under_inference_mode_keeps_nothing_and_training_after_it_agrees():
     model = demo_model()
     rows = random_pairs(2, model.config.vocab_size, seed=5)
     batch = collate_pairs(rows, pad_token_id=0)
     wrapper = LabelLogProbs(model, head_path="body")
     with torch.inference_mode():
         first = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps.clone()
-    assert wrapper.logit_buffers._idle and wrapper.logit_buffers._idle[0].is_inference()
+    assert not wrapper.logit_buffers._idle
     again = wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
     again.sum().backward()
     torch.testing.assert_close(again.detach(), first)
-    assert not any(buffer.is_inference() for buffer in wrapper.logit_buffers._idle)  # it held no slot after
+    assert wrapper.logit_buffers._idle and not wrapper.logit_buffers._idle[0].is_inference()
 
 
 def test_linear_head_refuses_a_second_backward():
@@ -366,3 +391,23 @@ def test_peft_lora_and_disabled_adapter():
         assert abs(with_adapter[(row["index"], "chosen")][0] - want_lora) <= 1e-5 * abs(want_lora)
         assert abs(without[(row["index"], "chosen")][0] - want_base) <= 1e-5 * abs(want_base)
         assert abs(want_lora - want_base) > 1e-3  # the adapter does change the values
+
+
+@pytest.mark.parametrize("columns", [None, 3])
+@pytest.mark.parametrize("keep", [True, False])
+def test_linear_head_under_bfloat16_autocast_matches_textbook(keep, columns, monkeypatch):
+    """Mixed precision: the matmuls run in bfloat16 (forward and recomputed), the softmax in float32."""
+    use_vocab_blocks(monkeypatch, columns)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
+    upstream = torch.randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, keep, LogitBuffers(limit=1), 4)
+        textbook = F.log_softmax(head(rows).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, textbook)
+    grads = torch.autograd.grad((ours * upstream).sum(), [rows, head.weight, head.bias])
+    expected = torch.autograd.grad((textbook * upstream).sum(), [rows, head.weight, head.bias])
+    for a, b in zip(grads, expected):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a - b).norm() <= 2e-2 * b.norm()
