@@ -1,8 +1,8 @@
 """The output layer's backward with the logit gradients kept from forward, against recomputing them.
 
-`pipeline/logprobs.py` keeps d logp / d logits (one-hot minus softmax, up to a per-row scale) for up to KEEP_BYTES of
-label rows per forward, so backward is two matmuls per chunk instead of recomputing the logits and the
-softmax (activation checkpointing). This runs the same training steps (concatenated forward of the
+`pipeline/logprobs.py` keeps the exponentiated logits (d logp / d logits but for per-row scales and the one-hot
+part) for up to KEEP_BYTES of label rows per forward, so backward is two matmuls per vocabulary block instead of
+recomputing the logits and the softmax (activation checkpointing). This runs the same training steps (concatenated forward of the
 pairs' summed label log-probs, backward, AdamW) both ways, each in its own process, interleaved
 (kept, recomputed, kept, ...), and prints seconds per step, peak RSS and their ratios, after checking
 that both ways give the same gradients.
