@@ -233,9 +233,13 @@ class _LinearLabelLogProb(torch.autograd.Function):
                 if dtype == torch.float32:
                     block_grad, rows_scale = shifted, scale
                 else:
-                    # A lower-precision matmul gets d loss / d z_b itself, scaled in float32: g/S and c_b
-                    # can fall outside float16's range, the gradient's entries cannot.
-                    block_grad, rows_scale = (shifted * scale).to(dtype), None
+                    # A lower-precision matmul gets d loss / d z_b itself, one-hot part included, made in
+                    # float32: g/S and c_b can fall outside float16's range, and g (1 - p) of a confident
+                    # target would be lost rebuilding it from -g p and g after rounding.
+                    block_grad = shifted * scale
+                    hits = ((targets >= start) & (targets < end)).nonzero(as_tuple=True)[0]
+                    block_grad[hits, targets[hits] - start] += grad[hits]
+                    block_grad, rows_scale = block_grad.to(dtype), None
                 if grad_rows is not None:
                     part = block_grad @ low_weight[start:end]
                     if rows_scale is None:
@@ -250,14 +254,15 @@ class _LinearLabelLogProb(torch.autograd.Function):
                         grad_weight[start:end] = block_grad.t() @ scaled_rows
                 if grad_bias is not None:
                     grad_bias[start:end] = block_grad.sum(0) if rows_scale is None else block_grad.t() @ scale.squeeze(-1)
-        # The one-hot part of d loss / d z: g at each row's target.
-        target_grad = grad.unsqueeze(-1)
-        if grad_rows is not None:
-            grad_rows.addcmul_(weight[targets].float(), target_grad)
-        if grad_weight is not None:
-            grad_weight.index_add_(0, targets, (rows.float() * target_grad).to(grad_weight.dtype))
-        if grad_bias is not None:
-            grad_bias.index_add_(0, targets, grad.to(grad_bias.dtype))
+        if dtype == torch.float32:
+            # The one-hot part of d loss / d z: g at each row's target (in lower precision it is in the blocks).
+            target_grad = grad.unsqueeze(-1)
+            if grad_rows is not None:
+                grad_rows.addcmul_(weight[targets].float(), target_grad)
+            if grad_weight is not None:
+                grad_weight.index_add_(0, targets, (rows.float() * target_grad).to(grad_weight.dtype))
+            if grad_bias is not None:
+                grad_bias.index_add_(0, targets, grad.to(grad_bias.dtype))
         if kept is not None and ctx.buffers is not None:
             ctx.buffers.give(kept)
         return (None if grad_rows is None else grad_rows.to(rows.dtype), grad_weight, grad_bias,

@@ -38,7 +38,6 @@ SAMPLE_BYTES = 64 << 10
 # (a packed cache-ref pass of the bench model: 10M page faults, 30 of its 72 seconds in the kernel).
 # 64 MiB keeps them all on the bench model; 256 MiB was no faster and held 0.15 GiB more at peak.
 HOST_MMAP_THRESHOLD = 64 << 20
-HOST_TRIM_THRESHOLD = 2 * HOST_MMAP_THRESHOLD
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 log = logging.getLogger(__name__)
 
@@ -47,18 +46,22 @@ log = logging.getLogger(__name__)
 def keep_freed_host_memory() -> bool:
     """Have glibc's malloc keep freed blocks below HOST_MMAP_THRESHOLD for reuse; True when set.
 
-    Left alone where the user chose an allocator or glibc malloc settings (``LD_PRELOAD``,
-    ``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) and where the C library is not glibc."""
+    For a model that computes on the CPU: called once it is loaded, so the copies a load makes (freed
+    when a model moves to a GPU) go back to the kernel as before. Left alone where a GPU is present,
+    where the user chose an allocator or glibc malloc settings (``LD_PRELOAD``, ``MALLOC_*_``
+    variables, ``GLIBC_TUNABLES``) and where the C library is not glibc."""
     chosen = [name for name in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
               if os.environ.get(name)]
-    if chosen or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if chosen or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or torch.cuda.is_available():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    kept = bool(mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD))
-    log.debug("host allocator: freed blocks under %d MiB kept for reuse: %s", HOST_MMAP_THRESHOLD >> 20, kept)
+    # glibc before 2.35 or so refuses a threshold above 32 MiB (HEAP_MAX_SIZE / 2).
+    threshold = next((size for size in (HOST_MMAP_THRESHOLD, 32 << 20) if mallopt(_M_MMAP_THRESHOLD, size)), None)
+    kept = threshold is not None and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+    log.debug("host allocator: freed blocks under %s MiB kept for reuse: %s", threshold and threshold >> 20, kept)
     return kept
 
 
@@ -97,8 +100,6 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     """``AutoModelForCausalLM`` from a local folder, dropout off unless ``keep_dropout``, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    keep_freed_host_memory()
-
     path = Path(path)
     _check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
@@ -120,14 +121,13 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", keep_dropout
     _set_dropout_rates(model.config, rates)
     if device is not None:
         model.to(device)
+    keep_freed_host_memory()
     return model.eval()
 
 
 def load_reward_model(path: str | os.PathLike, dtype: str = "float32"):
     """A sequence-classification model with one output (a reward model) and its tokenizer, in eval mode."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    keep_freed_host_memory()
 
     path = Path(path)
     _check_model_dir(path)
@@ -141,6 +141,7 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32"):
     except (OSError, ValueError) as exc:
         raise UsageError(f"--reward-model {path}: cannot be loaded as a sequence-classification model with its "
                          f"tokenizer: {exc}") from None
+    keep_freed_host_memory()
     return model.eval(), tokenizer
 
 

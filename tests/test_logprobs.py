@@ -411,3 +411,22 @@ def test_linear_head_under_bfloat16_autocast_matches_textbook(keep, columns, mon
     for a, b in zip(grads, expected):
         assert a.dtype == b.dtype == torch.float32
         assert (a - b).norm() <= 2e-2 * b.norm()
+
+
+@pytest.mark.parametrize("columns", [None, 3])
+def test_linear_head_in_bfloat16_keeps_the_gradient_of_confident_targets(columns, monkeypatch):
+    """d logp / d z = g (onehot - p): for p near 1 it must not be rebuilt from -g p and g after rounding."""
+    use_vocab_blocks(monkeypatch, columns)
+    torch.manual_seed(0)
+    targets = torch.arange(6) % 11
+    weight = F.normalize(torch.randn(11, 16), dim=-1) * 3.0
+    rows = weight[targets] * 3.0  # each row's own target has by far the largest logit: p above 0.99
+    rows, weight = rows.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    logp = _LinearLabelLogProb.apply(rows, weight, None, targets, True, None, 6)
+    grad_rows, grad_weight = torch.autograd.grad(logp.sum(), [rows, weight])
+    rows64, weight64 = rows.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    textbook = F.log_softmax(rows64 @ weight64.t(), -1).gather(-1, targets[:, None]).sum()
+    want_rows, want_weight = torch.autograd.grad(textbook, [rows64, weight64])
+    assert torch.exp(textbook / 6) > 0.99
+    assert (grad_rows.double() - want_rows).norm() <= 0.05 * want_rows.norm()
+    assert (grad_weight.double() - want_weight).norm() <= 0.05 * want_weight.norm()
