@@ -6,7 +6,7 @@ output layer runs only on the hidden states whose next token is a label, in chun
 chunk's logits are cast to float32, the label logit gathered and a logsumexp subtracted, then the
 chunk is dropped. A plain linear head goes further (_LinearLabelLogProb): on the CPU it works through
 the vocabulary in cache-sized blocks, so no [rows, vocab] logits are written out to memory at all,
-and all its rows go in one call. With gradients on, its forward already knows the gradient of
+and the rows it does not keep for backward go in one call. With gradients on, its forward already knows the gradient of
 log p(target) with respect to the logits (one-hot minus softmax, up to per-row scales): it keeps
 the exponentiated logits for as many chunks as KEEP_BYTES holds (in reused LogitBuffers), so
 backward is two matmuls per block instead of recomputing the logits and the softmax; the rows past
@@ -36,8 +36,9 @@ from .tokenization import IGNORE_INDEX
 # 512-vocab one unchunked; on the 16M-parameter GPT-2-vocab bench model a train step peaks at 1.96 GB
 # instead of 2.73 GB with 256 MiB chunks, at the same loss.
 CHUNK_BYTES = 64 << 20
-# float32 logit gradients kept from forward to backward per forward call (the rest is recomputed). On the
-# bench model this saves the recomputed output-layer matmul and softmax of about 8 pairs of 150 tokens.
+# float32 exp-logits (the logit gradients but for per-row scales) kept from forward to backward per forward
+# call (the rest is recomputed). On the bench model this saves the recomputed output-layer matmul and
+# softmax of about 8 pairs of 150 tokens.
 KEEP_BYTES = 2 * CHUNK_BYTES
 # float32 logits per vocabulary block of the output layer on the CPU: small enough to stay in cache from
 # the matmul that writes them to the max, exp and sum that read them. A [rows, vocab] matmul writes out
@@ -176,8 +177,6 @@ class _LinearLabelLogProb(torch.autograd.Function):
         peaks = torch.empty(n, len(blocks), device=rows.device, dtype=torch.float32)
         sums = torch.empty_like(peaks)
         target_logits = torch.full((n,), float("nan"), device=rows.device)  # stays NaN for an id past the vocabulary
-        target_blocks = torch.bucketize(targets, torch.tensor([end for _, end in blocks], device=targets.device),
-                                        right=True)
         scratch = _BlockScratch(rows, blocks)
         for b, (start, end) in enumerate(blocks):
             if dtype != torch.float32:
@@ -187,7 +186,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
             else:
                 out = scratch.view(end - start)
             logits = _block_logits(rows, weight, bias, start, end, out)
-            hits = (target_blocks == b).nonzero(as_tuple=True)[0]
+            hits = _targets_in(targets, start, end)
             target_logits[hits] = logits[hits, targets[hits] - start]
             peak = logits.amax(dim=-1, keepdim=True)
             peaks[:, b] = peak.squeeze(-1)
@@ -219,13 +218,13 @@ class _LinearLabelLogProb(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if needs_weight else None
         grad_bias = torch.empty_like(bias) if bias is not None and needs_bias else None
         low_rows, low_weight = rows.to(dtype), weight.to(dtype)
+        low_bias = None if bias is None else bias.to(dtype)
         scratch = None if kept is not None else _BlockScratch(rows, ctx.blocks)
         with torch.autocast(rows.device.type, enabled=False):
             for b, (start, end) in enumerate(ctx.blocks):
                 if kept is not None:
                     shifted = kept[:n, start:end]
                 else:
-                    low_bias = None if bias is None else bias.to(dtype)
                     out = scratch.view(end - start) if dtype == torch.float32 else None
                     shifted = _block_logits(low_rows, low_weight, low_bias, start, end, out)
                     shifted = shifted.sub_(ctx.peaks[:, b: b + 1]).exp_()
@@ -237,7 +236,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
                     # float32: g/S and c_b can fall outside float16's range, and g (1 - p) of a confident
                     # target would be lost rebuilding it from -g p and g after rounding.
                     block_grad = shifted * scale
-                    hits = ((targets >= start) & (targets < end)).nonzero(as_tuple=True)[0]
+                    hits = _targets_in(targets, start, end)
                     block_grad[hits, targets[hits] - start] += grad[hits]
                     block_grad, rows_scale = block_grad.to(dtype), None
                 if grad_rows is not None:
@@ -267,6 +266,11 @@ class _LinearLabelLogProb(torch.autograd.Function):
             ctx.buffers.give(kept)
         return (None if grad_rows is None else grad_rows.to(rows.dtype), grad_weight, grad_bias,
                 None, None, None, None)
+
+
+def _targets_in(targets: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The rows whose target lies in vocabulary columns [start, end)."""
+    return ((targets >= start) & (targets < end)).nonzero(as_tuple=True)[0]
 
 
 def _matmul_dtype(rows: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
