@@ -109,7 +109,7 @@ def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tenso
 
 
 class LogitBuffers:
-    """Reusable float32 [rows, vocab] buffers for the exp-logits a training forward keeps for backward.
+    """Reusable flat float32 buffers (rows x vocab elements) for the exp-logits a training forward keeps for backward.
 
     On the CPU a fresh buffer of a chunk's size (tens of MiB, past glibc's default mmap threshold, or
     any allocator's that returns such blocks to the kernel) is mapped and page-faulted in on every
@@ -123,10 +123,11 @@ class LogitBuffers:
         self._idle: list[torch.Tensor] = []
 
     def take(self, rows: int, vocab: int, device: torch.device, at_least: int) -> torch.Tensor:
+        """A flat buffer of at least ``rows * vocab`` elements (``_kept_block`` lays the blocks out in it)."""
         for i, buffer in enumerate(self._idle):
-            if buffer.device == device and buffer.shape[1] == vocab and buffer.shape[0] >= rows:
+            if buffer.device == device and buffer.numel() >= rows * vocab:
                 return self._idle.pop(i)
-        return torch.empty(max(rows, at_least), vocab, device=device, dtype=torch.float32)
+        return torch.empty(max(rows, at_least) * vocab, device=device, dtype=torch.float32)
 
     def give(self, buffer: torch.Tensor) -> None:
         if len(self._idle) < self.limit:
@@ -162,8 +163,8 @@ class _LinearLabelLogProb(torch.autograd.Function):
     with g = d loss / d logp per row, d loss / d z_b = -(g/S) c_b e_b + g onehot. Backward is therefore
     per block e_b @ W_b and e_b^T @ rows with the per-row scale -(g/S) c_b on the small side, plus the
     one-hot part: g W[target] for the rows and g rows added into W's target rows. ``keep``: the e_b
-    stay in a [rows, vocab] buffer until backward; otherwise backward recomputes each block from the
-    rows (activation checkpointing) with the forward's m_b."""
+    stay in a flat buffer, block after block (_kept_block), until backward; otherwise backward
+    recomputes each block from the rows (activation checkpointing) with the forward's m_b."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -173,26 +174,25 @@ class _LinearLabelLogProb(torch.autograd.Function):
         dtype = _matmul_dtype(rows, weight)
         kept = buffers.take(n, vocab, rows.device, chunk_rows) if keep and buffers is not None else None
         if keep and kept is None:
-            kept = torch.empty(n, vocab, device=rows.device, dtype=torch.float32)
+            kept = torch.empty(n * vocab, device=rows.device, dtype=torch.float32)
         peaks = torch.empty(n, len(blocks), device=rows.device, dtype=torch.float32)
         sums = torch.empty_like(peaks)
         target_logits = torch.full((n,), float("nan"), device=rows.device)  # stays NaN for an id past the vocabulary
         scratch = _BlockScratch(rows, blocks)
         for b, (start, end) in enumerate(blocks):
+            kept_block = None if kept is None else _kept_block(kept, n, start, end)
             if dtype != torch.float32:
                 out = None
-            elif kept is not None and len(blocks) == 1:
-                out = kept[:n]
             else:
-                out = scratch.view(end - start)
+                out = scratch.view(end - start) if kept_block is None else kept_block
             logits = _block_logits(rows, weight, bias, start, end, out)
             hits = _targets_in(targets, start, end)
             target_logits[hits] = logits[hits, targets[hits] - start]
             peak = logits.amax(dim=-1, keepdim=True)
             peaks[:, b] = peak.squeeze(-1)
             sums[:, b] = logits.sub_(peak).exp_().sum(dim=-1)
-            if kept is not None and logits.data_ptr() != kept.data_ptr():
-                kept[:n, start:end].copy_(logits)
+            if kept_block is not None and out is None:
+                kept_block.copy_(logits)
         top = peaks.amax(dim=-1, keepdim=True)
         scales = (peaks - top).exp_()
         total = (sums * scales).sum(dim=-1)
@@ -223,7 +223,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
         with torch.autocast(rows.device.type, enabled=False):
             for b, (start, end) in enumerate(ctx.blocks):
                 if kept is not None:
-                    shifted = kept[:n, start:end]
+                    shifted = _kept_block(kept, n, start, end)
                 else:
                     out = scratch.view(end - start) if dtype == torch.float32 else None
                     shifted = _block_logits(low_rows, low_weight, low_bias, start, end, out)
@@ -266,6 +266,13 @@ class _LinearLabelLogProb(torch.autograd.Function):
             ctx.buffers.give(kept)
         return (None if grad_rows is None else grad_rows.to(rows.dtype), grad_weight, grad_bias,
                 None, None, None, None)
+
+
+def _kept_block(kept: torch.Tensor, rows: int, start: int, end: int) -> torch.Tensor:
+    """Vocabulary block [start, end) of a chunk's kept exp-logits: the blocks lie one after another in the
+    flat buffer, each a contiguous [rows, end - start] matrix, so the forward's matmul writes a block
+    where backward reads it (no copy out of a cache-sized scratch, no row stride of a whole vocabulary)."""
+    return kept[rows * start: rows * end].view(rows, end - start)
 
 
 def _targets_in(targets: torch.Tensor, start: int, end: int) -> torch.Tensor:
