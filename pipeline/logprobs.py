@@ -6,9 +6,9 @@ output layer runs only on the hidden states whose next token is a label, in chun
 chunk's logits are cast to float32, the label logit gathered and a logsumexp subtracted, then the
 chunk is dropped. A plain linear head goes further (_LinearLabelLogProb): on the CPU it works through
 the vocabulary in cache-sized blocks, so no [rows, vocab] logits are written out to memory at all,
-and the rows it does not keep for backward go in one call. With gradients on, its forward already knows the gradient of
-log p(target) with respect to the logits (one-hot minus softmax, up to per-row scales): it keeps
-the exponentiated logits for as many chunks as KEEP_BYTES holds (in reused LogitBuffers), so
+and the rows go in one call (up to CALL_ROWS). With gradients on, its forward already knows the
+gradient of log p(target) with respect to the logits (one-hot minus softmax, up to per-row scales):
+it keeps the exponentiated logits for as many rows as KEEP_BYTES holds (in reused LogitBuffers), so
 backward is two matmuls per block instead of recomputing the logits and the softmax; the rows past
 that budget are recomputed in backward (activation checkpointing), so training never holds more than
 KEEP_BYTES of [N, vocab].
@@ -37,15 +37,20 @@ from .tokenization import IGNORE_INDEX
 # instead of 2.73 GB with 256 MiB chunks, at the same loss.
 CHUNK_BYTES = 64 << 20
 # float32 exp-logits (the logit gradients but for per-row scales) kept from forward to backward per forward
-# call (the rest is recomputed). On the bench model this saves the recomputed output-layer matmul and
-# softmax of about 8 pairs of 150 tokens.
-KEEP_BYTES = 2 * CHUNK_BYTES
+# call (the rest is recomputed). 256 MiB holds 1,335 label rows of a 50k vocabulary, about every row of a
+# bench training step (8 pairs): its output layer's forward and backward took 0.85x the time of keeping 666
+# rows in two chunks (in-process, interleaved, at 860 and 1,400 rows), and the step's peak barely moved.
+KEEP_BYTES = 4 * CHUNK_BYTES
 # float32 logits per vocabulary block of the output layer on the CPU: small enough to stay in cache from
 # the matmul that writes them to the max, exp and sum that read them. A [rows, vocab] matmul writes out
 # to memory at a fraction of the rate: on the bench model, 4 MiB blocks ran the output layer's forward
 # 1.6x and its kept backward 1.09x as fast as whole-chunk matmuls.
 BLOCK_BYTES = 4 << 20
 MIN_BLOCK_COLUMNS = 256
+# Rows per call of the output layer where rows are not kept (CPU): a taller matmul gains nothing past a few
+# thousand rows, and the per-row, per-block statistics grow with them (8 bytes x rows x vocab / 256 columns:
+# 160 MB at 65k rows of a 152k vocabulary; 10 MB at this cap).
+CALL_ROWS = 4096
 log = logging.getLogger(__name__)
 
 
@@ -168,36 +173,38 @@ class _LinearLabelLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                keep: bool, buffers: LogitBuffers | None, chunk_rows: int) -> torch.Tensor:
+                keep_rows: int, buffers: LogitBuffers | None, buffer_rows: int) -> torch.Tensor:
         n, vocab = rows.shape[0], weight.shape[0]
+        keep_rows = min(keep_rows, n)
         blocks = _vocab_blocks(n, vocab, rows.device)
         dtype = _matmul_dtype(rows, weight)
-        kept = buffers.take(n, vocab, rows.device, chunk_rows) if keep and buffers is not None else None
-        if keep and kept is None:
-            kept = torch.empty(n * vocab, device=rows.device, dtype=torch.float32)
+        kept = None
+        if keep_rows:
+            kept = (buffers.take(keep_rows, vocab, rows.device, buffer_rows) if buffers is not None
+                    else torch.empty(keep_rows * vocab, device=rows.device, dtype=torch.float32))
         peaks = torch.empty(n, len(blocks), device=rows.device, dtype=torch.float32)
         sums = torch.empty_like(peaks)
         target_logits = torch.full((n,), float("nan"), device=rows.device)  # stays NaN for an id past the vocabulary
         scratch = _BlockScratch(rows, blocks)
         for b, (start, end) in enumerate(blocks):
-            kept_block = None if kept is None else _kept_block(kept, n, start, end)
+            kept_block = None if kept is None else _kept_block(kept, keep_rows, start, end)
             if dtype != torch.float32:
                 out = None
             else:
-                out = scratch.view(end - start) if kept_block is None else kept_block
+                out = kept_block if keep_rows == n else scratch.view(end - start)
             logits = _block_logits(rows, weight, bias, start, end, out)
             hits = _targets_in(targets, start, end)
             target_logits[hits] = logits[hits, targets[hits] - start]
             peak = logits.amax(dim=-1, keepdim=True)
             peaks[:, b] = peak.squeeze(-1)
             sums[:, b] = logits.sub_(peak).exp_().sum(dim=-1)
-            if kept_block is not None and out is None:
-                kept_block.copy_(logits)
+            if kept_block is not None and logits.data_ptr() != kept_block.data_ptr():
+                kept_block.copy_(logits[:keep_rows])
         top = peaks.amax(dim=-1, keepdim=True)
         scales = (peaks - top).exp_()
         total = (sums * scales).sum(dim=-1)
         ctx.blocks, ctx.peaks, ctx.scales, ctx.total, ctx.buffers = blocks, peaks, scales, total, buffers
-        ctx.kept, ctx.matmul_dtype = kept, dtype
+        ctx.kept, ctx.keep_rows, ctx.matmul_dtype = kept, keep_rows, dtype
         ctx.save_for_backward(rows, weight, bias, targets)
         ctx.backward_done = False
         return target_logits - top.squeeze(-1) - total.log()
@@ -209,7 +216,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
         ctx.backward_done = True
         rows, weight, bias, targets = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
-        dtype, n = ctx.matmul_dtype, rows.shape[0]
+        dtype, n, keep_rows = ctx.matmul_dtype, rows.shape[0], ctx.keep_rows
         grad = grad_logp.float()
         # Per row and block: d loss / d z_b = row_scales[:, b] * e_b, besides the one-hot part.
         row_scales = (-grad / ctx.total).unsqueeze(-1) * ctx.scales
@@ -219,15 +226,25 @@ class _LinearLabelLogProb(torch.autograd.Function):
         grad_bias = torch.empty_like(bias) if bias is not None and needs_bias else None
         low_rows, low_weight = rows.to(dtype), weight.to(dtype)
         low_bias = None if bias is None else bias.to(dtype)
-        scratch = None if kept is not None else _BlockScratch(rows, ctx.blocks)
+        scratch = None if keep_rows == n else _BlockScratch(rows, ctx.blocks)
         with torch.autocast(rows.device.type, enabled=False):
             for b, (start, end) in enumerate(ctx.blocks):
-                if kept is not None:
-                    shifted = _kept_block(kept, n, start, end)
+                kept_block = None if kept is None else _kept_block(kept, keep_rows, start, end)
+                if keep_rows == n:
+                    shifted = kept_block
                 else:
+                    # The rows past keep_rows are recomputed into the block, after the kept ones.
                     out = scratch.view(end - start) if dtype == torch.float32 else None
-                    shifted = _block_logits(low_rows, low_weight, low_bias, start, end, out)
-                    shifted = shifted.sub_(ctx.peaks[:, b: b + 1]).exp_()
+                    rest = _block_logits(low_rows[keep_rows:], low_weight, low_bias, start, end,
+                                         None if out is None else out[keep_rows:])
+                    rest = rest.sub_(ctx.peaks[keep_rows:, b: b + 1]).exp_()
+                    if kept_block is None:
+                        shifted = rest
+                    elif out is None:
+                        shifted = torch.cat([kept_block, rest])
+                    else:
+                        shifted = out
+                        shifted[:keep_rows].copy_(kept_block)
                 scale = row_scales[:, b: b + 1]
                 if dtype == torch.float32:
                     block_grad, rows_scale = shifted, scale
@@ -358,19 +375,22 @@ class LabelLogProbs(nn.Module):
         return max(1, self.chunk_bytes // (4 * vocab))
 
     def _head_chunks(self, rows: int, vocab: int, step: int, grad: bool, linear: nn.Linear | None,
-                     device: torch.device) -> list[tuple[int, int, bool]]:
-        """(start, stop, keep) row ranges for the output layer, ``keep`` where a chunk's exp-logits stay
-        for backward (up to keep_bytes in all). A chunk is ``step`` rows where it holds [rows, vocab]; on
-        the CPU, where a plain linear head works in vocabulary blocks, only a kept chunk does, so all
-        the rows after the kept chunks go in one call (a taller matmul, fewer passes)."""
-        chunks: list[tuple[int, int, bool]] = []
-        start = kept_bytes = 0
+                     device: torch.device) -> list[tuple[int, int, int]]:
+        """(start, stop, keep_rows) row ranges for the output layer: the first keep_rows rows of a range
+        keep their exp-logits for backward (up to keep_bytes in all). Where the output layer holds
+        [rows, vocab] logits, a range is ``step`` rows, kept whole or not at all. On the CPU a plain
+        linear head works in vocabulary blocks and holds none, so the rows go in calls of CALL_ROWS
+        (a taller matmul, fewer passes), the first keeping as many rows as keep_bytes holds."""
+        budget = self.keep_bytes // (4 * vocab) if linear is not None and grad else 0
+        blocked = linear is not None and device.type == "cpu"
+        chunks: list[tuple[int, int, int]] = []
+        start = 0
         while start < rows or (not chunks and self._one_head_call):
-            size = min(step, rows - start)
-            keep = linear is not None and grad and kept_bytes + 4 * vocab * size <= self.keep_bytes
-            kept_bytes += 4 * vocab * size if keep else 0
-            stop = rows if linear is not None and device.type == "cpu" and not keep else start + size
-            chunks.append((start, stop, keep))
+            stop = min(rows, start + (CALL_ROWS if blocked else step))
+            size = stop - start
+            keep_rows = min(budget, size) if blocked else (size if size <= budget else 0)
+            budget -= keep_rows
+            chunks.append((start, stop, keep_rows))
             start = stop
         return chunks
 
@@ -437,11 +457,13 @@ class LabelLogProbs(nn.Module):
         linear = self._plain_linear_head() if use_body and not with_wpo else None
         logps, terms = [], []
         with self.timer.phase("forward_head"):
-            for start, stop, keep in self._head_chunks(rows.shape[0], vocab, step, grad, linear, rows.device):
+            # Kept exp-logits buffers are made for the most rows a call keeps, so they serve every call.
+            buffer_rows = self.keep_bytes // (4 * vocab) if rows.device.type == "cpu" else step
+            for start, stop, keep_rows in self._head_chunks(rows.shape[0], vocab, step, grad, linear, rows.device):
                 chunk, chunk_targets = rows[start:stop], targets[start:stop]
                 if linear is not None:
-                    logp = _LinearLabelLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets, keep,
-                                                     self.logit_buffers, step)
+                    logp = _LinearLabelLogProb.apply(chunk, linear.weight, linear.bias, chunk_targets, keep_rows,
+                                                     self.logit_buffers, buffer_rows)
                     term = None
                 elif grad:
                     logp, term = checkpoint(_token_logps, head, chunk, chunk_targets, with_wpo, use_reentrant=False)

@@ -138,13 +138,16 @@ def test_concatenated_and_separate_agree():
         assert abs(a[key][0] - b[key][0]) <= 1e-5 * abs(a[key][0])
 
 
-@pytest.mark.parametrize("through, columns", [("module call", None), ("plain linear", None), ("plain linear", 100)])
-def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, monkeypatch):
+@pytest.mark.parametrize("through, columns, call_rows", [("module call", None, None), ("plain linear", None, None),
+                                                        ("plain linear", 100, None), ("plain linear", 100, 6)])
+def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, call_rows, monkeypatch):
     """Through the head module's own call (taken when it has a hook) or its weight (a plain linear layer,
-    whole or in vocabulary blocks)."""
+    whole or in vocabulary blocks, in one call or in calls of at most CALL_ROWS rows)."""
     from dpo.pipeline import logprobs
 
     use_vocab_blocks(monkeypatch, columns)
+    if call_rows is not None:
+        monkeypatch.setattr(logprobs, "CALL_ROWS", call_rows)
     model = demo_model()
     rows = random_pairs(4, model.config.vocab_size, seed=2)
     batch = collate_pairs(rows, pad_token_id=0)
@@ -164,6 +167,8 @@ def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, m
     assert all(len(shape) == 2 for shape in seen)  # [rows, hidden], never [B, T, hidden]
     if through == "module call":
         assert all(shape[0] <= 7 for shape in seen)  # [rows, vocab] logits: in chunks
+    elif call_rows is not None:
+        assert [shape[0] for shape in seen[:-1]] == [call_rows] * (len(seen) - 1) and seen[-1][0] <= call_rows
     else:
         assert len(seen) == 1  # on the CPU in vocabulary blocks, with nothing kept for backward: one call
     assert sum(shape[0] for shape in seen) == labelled == int(res.num_tokens.sum())
@@ -174,9 +179,9 @@ def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, m
 
 
 @pytest.mark.parametrize("columns", [None, 100])
-@pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, part kept, all kept
+@pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, 5 rows kept, all kept
 def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
-    """Training keeps d logp / d logits from forward for as many chunks as keep_bytes holds and
+    """Training keeps d logp / d logits from forward for as many rows as keep_bytes holds and
     recomputes the rest: the gradients are the textbook ones either way, whole or in vocabulary blocks."""
     from dpo.pipeline import logprobs
 
@@ -192,10 +197,8 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
     (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    kept_rows = min(labelled, 5 * kept_chunks)
-    # Kept chunks of 5 rows for as many as fit, then the rest in one call (on the CPU nothing else holds [rows, vocab]).
-    expected = [(min(5, kept_rows - i), True) for i in range(0, kept_rows, 5)]
-    assert kept == expected + ([(labelled - kept_rows, False)] if labelled > kept_rows else []) and labelled > 10
+    # One call (on the CPU in vocabulary blocks nothing holds [rows, vocab]), keeping as many rows as fit.
+    assert kept == [(labelled, min(labelled, 5 * kept_chunks))] and labelled > 10
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0.0
@@ -211,7 +214,7 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
 
 
 @pytest.mark.parametrize("columns", [None, 3])
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep", [6, 2, 0])  # all rows' exp-logits kept for backward, the first two, none
 @pytest.mark.parametrize("buffers", [None, LogitBuffers(limit=2)])
 def test_linear_head_gradients_with_a_head_bias_and_a_frozen_head(keep, buffers, columns, monkeypatch):
     use_vocab_blocks(monkeypatch, columns)  # 11 columns: blocks of 3, 3, 3 and 2
@@ -246,7 +249,7 @@ def test_linear_head_float16_gradients_stay_in_range(vocab, upstream, zero_weigh
         torch.nn.init.zeros_(head.weight)
     rows, targets = torch.randn(4, 8), torch.randint(0, vocab, (4,))
     half_rows, half_weight = rows.half().requires_grad_(), head.weight.detach().half().requires_grad_()
-    logp = _LinearLabelLogProb.apply(half_rows, half_weight, None, targets, True, None, 4)
+    logp = _LinearLabelLogProb.apply(half_rows, half_weight, None, targets, 4, None, 4)
     (logp * upstream).sum().backward()
     full_rows, full_weight = half_rows.detach().float().requires_grad_(), half_weight.detach().float().requires_grad_()
     textbook = F.log_softmax(full_rows @ full_weight.t(), -1).gather(-1, targets[:, None]).sum() * upstream
@@ -263,8 +266,8 @@ def test_linear_head_buffers_are_reused_only_once_given_back():
     head = torch.nn.Linear(8, 11)
     rows, targets = torch.randn(6, 8, requires_grad=True), torch.randint(0, 11, (6,))
     other = torch.randn(6, 8, requires_grad=True)
-    first = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, True, buffers, 6)
-    second = _LinearLabelLogProb.apply(other, head.weight, head.bias, targets, True, buffers, 6)
+    first = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, 6, buffers, 6)
+    second = _LinearLabelLogProb.apply(other, head.weight, head.bias, targets, 6, buffers, 6)
     (grad_rows,) = torch.autograd.grad(first.sum(), [rows])
     textbook = F.log_softmax(head(rows), -1).gather(-1, targets[:, None]).sum()
     torch.testing.assert_close(grad_rows, torch.autograd.grad(textbook, [rows])[0])
@@ -272,7 +275,7 @@ def test_linear_head_buffers_are_reused_only_once_given_back():
     second.sum().backward()
     assert len(buffers._idle) == 2
     reused = buffers._idle[0]
-    again = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, False, buffers, 6)
+    again = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, 0, buffers, 6)
     torch.testing.assert_close(again, first.detach())
     assert any(b is reused for b in buffers._idle)  # lent for the no-keep forward and given straight back
 
@@ -291,10 +294,27 @@ def test_a_forward_under_inference_mode_keeps_nothing_and_training_after_it_agre
     assert wrapper.logit_buffers._idle and not wrapper.logit_buffers._idle[0].is_inference()
 
 
+def test_output_layer_row_ranges_and_what_they_keep(monkeypatch):
+    """On the CPU (vocabulary blocks) calls of CALL_ROWS, the first keeping what keep_bytes holds; where
+    [rows, vocab] logits exist (a GPU) chunks of a step, each kept whole while keep_bytes allows."""
+    from dpo.pipeline import logprobs
+
+    monkeypatch.setattr(logprobs, "CALL_ROWS", 10)
+    model = demo_model()
+    head, vocab = model.get_output_embeddings(), model.config.vocab_size
+    wrapper = LabelLogProbs(model, head_path="body", chunk_bytes=4 * vocab * 4, keep_bytes=4 * vocab * 7)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert wrapper._head_chunks(23, vocab, 4, True, head, cpu) == [(0, 10, 7), (10, 20, 0), (20, 23, 0)]
+    assert wrapper._head_chunks(5, vocab, 4, True, head, cpu) == [(0, 5, 5)]
+    assert wrapper._head_chunks(23, vocab, 4, False, head, cpu) == [(0, 10, 0), (10, 20, 0), (20, 23, 0)]
+    assert wrapper._head_chunks(10, vocab, 4, True, head, gpu) == [(0, 4, 4), (4, 8, 0), (8, 10, 2)]
+    assert wrapper._head_chunks(10, vocab, 4, True, None, cpu) == [(0, 4, 0), (4, 8, 0), (8, 10, 0)]
+
+
 def test_linear_head_refuses_a_second_backward():
     head = torch.nn.Linear(8, 11)
     rows, targets = torch.randn(3, 8, requires_grad=True), torch.randint(0, 11, (3,))
-    logp = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, True, LogitBuffers(limit=1), 3)
+    logp = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, 3, LogitBuffers(limit=1), 3)
     logp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         logp.sum().backward()
@@ -394,7 +414,7 @@ def test_peft_lora_and_disabled_adapter():
 
 
 @pytest.mark.parametrize("columns", [None, 3])
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep", [6, 2, 0])
 def test_linear_head_under_bfloat16_autocast_matches_textbook(keep, columns, monkeypatch):
     """Mixed precision: the matmuls run in bfloat16 (forward and recomputed), the softmax in float32."""
     use_vocab_blocks(monkeypatch, columns)
@@ -422,7 +442,7 @@ def test_linear_head_in_bfloat16_keeps_the_gradient_of_confident_targets(columns
     weight = F.normalize(torch.randn(11, 16), dim=-1) * 3.0
     rows = weight[targets] * 3.0  # each row's own target has by far the largest logit: p above 0.99
     rows, weight = rows.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
-    logp = _LinearLabelLogProb.apply(rows, weight, None, targets, True, None, 6)
+    logp = _LinearLabelLogProb.apply(rows, weight, None, targets, 6, None, 6)
     grad_rows, grad_weight = torch.autograd.grad(logp.sum(), [rows, weight])
     rows64, weight64 = rows.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     textbook = F.log_softmax(rows64 @ weight64.t(), -1).gather(-1, targets[:, None]).sum()
