@@ -47,9 +47,10 @@ KEEP_BYTES = 4 * CHUNK_BYTES
 # 1.6x and its kept backward 1.09x as fast as whole-chunk matmuls.
 BLOCK_BYTES = 4 << 20
 MIN_BLOCK_COLUMNS = 256
-# Rows per call of the output layer where rows are not kept (CPU): a taller matmul gains nothing past a few
-# thousand rows, and the per-row, per-block statistics grow with them (8 bytes x rows x vocab / 256 columns:
-# 160 MB at 65k rows of a 152k vocabulary; 10 MB at this cap).
+# Rows per call of the output layer on the CPU. Taller is faster (on the bench model 758-row calls ran
+# their blocks at 1.4x the FLOP/s of 333-row ones) but a call's per-row, per-block statistics grow with
+# its rows (8 bytes x rows x vocab / 256 columns: 311 MB at 65k rows of a 152k vocabulary, 19 MB at this
+# cap). The cap bounds what a pass without gradients holds; training keeps every call's until backward.
 CALL_ROWS = 4096
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,13 @@ def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tenso
 class LogitBuffers:
     """Reusable flat float32 buffers (rows x vocab elements) for the exp-logits a training forward keeps for backward.
 
-    On the CPU a fresh buffer of a chunk's size (tens of MiB, past glibc's default mmap threshold, or
-    any allocator's that returns such blocks to the kernel) is mapped and page-faulted in on every
-    allocation: on the bench model that made the output layer's forward run at 64 instead of 86
-    GFLOP/s. A buffer is lent out for one chunk and given back after that chunk's backward; one that
-    is never given back (a graph dropped without backward) is simply freed by its last owner. Only a
-    pass with gradients keeps anything, so a buffer is never made under inference_mode."""
+    On the CPU a fresh buffer of this size (tens to hundreds of MiB, past glibc's default mmap
+    threshold, or any allocator's that returns such blocks to the kernel) is mapped and page-faulted
+    in on every allocation: on the bench model that made the output layer's forward run at 64 instead
+    of 86 GFLOP/s. A buffer is lent out for one call of the output layer and given back after that
+    call's backward; one that is never given back (a graph dropped without backward) is simply freed
+    by its last owner. Only a pass with gradients keeps anything, so a buffer is never made under
+    inference_mode."""
 
     def __init__(self, limit: int):
         self.limit = limit  # buffers held while idle
@@ -167,15 +169,16 @@ class _LinearLabelLogProb(torch.autograd.Function):
     M = max_b m_b, c_b = exp(m_b - M) and S = sum_b c_b s_b, log p(target) = z_target - M - log S, and
     with g = d loss / d logp per row, d loss / d z_b = -(g/S) c_b e_b + g onehot. Backward is therefore
     per block e_b @ W_b and e_b^T @ rows with the per-row scale -(g/S) c_b on the small side, plus the
-    one-hot part: g W[target] for the rows and g rows added into W's target rows. ``keep``: the e_b
-    stay in a flat buffer, block after block (_kept_block), until backward; otherwise backward
-    recomputes each block from the rows (activation checkpointing) with the forward's m_b."""
+    one-hot part: g W[target] for the rows and g rows added into W's target rows. The first
+    ``keep_rows`` rows' e_b stay in a flat buffer, block after block (_kept_block), until backward;
+    backward recomputes the other rows' blocks (activation checkpointing) with the forward's m_b."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 keep_rows: int, buffers: LogitBuffers | None, buffer_rows: int) -> torch.Tensor:
         n, vocab = rows.shape[0], weight.shape[0]
         keep_rows = min(keep_rows, n)
+        all_kept = keep_rows == n > 0
         blocks = _vocab_blocks(n, vocab, rows.device)
         dtype = _matmul_dtype(rows, weight)
         kept = None
@@ -191,7 +194,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
             if dtype != torch.float32:
                 out = None
             else:
-                out = kept_block if keep_rows == n else scratch.view(end - start)
+                out = kept_block if all_kept else scratch.view(end - start)
             logits = _block_logits(rows, weight, bias, start, end, out)
             hits = _targets_in(targets, start, end)
             target_logits[hits] = logits[hits, targets[hits] - start]
@@ -217,6 +220,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
         rows, weight, bias, targets = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
         dtype, n, keep_rows = ctx.matmul_dtype, rows.shape[0], ctx.keep_rows
+        all_kept = keep_rows == n > 0
         grad = grad_logp.float()
         # Per row and block: d loss / d z_b = row_scales[:, b] * e_b, besides the one-hot part.
         row_scales = (-grad / ctx.total).unsqueeze(-1) * ctx.scales
@@ -226,11 +230,11 @@ class _LinearLabelLogProb(torch.autograd.Function):
         grad_bias = torch.empty_like(bias) if bias is not None and needs_bias else None
         low_rows, low_weight = rows.to(dtype), weight.to(dtype)
         low_bias = None if bias is None else bias.to(dtype)
-        scratch = None if keep_rows == n else _BlockScratch(rows, ctx.blocks)
+        scratch = None if all_kept else _BlockScratch(rows, ctx.blocks)
         with torch.autocast(rows.device.type, enabled=False):
             for b, (start, end) in enumerate(ctx.blocks):
                 kept_block = None if kept is None else _kept_block(kept, keep_rows, start, end)
-                if keep_rows == n:
+                if all_kept:
                     shifted = kept_block
                 else:
                     # The rows past keep_rows are recomputed into the block, after the kept ones.
@@ -380,7 +384,7 @@ class LabelLogProbs(nn.Module):
         keep their exp-logits for backward (up to keep_bytes in all). Where the output layer holds
         [rows, vocab] logits, a range is ``step`` rows, kept whole or not at all. On the CPU a plain
         linear head works in vocabulary blocks and holds none, so the rows go in calls of CALL_ROWS
-        (a taller matmul, fewer passes), the first keeping as many rows as keep_bytes holds."""
+        (a taller matmul, fewer passes), each keeping its leading rows while keep_bytes lasts."""
         budget = self.keep_bytes // (4 * vocab) if linear is not None and grad else 0
         blocked = linear is not None and device.type == "cpu"
         chunks: list[tuple[int, int, int]] = []
@@ -458,7 +462,7 @@ class LabelLogProbs(nn.Module):
         logps, terms = [], []
         with self.timer.phase("forward_head"):
             # Kept exp-logits buffers are made for the most rows a call keeps, so they serve every call.
-            buffer_rows = self.keep_bytes // (4 * vocab) if rows.device.type == "cpu" else step
+            buffer_rows = min(self.keep_bytes // (4 * vocab), CALL_ROWS) if rows.device.type == "cpu" else step
             for start, stop, keep_rows in self._head_chunks(rows.shape[0], vocab, step, grad, linear, rows.device):
                 chunk, chunk_targets = rows[start:stop], targets[start:stop]
                 if linear is not None:

@@ -178,14 +178,16 @@ def test_output_layer_runs_only_on_label_positions_in_chunks(through, columns, c
         assert abs(res.logps[i].item() - expected[(row["index"], "chosen")][0]) <= 1e-5 * abs(res.logps[i].item())
 
 
-@pytest.mark.parametrize("columns", [None, 100])
+@pytest.mark.parametrize("columns, call_rows", [(None, None), (100, None), (100, 6)])
 @pytest.mark.parametrize("kept_chunks", [0, 1, 100])  # recomputed in backward, 5 rows kept, all kept
-def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
+def test_kept_logit_gradients_match_textbook(kept_chunks, columns, call_rows, monkeypatch):
     """Training keeps d logp / d logits from forward for as many rows as keep_bytes holds and
     recomputes the rest: the gradients are the textbook ones either way, whole or in vocabulary blocks."""
     from dpo.pipeline import logprobs
 
     use_vocab_blocks(monkeypatch, columns)
+    if call_rows is not None:
+        monkeypatch.setattr(logprobs, "CALL_ROWS", call_rows)
     kept, apply = [], _LinearLabelLogProb.apply
     monkeypatch.setattr(logprobs._LinearLabelLogProb, "apply",
                         lambda *args: kept.append((args[0].shape[0], args[4])) or apply(*args))
@@ -197,8 +199,16 @@ def test_kept_logit_gradients_match_textbook(kept_chunks, columns, monkeypatch):
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])  # a distinct upstream gradient per sequence
     (wrapper(batch["input_ids"], batch["attention_mask"], batch["labels"]).logps * weights).sum().backward()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    # One call (on the CPU in vocabulary blocks nothing holds [rows, vocab]), keeping as many rows as fit.
-    assert kept == [(labelled, min(labelled, 5 * kept_chunks))] and labelled > 10
+    # On the CPU in vocabulary blocks nothing holds [rows, vocab]: calls of CALL_ROWS, keeping rows while 5 per
+    # chunk of keep_bytes last.
+    step = call_rows or labelled
+    calls = [min(step, labelled - start) for start in range(0, labelled, step)]
+    budget = 5 * kept_chunks
+    expected = []
+    for size in calls:
+        expected.append((size, min(size, budget)))
+        budget -= expected[-1][1]
+    assert kept == expected and labelled > 10 and (call_rows is None or len(calls) > 2)
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0.0
@@ -274,10 +284,13 @@ def test_linear_head_buffers_are_reused_only_once_given_back():
     assert len(buffers._idle) == 1  # the first chunk's buffer came back after its backward
     second.sum().backward()
     assert len(buffers._idle) == 2
-    reused = buffers._idle[0]
-    again = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, 0, buffers, 6)
+    idle = list(buffers._idle)
+    again = _LinearLabelLogProb.apply(rows, head.weight, head.bias, targets, 2, buffers, 6)  # keeps 2 of 6 rows
+    assert len(buffers._idle) == 1 and any(buffers._idle[0] is b for b in idle)  # it took an idle buffer
     torch.testing.assert_close(again, first.detach())
-    assert any(b is reused for b in buffers._idle)  # lent for the no-keep forward and given straight back
+    (grad_again,) = torch.autograd.grad(again.sum(), [rows])
+    torch.testing.assert_close(grad_again, grad_rows)
+    assert len(buffers._idle) == 2
 
 
 def test_a_forward_under_inference_mode_keeps_nothing_and_training_after_it_agrees():
