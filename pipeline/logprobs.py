@@ -39,7 +39,8 @@ CHUNK_BYTES = 64 << 20
 # float32 exp-logits (the logit gradients but for per-row scales) kept from forward to backward per forward
 # call (the rest is recomputed). 256 MiB holds 1,335 label rows of a 50k vocabulary, about every row of a
 # bench training step (8 pairs): its output layer's forward and backward took 0.85x the time of keeping 666
-# rows in two chunks (in-process, interleaved, at 860 and 1,400 rows), and the step's peak barely moved.
+# rows in two chunks (in-process, interleaved, at 860 and 1,400 rows); the step's peak went from 1.80-1.83
+# to 1.88-1.95 GiB (2 runs each).
 KEEP_BYTES = 4 * CHUNK_BYTES
 # float32 logits per vocabulary block of the output layer on the CPU: small enough to stay in cache from
 # the matmul that writes them to the max, exp and sum that read them. A [rows, vocab] matmul writes out
@@ -378,6 +379,10 @@ class LabelLogProbs(nn.Module):
             return max(1, rows)
         return max(1, self.chunk_bytes // (4 * vocab))
 
+    def _kept_rows_budget(self, vocab: int) -> int:
+        """Rows whose float32 exp-logits keep_bytes holds, per forward."""
+        return self.keep_bytes // (4 * vocab)
+
     def _head_chunks(self, rows: int, vocab: int, step: int, grad: bool, linear: nn.Linear | None,
                      device: torch.device) -> list[tuple[int, int, int]]:
         """(start, stop, keep_rows) row ranges for the output layer: the first keep_rows rows of a range
@@ -385,7 +390,7 @@ class LabelLogProbs(nn.Module):
         [rows, vocab] logits, a range is ``step`` rows, kept whole or not at all. On the CPU a plain
         linear head works in vocabulary blocks and holds none, so the rows go in calls of CALL_ROWS
         (a taller matmul, fewer passes), each keeping its leading rows while keep_bytes lasts."""
-        budget = self.keep_bytes // (4 * vocab) if linear is not None and grad else 0
+        budget = self._kept_rows_budget(vocab) if linear is not None and grad else 0
         blocked = linear is not None and device.type == "cpu"
         chunks: list[tuple[int, int, int]] = []
         start = 0
@@ -462,7 +467,7 @@ class LabelLogProbs(nn.Module):
         logps, terms = [], []
         with self.timer.phase("forward_head"):
             # Kept exp-logits buffers are made for the most rows a call keeps, so they serve every call.
-            buffer_rows = min(self.keep_bytes // (4 * vocab), CALL_ROWS) if rows.device.type == "cpu" else step
+            buffer_rows = min(self._kept_rows_budget(vocab), CALL_ROWS) if rows.device.type == "cpu" else step
             for start, stop, keep_rows in self._head_chunks(rows.shape[0], vocab, step, grad, linear, rows.device):
                 chunk, chunk_targets = rows[start:stop], targets[start:stop]
                 if linear is not None:
