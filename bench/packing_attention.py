@@ -6,7 +6,7 @@ of ``--repeats`` runs each (the run least disturbed by other load):
 
 - padded:  right-padded [16, longest] with an attention mask (what --packing off does);
 - mask:    one packed row, transformers' own block-diagonal mask derived from position_ids (sdpa);
-- varlen:  one packed row, dpo's ``dpo_varlen`` (sequences gathered into one SDPA batch);
+- varlen:  one packed row, dpo's ``dpo_varlen`` (one causal SDPA call per sequence, on views of the row);
 - flex:    one packed row, transformers' flex_attention with its block mask (when it runs on CPU).
 
 Each packed layout's per-sequence hidden states are first checked against the padded ones (max

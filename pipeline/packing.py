@@ -6,13 +6,12 @@ transformers 5.x can be told where sequences start (``cu_seq_lens_q``/``_k``, as
 path reads them); what it does with them depends on the attention implementation:
 
 - ``flash_attention_*`` (GPU): varlen kernels, exact and the fastest; used as they are.
-- anything else: ``dpo_varlen`` below, registered with transformers' AttentionInterface: the
-  sequences are gathered into one batch for a single causal SDPA call and scattered back, so only
-  the attention product sees padding and never across sequences. transformers' own alternative for
-  sdpa/eager, a block-diagonal mask it derives from position_ids, is exact only when no cache object
-  exists (``use_cache=False``; with the default cache its second sequence attends to the first) and
-  computes the whole row x row product to throw most of it away; bench/packing_attention.py measures
-  both against the padded forward.
+- anything else: ``dpo_varlen`` below, registered with transformers' AttentionInterface: one
+  causal SDPA call per sequence, on views of the packed row, so nothing is padded and no sequence
+  sees another. transformers' own alternative for sdpa/eager, a block-diagonal mask it derives from
+  position_ids, is exact only when no cache object exists (``use_cache=False``; with the default
+  cache its second sequence attends to the first) and computes the whole row x row product to throw
+  most of it away; bench/packing_attention.py measures both against the padded forward.
 
 A model whose attention does not go through AttentionInterface cannot be told any of this, so
 ``--packing`` refuses it; and every packed run checks its first batch against the unpacked
@@ -85,14 +84,14 @@ def layout(lengths: list[int] | torch.Tensor) -> PackedLayout:
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+                     cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention of each sequence of a packed row ([1, heads, T, dim]) with itself only.
 
-    The sequences are gathered into a [sequences, heads, longest, dim] batch for one SDPA call and
-    scattered back. Each is right-padded there, so a causal mask alone keeps every real query off
-    the padding (it lies after it) and off the other sequences (they are other batch rows): only the
-    attention product sees padding, the linear layers never do. An unpacked call (no
+    One causal SDPA call per sequence, on views of the row (``split``: no copy in, and its backward
+    is one ``cat``), and one ``cat`` of the outputs. Gathering the sequences into one padded batch
+    instead (three index_selects in and one out per layer, index_adds in backward, and attention
+    over each sequence padded to the longest) made the bench model's body take 1.10x as long on
+    cache-ref's packed batches and 1.09x (forward and backward) on train's. An unpacked call (no
     ``cu_seq_lens_q``) is plain SDPA, so the implementation is safe to leave set.
     """
     if cu_seq_lens_q is None:
@@ -100,22 +99,12 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    starts, lengths = cu_seq_lens_q[:-1].long(), torch.diff(cu_seq_lens_q).long()
-    longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
-    offsets = torch.arange(longest, device=query.device)
-    # Every slot of the [sequences, longest] batch as a row position (padding slots repeat the last one),
-    # and every row position as a slot: two index_selects, whose backward is an index_add.
-    slots = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=query.shape[2] - 1).reshape(-1)
-    real = (offsets.unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1).nonzero(as_tuple=True)[0]
-    n, heads, dim = len(lengths), query.shape[1], query.shape[3]
-
-    def batched(states: torch.Tensor) -> torch.Tensor:  # [1, h, T, d] -> [sequences, h, longest, d]
-        return states[0].index_select(1, slots).view(states.shape[1], n, longest, dim).transpose(0, 1)
-
-    out = F.scaled_dot_product_attention(batched(query), batched(key), batched(value), is_causal=True,
-                                         dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    # [sequences, h, longest, d] -> [sequences * longest, h, d] -> the real slots, in row order -> [1, T, h, d]
-    return out.transpose(1, 2).reshape(n * longest, heads, dim).index_select(0, real).unsqueeze(0), None
+    lengths = torch.diff(cu_seq_lens_q).tolist()
+    gqa = key.shape[1] != query.shape[1]
+    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    # [1, h, n_i, d] each -> [1, T, h, d], the layout transformers' attention functions return
+    return torch.cat([out.transpose(1, 2) for out in outs], 1), None
 
 
 def enable_packing(model: torch.nn.Module) -> str:
