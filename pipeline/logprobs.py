@@ -42,12 +42,16 @@ CHUNK_BYTES = 64 << 20
 # rows in two chunks (in-process, interleaved, at 860 and 1,400 rows); the step's peak went from 1.80-1.83
 # to 1.88-1.95 GiB (2 runs each).
 KEEP_BYTES = 4 * CHUNK_BYTES
-# float32 logits per vocabulary block of the output layer on the CPU: small enough to stay in cache from
-# the matmul that writes them to the max, exp and sum that read them. A [rows, vocab] matmul writes out
-# to memory at a fraction of the rate: on the bench model, 4 MiB blocks ran the output layer's forward
-# 1.6x and its kept backward 1.09x as fast as whole-chunk matmuls.
-BLOCK_BYTES = 4 << 20
-MIN_BLOCK_COLUMNS = 256
+# Vocabulary columns per block of the output layer on the CPU: each block's float32 logits go from the
+# matmul that writes them to the max, exp and sum that read them while still in cache (a [rows, vocab]
+# matmul writes out to memory at a fraction of the rate). From about 170 rows up a block is BLOCK_COLUMNS
+# wide: narrower blocks ran the matmul faster than ones sized to 4 MiB of logits (in-process, interleaved,
+# without gradients: 700 rows 214 -> 130 ms, 1,142 rows 214 -> 198 ms on the bench model; 1,520 -> 1,132 ms
+# for 700 rows of a 152k x 896 layer), and forward plus kept backward took 0.87-0.95x the time at 700-4,096
+# rows (about even at 350). Fewer rows get wider blocks, up to BLOCK_BYTES of logits: there the per-block
+# overhead is what counts (16 and 64 rows ran 15% slower in 768-column blocks).
+BLOCK_COLUMNS = 768
+BLOCK_BYTES = 512 << 10
 # Rows per call of the output layer on the CPU. Taller is faster (on the bench model 758-row calls ran
 # their blocks at 1.4x the FLOP/s of 333-row ones) but a call's per-row, per-block statistics grow with
 # its rows (8 bytes x rows x vocab / 256 columns: 311 MB at 65k rows of a 152k vocabulary, 19 MB at this
@@ -143,11 +147,11 @@ class LogitBuffers:
 
 
 def _vocab_blocks(rows: int, vocab: int, device: torch.device) -> list[tuple[int, int]]:
-    """Column ranges of the vocabulary that the output layer computes one at a time: about BLOCK_BYTES
-    of float32 logits each on the CPU, the whole vocabulary elsewhere."""
+    """Column ranges of the vocabulary that the output layer computes one at a time: BLOCK_COLUMNS (or
+    for a few rows up to BLOCK_BYTES of float32 logits) each on the CPU, the whole vocabulary elsewhere."""
     if device.type != "cpu":
         return [(0, vocab)]
-    width = max(MIN_BLOCK_COLUMNS, BLOCK_BYTES // (4 * max(rows, 1)))
+    width = max(BLOCK_COLUMNS, BLOCK_BYTES // (4 * max(rows, 1)))
     return [(start, min(vocab, start + width)) for start in range(0, vocab, width)]
 
 

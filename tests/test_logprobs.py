@@ -76,7 +76,7 @@ def use_vocab_blocks(monkeypatch, columns: int | None) -> None:
 
     if columns is not None:
         monkeypatch.setattr(logprobs, "BLOCK_BYTES", 0)
-        monkeypatch.setattr(logprobs, "MIN_BLOCK_COLUMNS", columns)
+        monkeypatch.setattr(logprobs, "BLOCK_COLUMNS", columns)
 
 
 def demo_model():
