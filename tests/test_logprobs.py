@@ -99,6 +99,21 @@ def test_matches_textbook_at_batch_sizes_1_and_8_with_padding():
     assert wrapper.head_path == "body"
 
 
+def test_vocab_blocks_are_narrow_for_many_rows_and_wide_for_few():
+    """On the CPU, BLOCK_COLUMNS per block from ~170 rows up (wider blocks ran the matmul slower), wider for a
+    few rows (up to BLOCK_BYTES of logits: per-block overhead), the whole vocabulary in one block elsewhere;
+    the blocks always tile the vocabulary in order."""
+    from dpo.pipeline.logprobs import BLOCK_BYTES, BLOCK_COLUMNS, _vocab_blocks
+
+    cpu, vocab = torch.device("cpu"), 50257
+    for rows, width in ((700, BLOCK_COLUMNS), (4096, BLOCK_COLUMNS), (64, BLOCK_BYTES // (4 * 64)), (1, vocab)):
+        blocks = _vocab_blocks(rows, vocab, cpu)
+        assert [start for start, _ in blocks] == list(range(0, vocab, width)), rows
+        assert all(end == min(vocab, start + width) for start, end in blocks), rows
+    assert BLOCK_BYTES // (4 * 64) > BLOCK_COLUMNS
+    assert _vocab_blocks(700, vocab, torch.device("cuda")) == [(0, vocab)]
+
+
 def label_logps(model, ids: list[int], labels: list[int]) -> torch.Tensor:
     """Each label token's log-prob, in order, of one unpadded sequence."""
     with torch.no_grad():
