@@ -960,7 +960,7 @@ def render(sm: dict, meta: dict, history: list[dict]) -> str:
     if not s["full"] and s["steps"] == 30 and s["pairs"] is None:
         add(f"> **{s['runs']} run(s), not the median of 3.** 30 steps on every pair as the goals ask, but the "
             "numbers below are those of fewer interleaved runs, so machine noise is not averaged out (three take "
-            "about 3.5 hours on 2 idle cores).\n")
+            "2.5 to 4 hours on 2 idle cores).\n")
     elif not s["full"]:
         add(f"> **REDUCED RUN ({s['steps']} steps, {s['runs']} run(s), "
             f"{s['pairs'] or 'all'} pairs): a smoke test of the script, not the measurement.** The goals are "
